@@ -1,0 +1,264 @@
+"""NVAE: a deep hierarchical VAE (Vahdat & Kautz, NeurIPS 2020, sec. 3).
+
+Bottom-up encoder (stem, preprocessing, one tower over the latent scales, finest first) and a
+top-down decoder (learned constant h0, one :class:`LatentGroup` per group, coarsest first, then
+postprocessing and the likelihood head). A single top-down traversal, :meth:`NVAE._top_down`,
+serves training (posterior samples), sampling (prior samples at a temperature) and importance-
+weighted evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
+from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
+from nvae.ops import Conv2d
+from nvae.spec import ImageSpec
+
+Likelihood = Union[Bernoulli, DiscMixLogistic]
+
+
+@dataclass
+class NVAEConfig:
+    """Architecture of an NVAE (paper sec. 3 and table 6); the data shape comes from ImageSpec."""
+
+    num_channels: int = 32
+    """Channels of the first encoder cells ("ch"); doubled at every downsampling."""
+    num_preprocess_blocks: int = 1
+    """Encoder blocks before the latent scales, each halving the resolution."""
+    num_preprocess_cells: int = 2
+    """Cells per preprocessing block (the last one downsamples)."""
+    num_postprocess_blocks: int = 1
+    """Decoder blocks after the latent scales, each doubling the resolution."""
+    num_postprocess_cells: int = 2
+    """Cells per postprocessing block (the first one upsamples)."""
+    num_latent_scales: int = 2
+    """Spatial scales holding latent groups."""
+    num_groups_per_scale: int = 10
+    """Latent groups at the finest latent scale."""
+    groups_halving: bool = False
+    """Halve the number of groups at each coarser scale (the paper's 'adaptive' groups)."""
+    min_groups_per_scale: int = 1
+    """Lower bound on the groups of a scale when halving."""
+    num_latent_per_group: int = 20
+    """Latent channels per group."""
+    num_cell_per_cond_enc: int = 2
+    """Encoder cells per latent group."""
+    num_cell_per_cond_dec: int = 2
+    """Decoder cells per latent group."""
+    num_flows: int = 0
+    """Inverse autoregressive flow pairs on each group's posterior sample (0 = none)."""
+    num_mixtures: int = 10
+    """Logistic mixture components of the likelihood (multi-bit data)."""
+    use_se: bool = True
+    """Squeeze-and-excitation at the end of every cell."""
+    residual_posterior: bool = True
+    """Parameterize q relative to the prior: N(mu_p + dmu, sigma_p * dsigma) (sec. 3.2)."""
+    decoder_expand: int = 6
+    """Channel expansion inside decoder cells."""
+    postprocess_expand: int = 3
+    """Channel expansion inside postprocessing cells."""
+
+    def groups_per_scale(self) -> list[int]:
+        """Groups of each latent scale, finest first (halved per coarser scale when asked)."""
+        groups, n = [], self.num_groups_per_scale
+        for _ in range(self.num_latent_scales):
+            groups.append(n)
+            if self.groups_halving:
+                n = max(self.min_groups_per_scale, n // 2)
+        return groups
+
+    @property
+    def downsampling(self) -> int:
+        """Total spatial reduction between the image and the coarsest latent scale."""
+        return 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+
+
+@dataclass
+class NVAEOutput:
+    """What one pass through the model returns."""
+
+    likelihood: Likelihood
+    """p(x | z): the decoder's distribution over images."""
+    kl: torch.Tensor
+    """(B, G) KL of each latent group (analytic, or one-sample log q - log p with flows)."""
+    log_q: torch.Tensor
+    """(B,) log q(z | x) of the sampled latents, summed over groups (0 when sampling the prior)."""
+    log_p: torch.Tensor
+    """(B,) log p(z) of the sampled latents under the hierarchical prior."""
+
+
+class LatentGroup(nn.Module):
+    """One latent group of the top-down path: decoder cells, prior, posterior, flows, combiner.
+
+    ``first`` marks the top group: no decoder cells before it, a fixed N(0, I) prior and a
+    posterior read straight from the top of the encoder.
+    """
+
+    def __init__(self, cfg: NVAEConfig, enc_channels: int, dec_channels: int, first: bool) -> None:
+        super().__init__()
+        latent = cfg.num_latent_per_group
+        cells = 0 if first else cfg.num_cell_per_cond_dec
+        self.cells = nn.Sequential(*[DecoderCell(dec_channels, dec_channels, cfg.decoder_expand, use_se=cfg.use_se)
+                                     for _ in range(cells)])
+        self.prior = None if first else nn.Sequential(nn.ELU(), Conv2d(dec_channels, 2 * latent, 1))
+        self.enc_combiner = None if first else EncoderCombiner(enc_channels, dec_channels)
+        self.posterior = Conv2d(enc_channels, 2 * latent, 3, padding=1)
+        self.flows = nn.Sequential(*[FlowPair(latent) for _ in range(cfg.num_flows)])
+        self.dec_combiner = DecoderCombiner(dec_channels, latent)
+        self.residual = cfg.residual_posterior
+        self.latent_channels = latent
+
+    def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float,
+                z_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (new decoder state, KL map, log q map, log p map), maps of shape (B, L, h, w).
+
+        With ``enc`` (the group's encoder feature) z comes from the posterior; without, from the
+        prior at ``temperature`` (log q and KL are then zero).
+        """
+        h = self.cells(h)
+        prior_params = self.prior(h) if self.prior is not None else None
+        prior = Normal.from_params(prior_params) if prior_params is not None else \
+            Normal.standard(h.new_zeros(z_shape))
+        if enc is None:
+            z = prior.sample(temperature)
+            zero = torch.zeros_like(z)
+            return self.dec_combiner(h, z), zero, zero, prior.log_prob(z)
+        if self.enc_combiner is not None:
+            enc = self.enc_combiner(enc, h)
+        delta = self.posterior(enc)
+        q = Normal.residual(prior_params, delta) if (self.residual and prior_params is not None) \
+            else Normal.from_params(delta)
+        z0 = q.sample()
+        log_q = q.log_prob(z0)
+        z = self.flows(z0)  # volume preserving: log q(z) = log q(z0)
+        log_p = prior.log_prob(z)
+        kl = log_q - log_p if len(self.flows) > 0 else q.kl(prior)
+        return self.dec_combiner(h, z), kl, log_q, log_p
+
+
+class NVAE(nn.Module):
+    """The NVAE generative model and its encoder (sec. 3)."""
+
+    def __init__(self, spec: ImageSpec, cfg: NVAEConfig) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        ch = cfg.num_channels
+        self.stem = Conv2d(spec.channels, ch, 3, padding=1)
+
+        pre: list[nn.Module] = []
+        for _ in range(cfg.num_preprocess_blocks):
+            for c in range(cfg.num_preprocess_cells):
+                down = c == cfg.num_preprocess_cells - 1
+                pre.append(EncoderCell(ch, 2 * ch if down else ch, down=down, use_se=cfg.use_se))
+                ch = 2 * ch if down else ch
+        self.preprocess = nn.Sequential(*pre)
+
+        # Encoder tower, finest scale first: per group its cells; a down cell between scales.
+        groups = cfg.groups_per_scale()
+        self.enc_groups = nn.ModuleList()
+        self.enc_down = nn.ModuleList()
+        scale_channels = []
+        for s, n in enumerate(groups):
+            scale_channels.append(ch)
+            for _ in range(n):
+                self.enc_groups.append(nn.Sequential(*[EncoderCell(ch, ch, use_se=cfg.use_se)
+                                                       for _ in range(cfg.num_cell_per_cond_enc)]))
+            if s < len(groups) - 1:
+                self.enc_down.append(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se))
+                ch *= 2
+        self.enc_top = nn.Sequential(nn.ELU(), Conv2d(ch, ch, 1), nn.ELU())
+
+        # Decoder, coarsest scale first: learned h0, latent groups, an up cell between scales.
+        top = spec.size // cfg.downsampling
+        self.h0 = nn.Parameter(torch.rand(ch, top, top))
+        self.dec_groups = nn.ModuleList()
+        self.dec_up = nn.ModuleList()
+        self.group_scale: list[int] = []  # scale index (0 = coarsest) of each decoder group
+        for s, n in enumerate(reversed(groups)):
+            for g in range(n):
+                self.dec_groups.append(LatentGroup(cfg, ch, ch, first=(s == 0 and g == 0)))
+                self.group_scale.append(s)
+            if s < len(groups) - 1:
+                self.dec_up.append(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se))
+                ch //= 2
+
+        post: list[nn.Module] = []
+        for _ in range(cfg.num_postprocess_blocks):
+            for c in range(cfg.num_postprocess_cells):
+                up = c == 0
+                post.append(DecoderCell(ch, ch // 2 if up else ch, cfg.postprocess_expand, up=up, use_se=cfg.use_se))
+                ch = ch // 2 if up else ch
+        self.postprocess = nn.Sequential(*post)
+        out = spec.channels if spec.likelihood == "bernoulli" else dmol_channels(spec.channels, cfg.num_mixtures)
+        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out, 3, padding=1))
+        self.groups_per_scale = groups
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.dec_groups)
+
+    def _latent_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """(B, L, h, w) of every group's latent, coarsest first."""
+        top = self.spec.size // self.cfg.downsampling
+        return [(batch, self.cfg.num_latent_per_group, top * 2 ** s, top * 2 ** s) for s in self.group_scale]
+
+    def encode_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Bottom-up pass: one feature map per latent group, coarsest (top) group first."""
+        h = self.preprocess(self.stem(2.0 * x - 1.0))
+        feats, g = [], 0
+        for s, n in enumerate(self.groups_per_scale):
+            for _ in range(n):
+                h = self.enc_groups[g](h)
+                feats.append(h)
+                g += 1
+            if s < len(self.enc_down):
+                h = self.enc_down[s](h)
+        feats.reverse()
+        feats[0] = self.enc_top(feats[0])
+        return feats
+
+    def _top_down(self, batch: int, feats: list[torch.Tensor] | None, temperature: float = 1.0) -> NVAEOutput:
+        """The one top-down traversal: posterior samples when ``feats`` is given, prior samples otherwise."""
+        h = self.h0.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, C, h, w)
+        kls, log_q, log_p = [], 0.0, 0.0
+        up = iter(self.dec_up)
+        for i, (group, shape) in enumerate(zip(self.dec_groups, self._latent_shapes(batch))):
+            if i > 0 and self.group_scale[i] != self.group_scale[i - 1]:
+                h = next(up)(h)
+            h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape)
+            kls.append(kl.sum(dim=(1, 2, 3)))
+            log_q = log_q + lq.sum(dim=(1, 2, 3))
+            log_p = log_p + lp.sum(dim=(1, 2, 3))
+        params = self.head(self.postprocess(h))
+        return NVAEOutput(self._likelihood(params), torch.stack(kls, dim=1), log_q, log_p)
+
+    def _likelihood(self, params: torch.Tensor) -> Likelihood:
+        if self.spec.likelihood == "bernoulli":
+            return Bernoulli(params)
+        return DiscMixLogistic(params, self.spec.channels, self.spec.num_bits, self.cfg.num_mixtures)
+
+    def forward(self, x: torch.Tensor) -> NVAEOutput:
+        """Encode x (B, C, H, W) in [0, 1], sample the posterior, decode."""
+        return self._top_down(x.shape[0], self.encode_features(x))
+
+    def log_likelihood(self, likelihood: Likelihood, x: torch.Tensor) -> torch.Tensor:
+        """(B,) log p(x | z) over the image interior (the data's padding is not modelled)."""
+        logp = likelihood.log_prob(x)  # (B, C, H, W) or (B, H, W)
+        p = self.spec.pad
+        if p > 0:
+            logp = logp[..., p:-p, p:-p]
+        return logp.flatten(1).sum(dim=1)
+
+    @torch.no_grad()
+    def sample(self, num: int, temperature: float = 1.0, mean: bool = True) -> torch.Tensor:
+        """Images (num, C, H, W) in [0, 1] from the prior at ``temperature`` (sec. 4, sampling).
+
+        ``mean`` returns the likelihood's mean instead of a sample from it.
+        """
+        out = self._top_down(num, None, temperature)
+        return out.likelihood.mean() if mean else out.likelihood.sample()

@@ -1,0 +1,129 @@
+"""Building blocks of NVAE's cells (paper sec. 3.1, fig. 3; appendix A).
+
+Weight-normalized convolution, Swish, squeeze-excitation, the down-sampling skip (factorized
+reduce), the up-sampling skip (bilinear x2 + 1x1 conv) and the masked convolution used by the
+autoregressive flow cells (sec. 3.2, "normalizing flows").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_MOMENTUM = 0.05
+BN_EPS = 1e-5
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with the paper's momentum (0.05); sec. 3.1 notes the default 0.1 hurts sampling."""
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class Swish(nn.Module):
+    """x * sigmoid(x) (sec. 3.1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
+
+class Conv2d(nn.Conv2d):
+    """Convolution with optional weight normalization w = g * v / ||v|| (sec. 3.1; Salimans & Kingma).
+
+    The gain is stored as ``log_weight_norm`` (one per output channel). With ``mask`` given, the
+    kernel is multiplied by it before normalization (autoregressive convolutions of the flows).
+    ``normalized_weight()`` is also what the spectral regularizer reads (sec. 3.2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bias: bool = True, weight_norm: bool = True,
+                 mask: torch.Tensor | None = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.register_buffer("mask", mask, persistent=False)
+        self.log_weight_norm: nn.Parameter | None = None
+        if weight_norm:
+            norm = self._masked().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            self.log_weight_norm = nn.Parameter(torch.log(norm + 1e-2))
+
+    def _masked(self) -> torch.Tensor:
+        return self.weight if self.mask is None else self.weight * self.mask
+
+    def normalized_weight(self) -> torch.Tensor:
+        """The kernel actually applied: masked, then scaled to norm exp(log g) per output channel."""
+        w = self._masked()
+        if self.log_weight_norm is None:
+            return w
+        norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
+        return torch.exp(self.log_weight_norm) * w / (norm + 1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.normalized_weight(), self.bias)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation gate: mean pool -> Linear(C, max(C//16, 4)) -> ReLU -> Linear -> sigmoid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = max(channels // 16, 4)
+        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc(x.mean(dim=(2, 3)))  # (B, C)
+        return x * gate[:, :, None, None]
+
+
+class FactorizedReduce(nn.Module):
+    """Down-sampling skip: Swish, then four strided 1x1 convs on shifted grids, concatenated."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        quarter = out_channels // 4
+        sizes = [quarter, quarter, quarter, out_channels - 3 * quarter]
+        self.convs = nn.ModuleList(Conv2d(in_channels, c, 1, stride=2) for c in sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(x)
+        shifted = [x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :]]
+        return torch.cat([conv(s) for conv, s in zip(self.convs, shifted)], dim=1)
+
+
+class UpsampleConv(nn.Module):
+    """Up-sampling skip: bilinear x2 then a 1x1 conv (halving channels)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+        return self.conv(x)
+
+
+def autoregressive_mask(in_channels: int, out_channels: int, kernel_size: int, groups: int,
+                        zero_diagonal: bool, mirror: bool) -> torch.Tensor:
+    """Mask of a (out, in/groups, k, k) kernel making the conv autoregressive (PixelCNN/IAF order).
+
+    Pixels are ordered in raster order, channels within a pixel in index order; output channel j
+    of a pixel may see strictly earlier pixels and, at the same pixel, input channels of earlier
+    blocks (or its own block too when ``zero_diagonal`` is False). ``mirror`` reverses the order.
+    """
+    m = kernel_size // 2
+    mask = torch.ones(out_channels, in_channels // groups, kernel_size, kernel_size)
+    mask[:, :, m + 1:, :] = 0  # rows below the centre
+    mask[:, :, m, m:] = 0  # centre row, centre and right of it
+    if groups == in_channels:  # depthwise: a channel may see only itself at the centre
+        centre = torch.zeros(out_channels, 1) if zero_diagonal else torch.ones(out_channels, 1)
+    else:
+        assert groups == 1
+        if out_channels >= in_channels:  # each input channel owns a block of outputs
+            out_block = torch.arange(out_channels)[:, None] // (out_channels // in_channels)
+            in_block = torch.arange(in_channels)[None, :]
+        else:  # each output channel owns a block of inputs
+            out_block = torch.arange(out_channels)[:, None]
+            in_block = torch.arange(in_channels)[None, :] // (in_channels // out_channels)
+        centre = ((in_block < out_block) if zero_diagonal else (in_block <= out_block)).float()
+    mask[:, :, m, m] = centre
+    if mirror:
+        mask = mask.flip(2, 3)
+    return mask

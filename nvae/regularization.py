@@ -1,0 +1,65 @@
+"""Spectral regularization and the BatchNorm penalty (paper sec. 3.2, "spectral regularization").
+
+L_SR = sum over conv layers of the largest singular value of the (C_out, C_in*k*k) weight,
+estimated by power iteration. The vectors u, v are buffers (saved in checkpoints, so a resumed run
+continues the iteration) and weights of equal shape are iterated together as one batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvae.ops import Conv2d
+
+
+class SpectralRegularizer(nn.Module):
+    """Sum of spectral norms of every :class:`nvae.ops.Conv2d` in ``model``.
+
+    The first call runs ``initial_iters`` power iterations, later calls ``power_iters`` (no
+    gradient through u, v); sigma = u^T W v carries the gradient to W.
+    """
+
+    def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
+        super().__init__()
+        self.power_iters, self.initial_iters = power_iters, initial_iters
+        groups: dict[tuple[int, int], list[Conv2d]] = {}
+        for module in model.modules():
+            if isinstance(module, Conv2d):
+                rows = module.out_channels
+                cols = module.weight[0].numel()
+                groups.setdefault((rows, cols), []).append(module)
+        self._groups = list(groups.values())  # plain list: the convs stay owned by ``model``
+        for i, ((rows, cols), convs) in enumerate(groups.items()):
+            self.register_buffer(f"u{i}", F.normalize(torch.randn(len(convs), rows), dim=1, eps=1e-3))
+            self.register_buffer(f"v{i}", F.normalize(torch.randn(len(convs), cols), dim=1, eps=1e-3))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(g) for g in self._groups)
+
+    def forward(self) -> torch.Tensor:
+        iters = self.power_iters if bool(self.initialized) else self.initial_iters
+        total = torch.zeros((), device=self.initialized.device)
+        with torch.autocast(total.device.type, enabled=False):
+            for i, convs in enumerate(self._groups):
+                w = torch.stack([c.normalized_weight().float().flatten(1) for c in convs])  # (n, rows, cols)
+                u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
+                with torch.no_grad():
+                    for _ in range(iters):
+                        v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
+                        u = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)  # (n, rows)
+                    getattr(self, f"u{i}").copy_(u)
+                    getattr(self, f"v{i}").copy_(v)
+                sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2)))  # (n, 1, 1)
+                total = total + sigma.sum()
+        self.initialized.fill_(True)
+        return total
+
+
+def batchnorm_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum over affine BatchNorm layers of max |gamma| (keeps BN scales from growing)."""
+    terms = [m.weight.abs().max() for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

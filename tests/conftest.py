@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny model configuration (2 scales x 2 groups, 8 channels, 16x16 images)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvae.model import NVAE, NVAEConfig
+from nvae.spec import ImageSpec
+
+torch.set_num_threads(1)
+
+
+def tiny_config(**overrides: object) -> NVAEConfig:
+    base = dict(num_channels=8, num_latent_scales=2, num_groups_per_scale=2, num_latent_per_group=4,
+                num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_mixtures=3)
+    base.update(overrides)
+    return NVAEConfig(**base)
+
+
+@pytest.fixture
+def tiny_rgb() -> NVAE:
+    torch.manual_seed(0)
+    return NVAE(ImageSpec(channels=3, size=16, num_bits=8), tiny_config(num_flows=1))
+
+
+@pytest.fixture
+def tiny_binary() -> NVAE:
+    torch.manual_seed(0)
+    return NVAE(ImageSpec(channels=1, size=16, num_bits=1, pad=2), tiny_config())
+
+
+def random_images(spec: ImageSpec, n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    levels = 2 ** spec.num_bits
+    return torch.randint(0, levels, (n, spec.channels, spec.size, spec.size), generator=g).float() / (levels - 1)

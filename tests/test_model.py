@@ -1,0 +1,164 @@
+"""Model invariants: ops against references, shapes, gradients, state round trip, flows."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_images, tiny_config
+from nvae.cells import AutoregressiveShift
+from nvae.model import NVAE
+from nvae.ops import Conv2d, autoregressive_mask
+from nvae.regularization import SpectralRegularizer, batchnorm_penalty
+from nvae.spec import ImageSpec
+
+
+def test_weight_norm_conv_matches_functional() -> None:
+    torch.manual_seed(0)
+    conv = Conv2d(3, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.log_weight_norm.normal_()
+    v = conv.weight
+    w = torch.exp(conv.log_weight_norm) * v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(conv(x), F.conv2d(x, w, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+    # at init the gain equals the norm of v (up to the 1e-2 offset), so the kernel barely changes
+    fresh = Conv2d(3, 5, 3)
+    torch.testing.assert_close(fresh.normalized_weight(), fresh.weight, atol=2e-2, rtol=2e-2)
+
+
+def test_spectral_estimate_matches_linalg() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv2d(4, 6, 3), Conv2d(4, 6, 3), Conv2d(6, 2, 1))
+    reg = SpectralRegularizer(model, power_iters=4, initial_iters=200)
+    total = reg()
+    expected = sum(torch.linalg.matrix_norm(m.normalized_weight().flatten(1), ord=2) for m in model)
+    torch.testing.assert_close(total, expected, atol=1e-3, rtol=1e-3)
+    total.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in model)
+    assert len(reg.state_dict()) == 5  # u, v for the two shapes + initialized flag
+
+
+def test_batchnorm_penalty_is_sum_of_max_abs_gamma() -> None:
+    bns = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(2))
+    with torch.no_grad():
+        bns[0].weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
+        bns[1].weight.copy_(torch.tensor([0.1, 0.3]))
+    assert batchnorm_penalty(bns).item() == pytest.approx(2.3)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_flow_cell_is_autoregressive(mirror: bool) -> None:
+    """d z'_(c, p) / d z_(c', p') is zero unless (p', c') precedes (p, c); unit diagonal."""
+    torch.manual_seed(0)
+    cell = AutoregressiveShift(latent_channels=3, mirror=mirror).double()
+    with torch.no_grad():  # make the shift large enough that a leak would show
+        cell.mu.log_weight_norm.add_(3.0)
+    z = torch.randn(1, 3, 4, 4, dtype=torch.double)
+    jac = torch.autograd.functional.jacobian(lambda t: cell(t), z).reshape(48, 48)  # (out, in)
+    # order index: pixels in raster order (reversed when mirrored), channels within a pixel
+    c, y, x = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(4), indexing="ij")
+    pixel = (y * 4 + x).flatten()
+    pixel = 15 - pixel if mirror else pixel
+    order = pixel * 3 + c.flatten()
+    later_or_same = order[None, :] >= order[:, None]  # input not strictly before output
+    off_diag = later_or_same & ~torch.eye(48, dtype=torch.bool)
+    assert jac[off_diag].abs().max() == 0
+    torch.testing.assert_close(torch.diagonal(jac), torch.ones(48, dtype=torch.double))
+    assert jac[~later_or_same].abs().max() > 0  # and it does depend on earlier values
+
+
+def test_depthwise_mask_centre() -> None:
+    mask = autoregressive_mask(4, 4, 5, 4, zero_diagonal=False, mirror=False)
+    assert mask.shape == (4, 1, 5, 5) and mask[:, 0, 2, 2].eq(1).all() and mask[:, 0, 3:].eq(0).all()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_rgb", "tiny_binary"])
+def test_shapes_kl_per_group_and_gradients(fixture: str, request: pytest.FixtureRequest) -> None:
+    model: NVAE = request.getfixturevalue(fixture)
+    x = random_images(model.spec)
+    out = model(x)
+    assert out.kl.shape == (4, model.num_groups) == (4, 4)
+    assert out.log_q.shape == out.log_p.shape == (4,)
+    log_px = model.log_likelihood(out.likelihood, x)
+    assert log_px.shape == (4,) and torch.isfinite(log_px).all() and (log_px < 0).all()
+    (-log_px + out.kl.sum(dim=1)).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_kl_equals_log_q_minus_log_p_without_flows(tiny_binary: NVAE) -> None:
+    """Analytic KL and the one-sample estimate agree in expectation (many samples)."""
+    torch.manual_seed(0)
+    x = random_images(tiny_binary.spec, n=1).expand(512, -1, -1, -1)
+    tiny_binary.eval()
+    with torch.no_grad():
+        out = tiny_binary(x)
+    mc = (out.log_q - out.log_p).mean()
+    assert abs(mc - out.kl.sum(dim=1).mean()) < 0.05 * out.kl.sum(dim=1).mean() + 0.5
+
+
+def test_padding_is_not_modelled(tiny_binary: NVAE) -> None:
+    x = random_images(tiny_binary.spec, n=2)
+    out = tiny_binary(x)
+    y = x.clone()
+    y[..., :2, :] = 1 - y[..., :2, :]
+    torch.testing.assert_close(tiny_binary.log_likelihood(out.likelihood, x),
+                               tiny_binary.log_likelihood(out.likelihood, y))
+
+
+def test_state_dict_round_trip_gives_identical_outputs(tiny_rgb: NVAE) -> None:
+    reg = SpectralRegularizer(tiny_rgb)
+    x = random_images(tiny_rgb.spec)
+    tiny_rgb(x)
+    reg()  # advance the power iteration so u, v differ from a fresh init
+    buf = io.BytesIO()
+    torch.save({"model": tiny_rgb.state_dict(), "reg": reg.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    clone = NVAE(tiny_rgb.spec, tiny_rgb.cfg)
+    clone_reg = SpectralRegularizer(clone)
+    clone.load_state_dict(state["model"])
+    clone_reg.load_state_dict(state["reg"])
+    tiny_rgb.eval(), clone.eval()
+    torch.manual_seed(1)
+    a = tiny_rgb(x)
+    torch.manual_seed(1)
+    b = clone(x)
+    torch.testing.assert_close(a.kl, b.kl, rtol=0, atol=0)
+    torch.testing.assert_close(a.likelihood.log_prob(x), b.likelihood.log_prob(x), rtol=0, atol=0)
+    torch.testing.assert_close(reg(), clone_reg(), rtol=0, atol=0)
+
+
+def test_sampling_shapes_and_temperature_zero_is_deterministic(tiny_rgb: NVAE) -> None:
+    tiny_rgb.eval()
+    s = tiny_rgb.sample(5, temperature=0.0)
+    assert s.shape == (5, 3, 16, 16)
+    torch.testing.assert_close(s, tiny_rgb.sample(5, temperature=0.0))
+
+
+def test_groups_halving_and_latent_shapes() -> None:
+    cfg = tiny_config(num_latent_scales=3, num_groups_per_scale=8, groups_halving=True, min_groups_per_scale=2)
+    assert cfg.groups_per_scale() == [8, 4, 2]
+    model = NVAE(ImageSpec(3, 32, 5), cfg)
+    assert model.num_groups == 14
+    shapes = model._latent_shapes(1)
+    assert shapes[0][2:] == (4, 4) and shapes[-1][2:] == (16, 16)
+    assert sum(1 for s in shapes if s[2] == 4) == 2  # coarsest scale holds the fewest groups
+
+
+def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
+    torch.manual_seed(0)
+    x = random_images(tiny_binary.spec, n=8)
+    opt = torch.optim.Adamax(tiny_binary.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = tiny_binary(x)
+        loss = (-tiny_binary.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
