@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from nvae.data import ImageDataModule
 from nvae.lightning import NVAEModule
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs in --help
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -38,4 +41,4 @@ def main(args: Optional[list[str]] = None) -> NVAECLI:
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(QUICKSTART)]
     return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=args,
-                   save_config_kwargs={"overwrite": True})
+                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

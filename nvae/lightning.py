@@ -112,8 +112,8 @@ class NVAEModule(L.LightningModule):
             terms = nelbo(log_px.float(), out.kl.float(), beta, self.alpha, balance)
         return out, terms
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = self._prepare(batch)
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, NVAEOutput, NELBO, dict[str, Any]]:
+        """The regularized objective of one batch: NELBO with KL warm-up/balancing + lambda (SR + BN)."""
         beta = self.kl_coeff()
         out, terms = self._nelbo(x, beta, self.hparams.kl_balance)
         lam = regularization_coeff(beta, self.hparams.spectral_reg_coeff, self.hparams.spectral_reg_coeff_init)
@@ -123,6 +123,11 @@ class NVAEModule(L.LightningModule):
         log = {"loss": loss, "nelbo": terms.nelbo.mean(), "recon": terms.recon.mean(), "kl": terms.kl.mean(),
                "bpd": bits_per_dim(terms.nelbo.mean(), self.spec.num_dims), "kl_coeff": beta,
                "spectral": spectral, "bn_penalty": bn, "reg_coeff": lam}
+        return loss, out, terms, log
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = self._prepare(batch)
+        loss, out, terms, log = self.training_loss(x)
         self.log_dict({f"train/{k}": v for k, v in log.items()}, prog_bar=False, batch_size=x.shape[0])
         self.log("bpd", log["bpd"], prog_bar=True, logger=False, batch_size=x.shape[0])
         if self.global_step % 50 == 0:
