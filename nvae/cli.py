@@ -34,6 +34,8 @@ class NVAECLI(LightningCLI):
             r = results[0]
             print(f"held-out negative ELBO: {r['test/nelbo']:.2f} nats per image "
                   f"({r['test/bpd']:.4f} bits/dim) on the test split")
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none"
+            print(f"checkpoint: {ckpt}\nlogs and samples: {self.trainer.log_dir}")
 
 
 def main(args: Optional[list[str]] = None) -> NVAECLI:

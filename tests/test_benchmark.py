@@ -1,0 +1,77 @@
+"""benchmarks/throughput.py runs on the quickstart preset and ends with one parseable JSON line."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from nvae.lightning import NVAEModule
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def run_benchmark(cwd: Path, *args: str) -> dict[str, Any]:
+    """Run the script in ``cwd`` (a scratch folder) and parse its last stdout line."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(QUICKSTART), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) > 1  # human-readable lines, then the JSON
+    return json.loads(lines[-1])
+
+
+def quickstart_params() -> int:
+    """Parameters of the quickstart model, built from the YAML without the CLI."""
+    cfg = yaml.safe_load(QUICKSTART.read_text())
+    module_name, class_name = cfg["data"]["class_path"].rsplit(".", 1)
+    data = getattr(importlib.import_module(module_name), class_name)(**cfg["data"].get("init_args", {}))
+    with torch.device("meta"):
+        model = NVAEModule(**cfg["model"], image_spec=data.image_spec)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_steps_0_reports_the_parameter_count_only(tmp_path: Path) -> None:
+    result = run_benchmark(tmp_path, "--steps", "0")
+    assert result == {"config": str(QUICKSTART), "params": quickstart_params()}
+    assert not any(tmp_path.iterdir())  # no log directories or files written
+
+
+def test_one_timed_step_on_cpu(tmp_path: Path) -> None:
+    result = run_benchmark(tmp_path, "--steps", "1", "--warmup", "1", "--batch-size", "2", "--threads", "1",
+                           "--device", "cpu")
+    assert result["device"] == "cpu" and result["threads"] == 1 and result["batch_size"] == 2
+    assert result["precision"] == "32"
+    assert result["params"] == quickstart_params()
+    assert result["step_s"] > 0 and result["step_s_all"] == [result["step_s"]]
+    assert result["train_images_per_s"] == pytest.approx(2 / result["step_s"])
+    assert result["peak_mem_mb"] > 0
+    assert result["flops_per_step"] > 0
+    assert result["achieved_tflops"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e12)
+    assert not any(tmp_path.iterdir())
+
+
+def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
+    """torch's own formula counts a depthwise conv's weight gradient once per channel; ours does not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    mapping = {torch.ops.aten.convolution_backward: throughput.conv_backward_flops}
+    for conv in (torch.nn.Conv2d(24, 24, 5, padding=2, groups=24), torch.nn.Conv2d(8, 16, 3, stride=2),
+                 torch.nn.ConvTranspose2d(8, 16, 3, groups=2)):
+        x = torch.randn(2, conv.in_channels, 8, 8, requires_grad=True)
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            conv(x).sum().backward()
+        flops = counter.get_flop_counts()["Global"]
+        assert flops[torch.ops.aten.convolution_backward] == 2 * flops[torch.ops.aten.convolution]
