@@ -18,6 +18,9 @@ from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, ne
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
 from nvae.spec import ImageSpec
 
+DATA_KEY = "nvae_data"  # checkpoint entry: the data module that trained the model
+EMA_KEY = "nvae_ema"  # checkpoint entry: exponential moving average of the model weights, if kept
+
 
 class NVAEModule(L.LightningModule):
     """Trains an :class:`nvae.model.NVAE` by minimizing the regularized negative ELBO."""
@@ -99,6 +102,14 @@ class NVAEModule(L.LightningModule):
         warmup = min(int(h.warmup_epochs * self.total_steps / epochs), self.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step, max(warmup, 1)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the data module (class path and arguments) so evaluation can rebuild the data."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "hparams"):
+            cls = type(datamodule)
+            checkpoint[DATA_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+                                    "init_args": dict(datamodule.hparams)}
 
     # ----------------------------------------------------------------------------- steps
     def _prepare(self, x: Union[torch.Tensor, list, tuple]) -> torch.Tensor:

@@ -156,6 +156,7 @@ class ImageDataModule(L.LightningDataModule):
             eval_batch_size: Batch size for validation/test; defaults to ``batch_size``.
         """
         super().__init__()
+        self.save_hyperparameters()  # with the subclass's arguments: checkpoints can rebuild the data
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root = root
