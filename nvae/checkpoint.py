@@ -47,7 +47,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"'{path}' is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise ValueError(f"'{path}' is not a readable checkpoint ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt.get("hyper_parameters", {}):
         raise ValueError(f"'{path}' is not an nvae checkpoint (no model hyper-parameters / state_dict)")
     hparams = ckpt["hyper_parameters"]
@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
 def build_datamodule(data: Optional[dict[str, Any]], **overrides: Any) -> Any:
     """Instantiate the recorded data module; ``overrides`` (e.g. root, eval_batch_size) win when not None."""
     if not data:
-        raise ValueError("the checkpoint records no data module: pass the data explicitly")
+        raise ValueError("the checkpoint records no data module: name one with --data CLASS_PATH [--data-root DIR]")
     module_name, _, cls_name = data["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     accepted = inspect.signature(cls.__init__).parameters

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny model configuration (2 scales x 2 groups, 8 channels, 16x16 images)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +35,16 @@ def random_images(spec: ImageSpec, n: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     levels = 2 ** spec.num_bits
     return torch.randint(0, levels, (n, spec.channels, spec.size, spec.size), generator=g).float() / (levels - 1)
+
+
+@pytest.fixture(scope="session")
+def quickstart_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the quickstart preset after two training steps (debug overlay)."""
+
+    from nvae.cli import main
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    out = tmp_path_factory.mktemp("quickstart")
+    cli = main(["fit", "--config", str(configs / "quickstart.yaml"), "--config", str(configs / "debug.yaml"),
+                "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
