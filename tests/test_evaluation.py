@@ -162,3 +162,51 @@ def test_checkpoint_records_the_data_module(quickstart_checkpoint: Path) -> None
     assert loaded.data["class_path"] == "nvae.data.bundled.BundledMNISTDataModule"
     assert loaded.data["init_args"]["num_test"] == 500
     assert not loaded.model.training
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed random conv net standing in for Inception (no weights can be downloaded here)."""
+
+    extractor_id = "tiny-test-net"
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().expand(-1, 3, -1, -1) / 255.0
+        return self.net(x).flatten(1)
+
+
+def test_fid_cli_samples_scores_and_caches_reference(quickstart_checkpoint: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import nvae.metrics.fid as fid
+
+    calls = []
+    monkeypatch.setattr(fid, "inception_extractor", lambda *a, **k: calls.append(1) or TinyFeatures())
+    common = ["fid", "--checkpoint", str(quickstart_checkpoint), "--num-samples", "40", "--num-reference", "60",
+              "--batch-size", "20", "--stats-cache", str(tmp_path / "stats"), "--quiet"]
+    res = evaluate_main([*common, "--temperature", "0.8", "--readjust-bn", "2"])
+    assert res["num_generated"] == 40 and res["num_reference"] == 60 and res["temperature"] == 0.8
+    assert res["fid"] > 0 and res["bn_readjust"].startswith("2 steps")
+    cached = list((tmp_path / "stats").glob("*.npz"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    # generated images from a file, the same cached reference statistics
+    np.savez(tmp_path / "gen.npz", images=sample_images(load_checkpoint(quickstart_checkpoint).model, 40,
+                                                        progress=False).numpy())
+    again = evaluate_main([*common, "--images", str(tmp_path / "gen.npz")])
+    assert again["num_generated"] == 40 and cached[0].stat().st_mtime_ns == stamp
+    # a set scored against itself is ~0
+    same = evaluate_main(["fid", "--images", str(tmp_path / "gen.npz"), "--reference", str(tmp_path / "gen.npz"),
+                          "--quiet"])
+    assert abs(same["fid"]) < 1e-6
+
+
+def test_fid_cli_without_weights_says_how_to_get_them(quickstart_checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as err:
+        evaluate_main(["fid", "--checkpoint", str(quickstart_checkpoint), "--quiet"])
+    assert "--inception-weights" in str(err.value)
