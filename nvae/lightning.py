@@ -42,6 +42,8 @@ class NVAEModule(L.LightningModule):
         spectral_reg_coeff_init: Optional[float] = None,
         power_iters: int = 4,
         channels_last: bool = False,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -61,6 +63,9 @@ class NVAEModule(L.LightningModule):
                 spectral_reg_coeff as beta goes to 1 (the paper's ImageNet/CelebA-HQ/FFHQ recipe).
             power_iters: Power iterations per step for the spectral norms (10x on the first step).
             channels_last: Run convolutions in channels_last memory format (faster on CPU and GPUs).
+            gradient_checkpointing: Recompute each cell's activations during backward instead of
+                storing them: much less memory for about a third more compute.
+            compile: Compile the network's cells with torch.compile (slow first steps).
         """
         super().__init__()
         arch = NVAEConfig(**arch) if isinstance(arch, dict) else arch
@@ -75,6 +80,9 @@ class NVAEModule(L.LightningModule):
         self.spec = image_spec
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.model.set_checkpointing(gradient_checkpointing)
+        if compile:
+            self.model.compile_cells()
 
     # ----------------------------------------------------------------------------- schedules
     @property

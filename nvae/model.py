@@ -16,7 +16,7 @@ from torch import nn
 
 from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
 from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
-from nvae.ops import Conv2d
+from nvae.ops import CellStack, Conv2d
 from nvae.spec import ImageSpec
 
 Likelihood = Union[Bernoulli, DiscMixLogistic]
@@ -103,8 +103,8 @@ class LatentGroup(nn.Module):
         super().__init__()
         latent = cfg.num_latent_per_group
         cells = 0 if first else cfg.num_cell_per_cond_dec
-        self.cells = nn.Sequential(*[DecoderCell(dec_channels, dec_channels, cfg.decoder_expand, use_se=cfg.use_se)
-                                     for _ in range(cells)])
+        self.cells = CellStack(*[DecoderCell(dec_channels, dec_channels, cfg.decoder_expand, use_se=cfg.use_se)
+                                 for _ in range(cells)])
         self.prior = None if first else nn.Sequential(nn.ELU(), Conv2d(dec_channels, 2 * latent, 1))
         self.enc_combiner = None if first else EncoderCombiner(enc_channels, dec_channels)
         self.posterior = Conv2d(enc_channels, 2 * latent, 3, padding=1)
@@ -121,16 +121,17 @@ class LatentGroup(nn.Module):
         prior at ``temperature`` (log q and KL are then zero).
         """
         h = self.cells(h)
-        prior_params = self.prior(h) if self.prior is not None else None
+        # distributions in float32 even under autocast: KL and log-densities need the precision
+        prior_params = self.prior(h).float() if self.prior is not None else None
         prior = Normal.from_params(prior_params) if prior_params is not None else \
-            Normal.standard(h.new_zeros(z_shape))
+            Normal.standard(torch.zeros(z_shape, device=h.device))
         if enc is None:
             z = prior.sample(temperature)
             zero = torch.zeros_like(z)
             return self.dec_combiner(h, z), zero, zero, prior.log_prob(z)
         if self.enc_combiner is not None:
             enc = self.enc_combiner(enc, h)
-        delta = self.posterior(enc)
+        delta = self.posterior(enc).float()
         q = Normal.residual(prior_params, delta) if (self.residual and prior_params is not None) \
             else Normal.from_params(delta)
         z0 = q.sample()
@@ -156,7 +157,7 @@ class NVAE(nn.Module):
                 down = c == cfg.num_preprocess_cells - 1
                 pre.append(EncoderCell(ch, 2 * ch if down else ch, down=down, use_se=cfg.use_se))
                 ch = 2 * ch if down else ch
-        self.preprocess = nn.Sequential(*pre)
+        self.preprocess = CellStack(*pre)
 
         # Encoder tower, finest scale first: per group its cells; a down cell between scales.
         groups = cfg.groups_per_scale()
@@ -166,10 +167,10 @@ class NVAE(nn.Module):
         for s, n in enumerate(groups):
             scale_channels.append(ch)
             for _ in range(n):
-                self.enc_groups.append(nn.Sequential(*[EncoderCell(ch, ch, use_se=cfg.use_se)
-                                                       for _ in range(cfg.num_cell_per_cond_enc)]))
+                self.enc_groups.append(CellStack(*[EncoderCell(ch, ch, use_se=cfg.use_se)
+                                                   for _ in range(cfg.num_cell_per_cond_enc)]))
             if s < len(groups) - 1:
-                self.enc_down.append(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se))
+                self.enc_down.append(CellStack(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se)))
                 ch *= 2
         self.enc_top = nn.Sequential(nn.ELU(), Conv2d(ch, ch, 1), nn.ELU())
 
@@ -184,7 +185,7 @@ class NVAE(nn.Module):
                 self.dec_groups.append(LatentGroup(cfg, ch, ch, first=(s == 0 and g == 0)))
                 self.group_scale.append(s)
             if s < len(groups) - 1:
-                self.dec_up.append(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se))
+                self.dec_up.append(CellStack(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se)))
                 ch //= 2
 
         post: list[nn.Module] = []
@@ -193,10 +194,22 @@ class NVAE(nn.Module):
                 up = c == 0
                 post.append(DecoderCell(ch, ch // 2 if up else ch, cfg.postprocess_expand, up=up, use_se=cfg.use_se))
                 ch = ch // 2 if up else ch
-        self.postprocess = nn.Sequential(*post)
+        self.postprocess = CellStack(*post)
         out = spec.channels if spec.likelihood == "bernoulli" else dmol_channels(spec.channels, cfg.num_mixtures)
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out, 3, padding=1))
         self.groups_per_scale = groups
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Activation checkpointing per cell: recompute activations in backward to save memory."""
+        for m in self.modules():
+            if isinstance(m, CellStack):
+                m.checkpoint = enabled
+
+    def compile_cells(self) -> None:
+        """torch.compile every residual cell in place (state dict keys unchanged)."""
+        for m in self.modules():
+            if isinstance(m, (EncoderCell, DecoderCell)):
+                m.compile()
 
     @property
     def num_groups(self) -> int:
@@ -238,6 +251,7 @@ class NVAE(nn.Module):
         return NVAEOutput(self._likelihood(params), torch.stack(kls, dim=1), log_q, log_p)
 
     def _likelihood(self, params: torch.Tensor) -> Likelihood:
+        params = params.float()  # the likelihood is evaluated in float32 under mixed precision
         if self.spec.likelihood == "bernoulli":
             return Bernoulli(params)
         return DiscMixLogistic(params, self.spec.channels, self.spec.num_bits, self.cfg.num_mixtures)

@@ -1,14 +1,19 @@
 """Building blocks of NVAE's cells (paper sec. 3.1, fig. 3; appendix A).
 
 Weight-normalized convolution, Swish, squeeze-excitation, the down-sampling skip (factorized
-reduce), the up-sampling skip (bilinear x2 + 1x1 conv) and the masked convolution used by the
-autoregressive flow cells (sec. 3.2, "normalizing flows").
+reduce), the up-sampling skip (bilinear x2 + 1x1 conv), the masked convolution used by the
+autoregressive flow cells (sec. 3.2, "normalizing flows") and a cell sequence with optional
+activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
@@ -127,3 +132,51 @@ def autoregressive_mask(in_channels: int, out_channels: int, kernel_size: int, g
     if mirror:
         mask = mask.flip(2, 3)
     return mask
+
+
+@contextmanager
+def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` normalize with batch statistics but leave running stats alone."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+class CellStack(nn.Sequential):
+    """A sequence of cells that can trade compute for memory (activation checkpointing).
+
+    With ``checkpoint`` on, each cell's activations are freed after the forward pass and recomputed
+    during backward; the recomputation does not update BatchNorm running statistics a second time.
+    """
+
+    checkpoint: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for cell in self:
+            if self.checkpoint and torch.is_grad_enabled():
+                x = checkpoint(_once_then_frozen(cell), x, use_reentrant=False)
+            else:
+                x = cell(x)
+        return x
+
+
+def _once_then_frozen(cell: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """cell's forward; calls after the first (checkpoint recomputation) keep BN running stats fixed."""
+    calls = 0
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not cell.training:
+            return cell(x)
+        with frozen_batchnorm_stats(cell):
+            return cell(x)
+
+    return run
