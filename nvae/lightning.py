@@ -147,13 +147,22 @@ class NVAEModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self._prepare(batch)
         loss, out, terms, log = self.training_loss(x)
-        self.log_dict({f"train/{k}": v for k, v in log.items()}, prog_bar=False, batch_size=x.shape[0])
-        self.log("bpd", log["bpd"], prog_bar=True, logger=False, batch_size=x.shape[0])
         if self.global_step % 50 == 0:
-            kl_groups = out.kl.detach().mean(dim=0)
-            self.log_dict({f"train_kl_group/{i:02d}": v for i, v in enumerate(kl_groups)}, batch_size=x.shape[0])
-            self.log_dict({f"train_kl_balance/{i:02d}": v for i, v in enumerate(terms.gamma)}, batch_size=x.shape[0])
+            log.update({f"kl_group/{i:02d}": v for i, v in enumerate(out.kl.mean(dim=0))})
+            log.update({f"kl_balance/{i:02d}": v for i, v in enumerate(terms.gamma)})
+        self.log_dict({f"train/{k}": v for k, v in self._mean_over_processes(log).items()},
+                      batch_size=x.shape[0])
+        self.log("bpd", log["bpd"], prog_bar=True, logger=False, batch_size=x.shape[0])
         return loss
+
+    def _mean_over_processes(self, log: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Detached scalars averaged over all processes in one collective (no-op on one process)."""
+        names = list(log)
+        values = torch.stack([torch.as_tensor(log[k], dtype=torch.float32, device=self.device).detach()
+                              for k in names])  # (M,)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        return dict(zip(names, values))
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x = self._prepare(batch)

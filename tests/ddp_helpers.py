@@ -1,0 +1,56 @@
+"""Pieces of the DDP test that spawned processes import (they must live in an importable module).
+
+Importing this module makes posterior sampling deterministic (z = mean) in every process, so that
+a 2-process step and a 1-process step on the concatenated batch see the same latents.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from nvae.distributions import Normal
+
+Normal.sample = lambda self, temperature=1.0: self.mu  # type: ignore[method-assign]
+
+
+class FreezeBatchNorm(L.Callback):
+    """BatchNorm in eval mode (running statistics): per-process batch statistics would differ."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+class SaveFirstGradients(L.Callback):
+    """Writes the (all-reduced) gradients of the first optimizer step to ``path`` on rank 0."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:  # noqa: ANN001
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+            torch.save(grads, Path(self.path))
+
+
+class RankInterleaved(torch.utils.data.Sampler):
+    """Process r of w reads items r, r + w, r + 2w, ... in order (a deterministic DistributedSampler)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def _rank_world(self) -> tuple[int, int]:
+        dist = torch.distributed
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+    def __iter__(self):  # noqa: ANN204
+        rank, world = self._rank_world()
+        return iter(range(rank, self.size, world))
+
+    def __len__(self) -> int:
+        rank, world = self._rank_world()
+        return len(range(rank, self.size, world))

@@ -1,0 +1,44 @@
+"""Mixed precision: bf16-mixed training follows the float32 loss trajectory (KL, likelihood,
+spectral norms and the loss reduction stay in float32)."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import random_images, tiny_config
+from nvae.lightning import NVAEModule
+from nvae.spec import ImageSpec
+
+SPEC = ImageSpec(channels=3, size=16, num_bits=5)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.losses.append(float(outputs["loss"]))
+
+
+def train(precision: str, steps: int = 12) -> list[float]:
+    L.seed_everything(0, verbose=False)
+    module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=SPEC, warmup_epochs=0.0)
+    data = random_images(SPEC, n=8, seed=1)
+    recorder = LossRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[recorder])
+    trainer.fit(module, DataLoader(data, batch_size=4, shuffle=False))
+    assert module.model.h0.dtype == torch.float32  # master weights stay float32
+    return recorder.losses
+
+
+def test_bf16_mixed_matches_float32_trajectory() -> None:
+    full, bf16 = train("32"), train("bf16-mixed")
+    assert len(full) == len(bf16) == 12
+    # Tolerance 0.2% per step. Measured: 1.2e-4 with the likelihood and KL in float32; evaluating
+    # the likelihood in bf16 instead (8-bit mantissa) gives 6.9e-3, so this catches that mistake.
+    for a, b in zip(full, bf16):
+        assert abs(a - b) <= 2e-3 * abs(a), (full, bf16)
+    assert bf16[-1] < bf16[0] and full[-1] < full[0]
