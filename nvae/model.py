@@ -170,7 +170,7 @@ class NVAE(nn.Module):
                 self.enc_groups.append(CellStack(*[EncoderCell(ch, ch, use_se=cfg.use_se)
                                                    for _ in range(cfg.num_cell_per_cond_enc)]))
             if s < len(groups) - 1:
-                self.enc_down.append(CellStack(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se)))
+                self.enc_down.append(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se))
                 ch *= 2
         self.enc_top = nn.Sequential(nn.ELU(), Conv2d(ch, ch, 1), nn.ELU())
 
@@ -185,7 +185,7 @@ class NVAE(nn.Module):
                 self.dec_groups.append(LatentGroup(cfg, ch, ch, first=(s == 0 and g == 0)))
                 self.group_scale.append(s)
             if s < len(groups) - 1:
-                self.dec_up.append(CellStack(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se)))
+                self.dec_up.append(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se))
                 ch //= 2
 
         post: list[nn.Module] = []
