@@ -88,6 +88,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="32, bf16-mixed or 16-mixed (default: the preset's trainer.precision)")
     p.add_argument("--channels-last", action="store_true",
                    help="build with model.channels_last=true (default: the preset's setting)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="build with model.gradient_checkpointing=true (activation checkpointing per cell)")
+    p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile per cell)")
+    p.add_argument("--sample-steps", type=int, default=3,
+                   help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
     args = p.parse_args(argv)
     if args.steps < 0 or args.warmup < 0:
         p.error("--steps and --warmup must be >= 0")
@@ -98,7 +103,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build(configs: Sequence[str], channels_last: bool, meta: bool = False) -> NVAECLI:
+def build(configs: Sequence[str], channels_last: bool, meta: bool = False, checkpointing: bool = False,
+          compile: bool = False) -> NVAECLI:
     """Parse and instantiate the presets through the project's CLI, without running anything.
 
     The logger is switched off so no log directory is created; ``meta`` builds the model on the
@@ -108,6 +114,10 @@ def build(configs: Sequence[str], channels_last: bool, meta: bool = False) -> NV
     args.append("--trainer.logger=false")
     if channels_last:
         args.append("--model.channels_last=true")
+    if checkpointing:
+        args.append("--model.gradient_checkpointing=true")
+    if compile:
+        args.append("--model.compile=true")
     # LightningCLI warns when it is given args while sys.argv has some: they are this script's own.
     with torch.device("meta") if meta else nullcontext(), mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, run=False, args=args,
@@ -234,6 +244,28 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+@torch.no_grad()
+def time_sampling(module: NVAEModule, batch_size: int, steps: int, device: torch.device,
+                  autocast: Any) -> Optional[float]:
+    """Median seconds to draw ``batch_size`` images from the prior (eval mode, t = 1), or None."""
+    if steps <= 0:
+        return None
+    module.eval()
+    times = []
+    for i in range(steps + 1):  # the first pass is a warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast():
+            module.model.sample(batch_size, 1.0)
+        synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    module.train()
+    median = statistics.median(times)
+    print(f"sampling: {median:.4f} s per {batch_size} images ({batch_size / median:.1f} images/s)")
+    return median
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = " + ".join(args.config)
     threads = args.threads or default_threads()
@@ -247,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"config": config, "params": params}
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cli = build(args.config, args.channels_last)
+    cli = build(args.config, args.channels_last, checkpointing=args.checkpointing, compile=args.compile)
     module: NVAEModule = cli.model
     spec: ImageSpec = cli.datamodule.image_spec
     precision = resolve_precision(args.precision, cli, device)
@@ -274,12 +306,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"step {i + 1}/{args.steps}: {times[-1]:.4f} s ({batch_size / times[-1]:.1f} images/s)", flush=True)
     peak = peak_memory_mb(device)
     flops = stepper.count_flops()
+    sample_s = time_sampling(module, batch_size, args.sample_steps, device, stepper._autocast)
 
     median = statistics.median(times)
     result = {"config": config, "device": str(device), "threads": threads, "precision": precision,
               "channels_last": channels_last, "batch_size": batch_size, "params": params,
               "step_s": median, "step_s_all": times, "train_images_per_s": batch_size / median,
-              "peak_mem_mb": peak, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12}
+              "peak_mem_mb": peak, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12,
+              "checkpointing": args.checkpointing, "compile": args.compile,
+              "sample_images_per_s": batch_size / sample_s if sample_s else None}
     print(f"median step: {median:.4f} s, {batch_size / median:.1f} images/s, peak memory {peak:.0f} MB, "
           f"{flops / 1e9:.2f} GFLOP/step, {flops / median / 1e12:.4f} TFLOP/s")
     return result

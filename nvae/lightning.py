@@ -65,7 +65,8 @@ class NVAEModule(L.LightningModule):
             channels_last: Run convolutions in channels_last memory format (faster on CPU and GPUs).
             gradient_checkpointing: Recompute each cell's activations during backward instead of
                 storing them: much less memory for about a third more compute.
-            compile: Compile the network's cells with torch.compile (slow first steps).
+            compile: torch.compile the forward pass (the first step compiles: ~100 s on 2 CPU
+                cores; then ~17% faster on CPU).
         """
         super().__init__()
         arch = NVAEConfig(**arch) if isinstance(arch, dict) else arch
@@ -82,7 +83,7 @@ class NVAEModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         self.model.set_checkpointing(gradient_checkpointing)
         if compile:
-            self.model.compile_cells()
+            self.model.compile()  # whole forward pass, in place (state-dict keys unchanged)
 
     # ----------------------------------------------------------------------------- schedules
     @property

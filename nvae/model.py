@@ -205,12 +205,6 @@ class NVAE(nn.Module):
             if isinstance(m, CellStack):
                 m.checkpoint = enabled
 
-    def compile_cells(self) -> None:
-        """torch.compile every residual cell in place (state dict keys unchanged)."""
-        for m in self.modules():
-            if isinstance(m, (EncoderCell, DecoderCell)):
-                m.compile()
-
     @property
     def num_groups(self) -> int:
         return len(self.dec_groups)

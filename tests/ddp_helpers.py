@@ -1,8 +1,4 @@
-"""Pieces of the DDP test that spawned processes import (they must live in an importable module).
-
-Importing this module makes posterior sampling deterministic (z = mean) in every process, so that
-a 2-process step and a 1-process step on the concatenated batch see the same latents.
-"""
+"""Pieces of the DDP test that spawned processes import (they must live in an importable module)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +9,17 @@ from torch import nn
 
 from nvae.distributions import Normal
 
-Normal.sample = lambda self, temperature=1.0: self.mu  # type: ignore[method-assign]
+
+class DeterministicLatents(L.Callback):
+    """z = posterior mean in every process during fit, so that a 2-process step and a 1-process
+    step on the concatenated batch see the same latents; restored at teardown."""
+
+    def setup(self, trainer, module, stage) -> None:  # noqa: ANN001
+        self._sample = Normal.sample
+        Normal.sample = lambda self, temperature=1.0: self.mu  # type: ignore[method-assign]
+
+    def teardown(self, trainer, module, stage) -> None:  # noqa: ANN001
+        Normal.sample = self._sample  # type: ignore[method-assign]
 
 
 class FreezeBatchNorm(L.Callback):

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-import ddp_helpers  # noqa: F401  (deterministic latents in this process too)
+import ddp_helpers
 from conftest import random_images, tiny_config
 from nvae.lightning import NVAEModule
 from nvae.spec import ImageSpec
@@ -23,7 +23,8 @@ def fit(tmp: Path, devices: int, batch: int, max_steps: int, name: str, ckpt_pat
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp), num_sanity_val_steps=0, use_distributed_sampler=False,
-        callbacks=[ddp_helpers.FreezeBatchNorm(), ddp_helpers.SaveFirstGradients(str(tmp / f"{name}.pt")),
+        callbacks=[ddp_helpers.DeterministicLatents(), ddp_helpers.FreezeBatchNorm(),
+                   ddp_helpers.SaveFirstGradients(str(tmp / f"{name}.pt")),
                    L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp / name), save_last=True)])
     data = random_images(SPEC, n=8, seed=2)
     trainer.fit(module, DataLoader(data, batch_size=batch, sampler=ddp_helpers.RankInterleaved(len(data))),

@@ -3,6 +3,7 @@ spectral norms and the loss reduction stay in float32)."""
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -42,3 +43,18 @@ def test_bf16_mixed_matches_float32_trajectory() -> None:
     for a, b in zip(full, bf16):
         assert abs(a - b) <= 2e-3 * abs(a), (full, bf16)
     assert bf16[-1] < bf16[0] and full[-1] < full[0]
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager_on_cpu() -> None:
+    """compile=true works on CPU and computes the same loss (compilation takes minutes: slow)."""
+    torch.manual_seed(0)
+    eager = NVAEModule(arch=tiny_config(), image_spec=SPEC)
+    compiled = NVAEModule(arch=tiny_config(), image_spec=SPEC, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    x = random_images(SPEC, n=4)
+    losses = []
+    for module in (eager, compiled):
+        torch.manual_seed(1)
+        losses.append(module.training_loss(x)[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-3)

@@ -1,0 +1,82 @@
+"""One table of training speed, sampling speed and peak memory for each option of a preset.
+
+    python benchmarks/options.py --config configs/cifar10.yaml --batch-size 8 [--steps 3] [--threads 2]
+        [--options "32" "32 ckpt" "bf16" ...] [--device D]
+
+Each option runs ``benchmarks/throughput.py`` in its own process (so peak memory is that option's
+alone) and the results are printed as a Markdown table, then one JSON line per option.
+Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (activation
+checkpointing), ``cl`` (channels_last), ``compile`` (torch.compile; its compilation is excluded
+by the warm-up step but takes minutes on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OPTIONS = ["32", "32 cl", "32 ckpt", "bf16", "bf16 cl", "bf16 ckpt"]
+WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
+         "ckpt": ["--checkpointing"], "cl": ["--channels-last"], "compile": ["--compile"]}
+
+
+def flags(option: str) -> list[str]:
+    """'bf16 ckpt' -> throughput.py flags."""
+    out = []
+    for word in option.split():
+        if word not in WORDS:
+            raise SystemExit(f"unknown option word {word!r}; use {', '.join(WORDS)}")
+        out += WORDS[word]
+    return out
+
+
+def measure(config: str, option: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "throughput.py"), "--config", config, "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), *flags(option)]
+    if args.device:
+        cmd += ["--device", args.device]
+    print(f"$ {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"option": option, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    return {"option": option, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| option | s / step | train images/s | sample images/s | peak memory (MB) | TFLOP/s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['option']} | failed: {r['error']} | | | | |")
+            continue
+        sample = f"{r['sample_images_per_s']:.1f}" if r.get("sample_images_per_s") else "-"
+        lines.append(f"| {r['option']} | {r['step_s']:.3f} | {r['train_images_per_s']:.2f} | {sample} | "
+                     f"{r['peak_mem_mb']:.0f} | {r['achieved_tflops']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="preset YAML")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--options", nargs="+", default=DEFAULT_OPTIONS, help="option sets, e.g. '32' 'bf16 ckpt'")
+    args = p.parse_args(argv)
+    for option in args.options:
+        flags(option)  # fail early on a typo
+    rows = [measure(args.config, option, args) for option in args.options]
+    print(f"{args.config}, batch {args.batch_size}, {args.threads} threads, median of {args.steps} steps")
+    print(table(rows))
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
