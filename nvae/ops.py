@@ -58,10 +58,18 @@ class Conv2d(nn.Conv2d):
         if self.log_weight_norm is None:
             return w
         norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
-        return torch.exp(self.log_weight_norm) * w / (norm + 1e-5)
+        return w * (torch.exp(self.log_weight_norm) / (norm + 1e-5))  # one full-size multiply
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.normalized_weight(), self.bias)
+        weight = self.normalized_weight()
+        if self.training and torch.is_grad_enabled() and weight is not self.weight:
+            self.__dict__["last_weight"] = weight  # reused (and released) by the spectral regularizer
+        return self._conv_forward(x, weight, self.bias)
+
+    def take_weight(self) -> torch.Tensor:
+        """The kernel of this training step's forward pass if there was one (released), else a fresh one."""
+        weight = self.__dict__.pop("last_weight", None)
+        return weight if weight is not None else self.normalized_weight()
 
 
 class SqueezeExcite(nn.Module):

@@ -44,7 +44,7 @@ class SpectralRegularizer(nn.Module):
         total = torch.zeros((), device=self.initialized.device)
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
-                w = torch.stack([c.normalized_weight().float().flatten(1) for c in convs])  # (n, rows, cols)
+                w = torch.stack([c.take_weight().float().flatten(1) for c in convs])  # (n, rows, cols)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
                 with torch.no_grad():
                     for _ in range(iters):
