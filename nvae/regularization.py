@@ -42,20 +42,30 @@ class SpectralRegularizer(nn.Module):
     def forward(self) -> torch.Tensor:
         iters = self.power_iters if bool(self.initialized) else self.initial_iters
         total = torch.zeros((), device=self.initialized.device)
+        batched = total.device.type != "cpu"  # on CPU stacking only copies (memory-bound); on GPU it saves launches
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
-                w = torch.stack([c.take_weight().float().flatten(1) for c in convs])  # (n, rows, cols)
+                weights = [c.take_weight().float().flatten(1) for c in convs]  # n x (rows, cols)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
-                with torch.no_grad():
-                    for _ in range(iters):
-                        v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
-                        u = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)  # (n, rows)
-                    getattr(self, f"u{i}").copy_(u)
-                    getattr(self, f"v{i}").copy_(v)
-                sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2)))  # (n, 1, 1)
-                total = total + sigma.sum()
+                parts = [(slice(None), torch.stack(weights))] if batched else \
+                    [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
+                for rows, w in parts:  # w: (n or 1, rows, cols)
+                    u_new, v_new = _power_iteration(u[rows], v[rows], w, iters)
+                    total = total + torch.bmm(u_new.unsqueeze(1), torch.bmm(w, v_new.unsqueeze(2))).sum()
+                    with torch.no_grad():
+                        u[rows], v[rows] = u_new, v_new
         self.initialized.fill_(True)
         return total
+
+
+@torch.no_grad()
+def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iters`` steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices w (n, rows, cols)."""
+    for _ in range(iters):
+        v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
+        u = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)  # (n, rows)
+    return u, v
 
 
 def batchnorm_penalty(model: nn.Module) -> torch.Tensor:
