@@ -13,6 +13,9 @@ from torch import nn
 from nvae.ops import Conv2d
 
 
+LARGE_MATRIX = 2 ** 18  # elements of a kernel matrix above which CPU iterates weights one by one
+
+
 class SpectralRegularizer(nn.Module):
     """Sum of spectral norms of every :class:`nvae.ops.Conv2d` in ``model``.
 
@@ -42,13 +45,17 @@ class SpectralRegularizer(nn.Module):
     def forward(self) -> torch.Tensor:
         iters = self.power_iters if bool(self.initialized) else self.initial_iters
         total = torch.zeros((), device=self.initialized.device)
-        batched = total.device.type != "cpu"  # on CPU stacking only copies (memory-bound); on GPU it saves launches
+        on_cpu = total.device.type == "cpu"
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
                 weights = [c.take_weight().float().flatten(1) for c in convs]  # n x (rows, cols)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
-                parts = [(slice(None), torch.stack(weights))] if batched else \
-                    [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
+                # One batched matmul per shape saves launches; on CPU, large matrices are iterated one
+                # by one instead, since stacking them is a memory-bound copy of the whole group.
+                if on_cpu and weights[0].numel() >= LARGE_MATRIX:
+                    parts = [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
+                else:
+                    parts = [(slice(None), torch.stack(weights))]
                 for rows, w in parts:  # w: (n or 1, rows, cols)
                     u_new, v_new = _power_iteration(u[rows], v[rows], w, iters)
                     total = total + torch.bmm(u_new.unsqueeze(1), torch.bmm(w, v_new.unsqueeze(2))).sum()
