@@ -10,8 +10,8 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (Conv2d, FactorizedReduce, SqueezeExcite, Swish, UpsampleConv,
-                      autoregressive_mask, batch_norm)
+from nvae.ops import (BNSwish, Conv2d, FactorizedReduce, SqueezeExcite, UpsampleConv, autoregressive_mask,
+                      batch_norm)
 
 RESIDUAL_SCALE = 0.1
 
@@ -23,9 +23,9 @@ class EncoderCell(nn.Module):
         super().__init__()
         self.skip = FactorizedReduce(in_channels, out_channels) if down else nn.Identity()
         self.branch = nn.Sequential(
-            batch_norm(in_channels), Swish(),
+            BNSwish(in_channels),
             Conv2d(in_channels, out_channels, 3, stride=2 if down else 1, padding=1),
-            batch_norm(out_channels), Swish(),
+            BNSwish(out_channels),
             Conv2d(out_channels, out_channels, 3, padding=1),
             SqueezeExcite(out_channels) if use_se else nn.Identity(),
         )
@@ -50,9 +50,9 @@ class DecoderCell(nn.Module):
             nn.Upsample(scale_factor=2.0, mode="nearest") if up else nn.Identity(),
             batch_norm(in_channels),
             Conv2d(in_channels, hidden, 1, bias=False, weight_norm=False),
-            batch_norm(hidden), Swish(),
+            BNSwish(hidden),
             Conv2d(hidden, hidden, 5, padding=2, groups=hidden, bias=False, weight_norm=False),
-            batch_norm(hidden), Swish(),
+            BNSwish(hidden),
             Conv2d(hidden, out_channels, 1, bias=False, weight_norm=False),
             batch_norm(out_channels),
             SqueezeExcite(out_channels) if use_se else nn.Identity(),

@@ -1,6 +1,6 @@
 """Building blocks of NVAE's cells (paper sec. 3.1, fig. 3; appendix A).
 
-Weight-normalized convolution, Swish, squeeze-excitation, the down-sampling skip (factorized
+Weight-normalized convolution, BatchNorm + Swish (sec. 3.1), squeeze-excitation, the down-sampling skip (factorized
 reduce), the up-sampling skip (bilinear x2 + 1x1 conv), the masked convolution used by the
 autoregressive flow cells (sec. 3.2, "normalizing flows") and a cell sequence with optional
 activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
@@ -24,11 +24,20 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-class Swish(nn.Module):
-    """x * sigmoid(x) (sec. 3.1)."""
+class BNSwish(nn.BatchNorm2d):
+    """BatchNorm followed by Swish. In training, the BatchNorm output (Swish's input) is not stored
+    but recomputed during backward: one activation fewer per pair for a cheap elementwise redo."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+    def _bn_swish(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x)
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(_once_then_frozen(self._bn_swish, self), x, use_reentrant=False)
+        return self._bn_swish(x)
 
 
 class Conv2d(nn.Conv2d):
@@ -169,22 +178,23 @@ class CellStack(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for cell in self:
             if self.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(_once_then_frozen(cell), x, use_reentrant=False)
+                x = checkpoint(_once_then_frozen(cell, cell), x, use_reentrant=False)
             else:
                 x = cell(x)
         return x
 
 
-def _once_then_frozen(cell: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """cell's forward; calls after the first (checkpoint recomputation) keep BN running stats fixed."""
+def _once_then_frozen(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module
+                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn``; calls after the first (checkpoint recomputation) keep the BN running stats of ``owner`` fixed."""
     calls = 0
 
     def run(x: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        if calls == 1 or not cell.training:
-            return cell(x)
-        with frozen_batchnorm_stats(cell):
-            return cell(x)
+        if calls == 1 or not owner.training:
+            return fn(x)
+        with frozen_batchnorm_stats(owner):
+            return fn(x)
 
     return run
