@@ -75,3 +75,17 @@ def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
             conv(x).sum().backward()
         flops = counter.get_flop_counts()["Global"]
         assert flops[torch.ops.aten.convolution_backward] == 2 * flops[torch.ops.aten.convolution]
+
+
+@pytest.mark.slow
+def test_ddp_scaling_runs_lightning_ddp_with_two_processes(tmp_path: Path) -> None:
+    """benchmarks/ddp_scaling.py: both settings run through Lightning DDP and report consistent numbers."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--config", str(QUICKSTART),
+                           "--batch-size", "2", "--steps", "1", "--warmup", "0", "--processes", "1", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["processes"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["images_per_s"] == pytest.approx(r["processes"] * 2 / r["step_s"])
+    assert rows[0]["efficiency"] == pytest.approx(1.0)
