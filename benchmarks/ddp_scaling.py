@@ -52,6 +52,9 @@ def worker(args: argparse.Namespace, processes: int) -> None:
     from throughput import build, random_batch
 
     torch.set_num_threads(args.threads)
+    from nvae.runtime import keep_heap_memory
+
+    keep_heap_memory()  # as train.py does
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or no
 from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
+from nvae.runtime import keep_heap_memory  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
@@ -91,6 +92,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true",
                    help="build with model.gradient_checkpointing=true (activation checkpointing per cell)")
     p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile per cell)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default allocator settings (train.py keeps freed memory in the heap: "
+                        "nvae.runtime.keep_heap_memory)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
     args = p.parse_args(argv)
@@ -270,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = " + ".join(args.config)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
+    heap = False if args.default_malloc else keep_heap_memory()
 
     if args.steps == 0:
         cli = build(args.config, args.channels_last, meta=True)
@@ -289,7 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"config: {config}")
     print(f"device: {device} ({device_name(device)}), threads: {threads} "
-          f"(of {default_threads()} in the affinity mask), precision: {precision}, channels_last: {channels_last}")
+          f"(of {default_threads()} in the affinity mask), precision: {precision}, channels_last: {channels_last}, "
+          f"heap kept: {heap}")
     print(f"model: {params:,} parameters; batch: {batch_size} x {spec.channels}x{spec.size}x{spec.size}, "
           f"{spec.num_bits} bit(s)")
 
@@ -313,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "channels_last": channels_last, "batch_size": batch_size, "params": params,
               "step_s": median, "step_s_all": times, "train_images_per_s": batch_size / median,
               "peak_mem_mb": peak, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12,
-              "checkpointing": args.checkpointing, "compile": args.compile,
+              "checkpointing": args.checkpointing, "compile": args.compile, "heap_kept": heap,
               "sample_images_per_s": batch_size / sample_s if sample_s else None}
     print(f"median step: {median:.4f} s, {batch_size / median:.1f} images/s, peak memory {peak:.0f} MB, "
           f"{flops / 1e9:.2f} GFLOP/step, {flops / median / 1e12:.4f} TFLOP/s")

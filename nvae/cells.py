@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (BNSwish, Conv2d, FactorizedReduce, SqueezeExcite, UpsampleConv, autoregressive_mask,
+from nvae.ops import (BNSwish, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv, autoregressive_mask,
                       batch_norm)
 
 RESIDUAL_SCALE = 0.1
@@ -51,7 +51,7 @@ class DecoderCell(nn.Module):
             batch_norm(in_channels),
             Conv2d(in_channels, hidden, 1, bias=False, weight_norm=False),
             BNSwish(hidden),
-            Conv2d(hidden, hidden, 5, padding=2, groups=hidden, bias=False, weight_norm=False),
+            DepthwiseConv2d(hidden, 5, padding=2),
             BNSwish(hidden),
             Conv2d(hidden, out_channels, 1, bias=False, weight_norm=False),
             batch_norm(out_channels),

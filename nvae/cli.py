@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from nvae.data import ImageDataModule
 from nvae.lightning import NVAEModule
+from nvae.runtime import keep_heap_memory
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs in --help
 
@@ -42,5 +43,6 @@ def main(args: Optional[list[str]] = None) -> NVAECLI:
     """Entry point of train.py; with no arguments, trains the quickstart preset."""
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(QUICKSTART)]
+    keep_heap_memory()  # ~20% faster CPU steps (see nvae.runtime)
     return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=args,
                    save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

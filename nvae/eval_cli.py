@@ -21,6 +21,7 @@ from torchvision.utils import make_grid, save_image
 
 from nvae.checkpoint import LoadedCheckpoint, build_datamodule, load_checkpoint, resolve_device
 from nvae.metrics.likelihood import evaluate_nll
+from nvae.runtime import keep_heap_memory
 from nvae.sample_cli import DEFAULT_BN_STEPS, positive_temperature
 
 
@@ -148,6 +149,7 @@ def _take(loader: Any, n: int) -> Any:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    keep_heap_memory()
     if args.command == "fid":
         from nvae.fid_cli import run_fid
 

@@ -81,6 +81,27 @@ class Conv2d(nn.Conv2d):
         return weight if weight is not None else self.normalized_weight()
 
 
+class DepthwiseConv2d(Conv2d):
+    """Depthwise convolution (one filter per channel) of the decoder cells (sec. 3.1, fig. 3a).
+
+    On CPU it runs in channels_last memory format whatever the layout of its input: oneDNN's
+    depthwise kernels are ~8x faster forward and ~3x faster backward in NHWC than in NCHW
+    (CIFAR-10 decoder shape (8, 768, 32, 32): 22 ms -> 2.8 ms forward, 74 ms -> 27 ms backward on
+    2 cores), which pays for the two layout copies. The output keeps the input's layout. No weight
+    normalization (BatchNorm follows it); spectrally regularized like every :class:`Conv2d`.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, padding: int) -> None:
+        super().__init__(channels, channels, kernel_size, padding=padding, groups=channels, bias=False,
+                         weight_norm=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(nhwc).contiguous()
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation gate: mean pool -> Linear(C, max(C//16, 4)) -> ReLU -> Linear -> sigmoid."""
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import random_images, tiny_config
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
-from nvae.ops import Conv2d, autoregressive_mask
+from nvae.ops import Conv2d, DepthwiseConv2d, autoregressive_mask
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
 from nvae.spec import ImageSpec
 
@@ -27,6 +27,30 @@ def test_weight_norm_conv_matches_functional() -> None:
     # at init the gain equals the norm of v (up to the 1e-2 offset), so the kernel barely changes
     fresh = Conv2d(3, 5, 3)
     torch.testing.assert_close(fresh.normalized_weight(), fresh.weight, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_conv_matches_functional_and_keeps_layout(channels_last: bool) -> None:
+    """The NHWC detour on CPU changes neither values, gradients nor the caller's memory layout."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(6, 5, padding=2)
+    x = torch.randn(2, 6, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = conv(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = F.conv2d(ref_x, conv.weight.detach().clone().requires_grad_(), padding=2, groups=6)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+    ref_gx, = torch.autograd.grad(ref, ref_x, g)
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=1e-5)
+    xs = F.pad(x.detach(), (2, 2, 2, 2))
+    ref_gw = torch.stack([(g * xs[:, :, i:i + 9, j:j + 9]).sum((0, 2, 3)) for i in range(5) for j in range(5)], 1)
+    torch.testing.assert_close(gw, ref_gw.view(6, 1, 5, 5), atol=1e-4, rtol=1e-4)
+    assert conv.log_weight_norm is None and isinstance(conv, Conv2d)  # spectrally regularized, no WN
 
 
 def test_spectral_estimate_matches_linalg() -> None:
