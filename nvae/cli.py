@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from nvae.data import ImageDataModule
 from nvae.lightning import NVAEModule
+from nvae.resilience import find_resume_checkpoint
 from nvae.runtime import keep_heap_memory
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs in --help
@@ -26,6 +27,27 @@ class NVAECLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         parser.link_arguments("data.image_spec", "model.image_spec", apply_on="instantiate")
+        parser.add_argument("--resume", type=Optional[str], default=None,
+                            help="'auto': continue from the newest last.ckpt under trainer.default_root_dir "
+                                 "(start fresh if there is none); or a checkpoint path")
+
+    def before_fit(self) -> None:
+        """Resolve ``--resume`` into ``ckpt_path`` (fit only)."""
+        config = self.config_init[self.subcommand]
+        resume = config.get("resume")
+        if not resume:
+            return
+        if resume == "auto":
+            callback = self.trainer.checkpoint_callback
+            found = find_resume_checkpoint(getattr(callback, "dirpath", None), self.trainer.default_root_dir)
+            if found is None:
+                print(f"--resume auto: no last.ckpt under {self.trainer.default_root_dir}; starting a new run")
+                return
+            resume = str(found)
+        if not Path(resume).is_file():
+            raise SystemExit(f"--resume: checkpoint '{resume}' does not exist")
+        print(f"resuming from {resume}")
+        config["ckpt_path"] = resume
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:

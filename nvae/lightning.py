@@ -13,13 +13,18 @@ from typing import Any, Optional, Union
 import lightning as L
 import torch
 
+from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
+from nvae.resilience import check_compatible, gather_rng_states, set_rng_state
 from nvae.spec import ImageSpec
 
 DATA_KEY = "nvae_data"  # checkpoint entry: the data module that trained the model
 EMA_KEY = "nvae_ema"  # checkpoint entry: exponential moving average of the model weights, if kept
+RNG_KEY = "nvae_rng"  # checkpoint entry: every process's RNG states (exact resume)
+FORMAT_KEY = "nvae_format"  # checkpoint entry: layout version of nvae checkpoints
+FORMAT_VERSION = 1
 
 
 class NVAEModule(L.LightningModule):
@@ -44,6 +49,13 @@ class NVAEModule(L.LightningModule):
         channels_last: bool = False,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        ema_decay: Optional[float] = None,
+        grad_skip_factor: Optional[float] = 10.0,
+        grad_skip_floor: float = 1.0,
+        rollback_after: int = 20,
+        rollback_lr_factor: float = 0.5,
+        max_rollbacks: int = 3,
+        snapshot_every: int = 100,
     ) -> None:
         """
         Args:
@@ -67,6 +79,18 @@ class NVAEModule(L.LightningModule):
                 storing them: much less memory for about a third more compute.
             compile: torch.compile the forward pass (the first step compiles: ~100 s on 2 CPU
                 cores; then ~17% faster on CPU).
+            ema_decay: Keep an exponential moving average of the weights with this decay (e.g.
+                0.9999); it is saved in checkpoints and used for validation, sampling and
+                evaluation. null: no EMA.
+            grad_skip_factor: Skip an update whose gradient norm exceeds this multiple of the
+                median of the last 50 norms (and grad_skip_floor); null: skip non-finite steps only.
+            grad_skip_floor: The gradient-norm limit never goes below this.
+            rollback_after: After this many consecutive skipped steps, return to the last good
+                weights and optimizer state and lower the learning rate (0: never).
+            rollback_lr_factor: Learning-rate multiplier applied at each rollback.
+            max_rollbacks: Stop with an error after this many rollbacks.
+            snapshot_every: Good steps between in-memory snapshots for rollbacks (a snapshot costs
+                one copy of the weights and the optimizer state in CPU memory).
         """
         super().__init__()
         arch = NVAEConfig(**arch) if isinstance(arch, dict) else arch
@@ -79,6 +103,15 @@ class NVAEModule(L.LightningModule):
         self.register_buffer("alpha", kl_balance_alpha(self.model.group_scale, self.model.groups_per_scale[::-1]),
                              persistent=False)
         self.spec = image_spec
+        self.guard = StepGuard(grad_skip_factor, grad_skip_floor, rollback_after=rollback_after,
+                               rollback_lr_factor=rollback_lr_factor, max_rollbacks=max_rollbacks,
+                               snapshot_every=snapshot_every)
+        self.ema: Optional[WeightEMA] = None
+        self._ema_to_load: Optional[dict[str, torch.Tensor]] = None
+        self._ema_swapped = False
+        self._rng_to_load: Optional[list[dict[str, Any]]] = None
+        self._loss_finite = True
+        self._step_skipped = False
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model.set_checkpointing(gradient_checkpointing)
@@ -109,20 +142,115 @@ class NVAEModule(L.LightningModule):
         opt = torch.optim.Adamax(self.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = min(int(h.warmup_epochs * self.total_steps / epochs), self.total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step, max(warmup, 1)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: self._lr_factor(step, max(warmup, 1)) * float(self.guard.lr_scale))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Atomic, finite-only checkpoints and a checkpoint on SIGTERM/SIGINT (nvae.resilience)."""
+        from nvae.resilience import PreemptionCheckpoint, SafeCheckpointIO
+
+        return [SafeCheckpointIO(), PreemptionCheckpoint()]
+
+    # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the data module (class path and arguments) so evaluation can rebuild the data."""
+        """Add the data module, the EMA, every process's RNG states and the format version."""
+        checkpoint[FORMAT_KEY] = FORMAT_VERSION
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "hparams"):
             cls = type(datamodule)
             checkpoint[DATA_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                                     "init_args": dict(datamodule.hparams)}
+        if self._ema_swapped:  # saved during validation (e.g. preempted): store the live weights as such
+            assert self.ema is not None
+            live = {f"model.{n}": p.detach().clone() for n, p in self.ema.params.items()}
+            checkpoint["state_dict"].update(live)
+            self.ema.swap(self.model)
+            checkpoint[EMA_KEY] = self.ema.state_dict(self.model)
+            self.ema.swap(self.model)
+        elif self.ema is not None:
+            checkpoint[EMA_KEY] = self.ema.state_dict(self.model)
+        if self._trainer is not None:
+            checkpoint[RNG_KEY] = gather_rng_states(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture or format (naming what differs); stash EMA and RNG."""
+        check_compatible(checkpoint, dict(self.hparams), FORMAT_VERSION)
+        self._ema_to_load = checkpoint.get(EMA_KEY)
+        self._rng_to_load = checkpoint.get(RNG_KEY)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.ema_decay:
+            self.ema = WeightEMA(self.model, self.hparams.ema_decay)
+            if self._ema_to_load is not None:
+                self.ema.load(self._ema_to_load, self.model)
+        self._ema_to_load = None
+
+    def on_train_start(self) -> None:
+        """Resume the RNG streams where the checkpoint left them (after the sanity check)."""
+        if self._rng_to_load:
+            states = self._rng_to_load
+            set_rng_state(states[min(self.trainer.global_rank, len(states) - 1)])
+            self._rng_to_load = None
+
+    # ----------------------------------------------------------------------------- guarded updates
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip non-finite or spiking updates (all processes agree), roll back after too many."""
+        norm = grad_norm(self.parameters()).to(self.device)
+        bad = torch.tensor(0.0 if self._loss_finite else 1.0, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # any process with a bad loss
+        reason = self.guard.check(bool(bad == 0), float(norm))
+        self._step_skipped = bool(reason)
+        self.log("train/grad_norm", norm, batch_size=1)
+        if not reason:
+            return
+        for p in self.parameters():
+            p.grad = None  # Adamax leaves parameters without gradients (and their state) untouched
+        if reason == "nonfinite":
+            self.guard.repair_buffers(self)
+        if self.guard.should_roll_back:
+            self.guard.roll_back(self, optimizer)
+            if self.ema is not None:
+                self.ema = WeightEMA(self.model, self.ema.decay)
+            print(f"nvae: step {self.global_step}: {self.hparams.rollback_after} bad steps in a row, rolled back to "
+                  f"the last good weights; learning rate x{float(self.guard.lr_scale):g} "
+                  f"(rollback {int(self.guard.rollbacks)} of at most {self.hparams.max_rollbacks})", flush=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._step_skipped:
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.guard.maybe_snapshot(self, self.optimizers().optimizer)
+        self.log_dict({"train/skipped_steps": self.guard.skipped.float(), "train/rollbacks": self.guard.rollbacks.float(),
+                       "train/lr_scale": self.guard.lr_scale.float()}, batch_size=1)
+
+    # ----------------------------------------------------------------------------- EMA for evaluation
+    def _swap_ema(self, on: bool) -> None:
+        if self.ema is not None and self._ema_swapped != on:
+            self.ema.swap(self.model)
+            self._ema_swapped = on
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_ema(True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._swap_ema(False)
+
+    def on_test_epoch_start(self) -> None:
+        self._swap_ema(True)
+
+    def on_test_epoch_end(self) -> None:
+        self._swap_ema(False)
 
     # ----------------------------------------------------------------------------- steps
     def _prepare(self, x: Union[torch.Tensor, list, tuple]) -> torch.Tensor:
         x = x[0] if isinstance(x, (list, tuple)) else x
+        spec = self.spec
+        if x.dim() != 4 or x.shape[1:] != (spec.channels, spec.size, spec.size):
+            raise ValueError(f"batch of shape {tuple(x.shape)} does not match model.image_spec (channels "
+                             f"{spec.channels}, size {spec.size}): the data gives other images than the model was "
+                             "built for; check data.channels / data.image_size")
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def _nelbo(self, x: torch.Tensor, beta: float, balance: bool) -> tuple[NVAEOutput, NELBO]:
@@ -148,6 +276,7 @@ class NVAEModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self._prepare(batch)
         loss, out, terms, log = self.training_loss(x)
+        self._loss_finite = bool(torch.isfinite(loss))
         if self.global_step % 50 == 0:
             log.update({f"kl_group/{i:02d}": v for i, v in enumerate(out.kl.mean(dim=0))})
             log.update({f"kl_balance/{i:02d}": v for i, v in enumerate(terms.gamma)})

@@ -63,6 +63,24 @@ class NVAEConfig:
     postprocess_expand: int = 3
     """Channel expansion inside postprocessing cells."""
 
+    def __post_init__(self) -> None:
+        at_least = {1: ("num_channels", "num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks",
+                        "num_postprocess_cells", "num_latent_scales", "num_groups_per_scale", "min_groups_per_scale",
+                        "num_latent_per_group", "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixtures",
+                        "decoder_expand", "postprocess_expand"),
+                    0: ("num_flows",)}
+        for low, names in at_least.items():
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ValueError(f"model.arch.{name} must be an integer >= {low}, got {value!r}")
+        if self.num_preprocess_blocks != self.num_postprocess_blocks:
+            raise ValueError(f"model.arch.num_postprocess_blocks ({self.num_postprocess_blocks}) must equal "
+                             f"num_preprocess_blocks ({self.num_preprocess_blocks}): each upsamples what one downsampled")
+        if self.min_groups_per_scale > self.num_groups_per_scale:
+            raise ValueError(f"model.arch.min_groups_per_scale ({self.min_groups_per_scale}) must not exceed "
+                             f"num_groups_per_scale ({self.num_groups_per_scale})")
+
     def groups_per_scale(self) -> list[int]:
         """Groups of each latent scale, finest first (halved per coarser scale when asked)."""
         groups, n = [], self.num_groups_per_scale
@@ -147,6 +165,11 @@ class NVAE(nn.Module):
 
     def __init__(self, spec: ImageSpec, cfg: NVAEConfig) -> None:
         super().__init__()
+        if spec.size % cfg.downsampling:
+            raise ValueError(
+                f"image size {spec.size} is not divisible by {cfg.downsampling}, the model's total downsampling "
+                f"(2^(num_preprocess_blocks + num_latent_scales - 1)); pad or resize the images (data.image_size) "
+                f"or change model.arch")
         self.spec, self.cfg = spec, cfg
         ch = cfg.num_channels
         self.stem = Conv2d(spec.channels, ch, 3, padding=1)

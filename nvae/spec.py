@@ -21,6 +21,16 @@ class ImageSpec:
     pad: int = 0
     """Border (pixels per side) added by the data pipeline; the likelihood ignores it."""
 
+    def __post_init__(self) -> None:
+        if self.channels < 1:
+            raise ValueError(f"image_spec.channels must be >= 1, got {self.channels}")
+        if not 1 <= self.num_bits <= 8:
+            raise ValueError(f"image_spec.num_bits must be in 1..8 (1 = binary), got {self.num_bits}")
+        if self.size < 1:
+            raise ValueError(f"image_spec.size must be >= 1, got {self.size}")
+        if self.pad < 0 or 2 * self.pad >= self.size:
+            raise ValueError(f"image_spec.pad must be >= 0 and leave pixels inside size {self.size}, got {self.pad}")
+
     @property
     def likelihood(self) -> str:
         """'bernoulli' for binary data, 'dmol' (discretized mixture of logistics) otherwise."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.functional import pil_to_tensor
 
 from nvae.spec import ImageSpec
@@ -183,14 +183,26 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()
 
+    def _train_sampler(self, dataset: Dataset) -> "ResumableSampler":
+        """Seeded, sharded shuffle that starts where a resumed run's epoch stopped."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(dataset, world, rank, seed=shuffle_seed())
+        if trainer is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # restored from a checkpoint
+            if done > 0:
+                sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+        return sampler
+
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for loaders")
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=self._train_sampler(dataset) if train else None,
             drop_last=train,
+            generator=torch.Generator().manual_seed(shuffle_seed()),  # worker seeds leave the global RNG alone
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -212,3 +224,29 @@ class ImageDataModule(L.LightningDataModule):
 def seeded_permutation(n: int, seed: int) -> np.ndarray:
     """A fixed permutation of ``range(n)`` (independent of the global RNG)."""
     return np.random.default_rng(seed).permutation(n)
+
+
+def shuffle_seed() -> int:
+    """The run's seed (``seed_everything``, shared by all processes) or 0 when none was set."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffles with (seed, epoch), gives each process its share, and can start mid-epoch.
+
+    A :class:`DistributedSampler`, so Lightning uses it as it is on any number of processes.
+    ``resume_at(epoch, n)`` drops the first ``n`` indices of that epoch's share: a run resumed
+    from a mid-epoch checkpoint sees exactly the batches the interrupted run had not seen yet.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._resume: tuple[int, int] = (-1, 0)
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        self._resume = (epoch, consumed)
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[int]
+        indices = list(super().__iter__())
+        epoch, consumed = self._resume
+        return iter(indices[consumed:] if epoch == self.epoch else indices)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Optional
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
@@ -45,22 +47,40 @@ class CenterSquare:
 
 
 class ImageFiles(Dataset):
-    """Images read from a list of paths; an unreadable file raises an error naming it."""
+    """Images read from a list of paths.
 
-    def __init__(self, files: list[str], transform: T.Compose, mode: str = "RGB") -> None:
-        self.files, self.transform, self.mode = files, transform, mode
+    An unreadable file raises an error naming it; with ``skip_unreadable`` it is reported once
+    (warning), counted in :attr:`skipped` and replaced by the next readable file.
+    """
+
+    def __init__(self, files: list[str], transform: T.Compose, mode: str = "RGB", skip_unreadable: bool = False) -> None:
+        self.files, self.transform, self.mode, self.skip_unreadable = files, transform, mode, skip_unreadable
+        self.skipped: set[str] = set()  # per process (each loader worker keeps its own)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.files[index]
+    def _read(self, path: str) -> Image.Image:
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)
+                return img.convert(self.mode)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise RuntimeError(f"cannot read image '{path}': {e}") from None
-        return self.transform(img)
+            hint = "" if self.skip_unreadable else " (delete it, or set data.skip_unreadable=true to skip such files)"
+            raise RuntimeError(f"cannot read image '{path}': {e}{hint}") from None
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            if path in self.skipped:
+                continue
+            try:
+                return self.transform(self._read(path))
+            except RuntimeError as err:
+                if not self.skip_unreadable:
+                    raise
+                self.skipped.add(path)
+                warnings.warn(f"{err}; skipped ({len(self.skipped)} unreadable so far)", stacklevel=2)
+        raise RuntimeError(f"none of the {len(self.files)} images is readable (first: '{self.files[0]}')")
 
 
 def folder_transform(image_size: int, num_bits: int, train: bool, random_flip: bool) -> T.Compose:
@@ -91,6 +111,7 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction: float = 0.05,
         random_flip: bool = True,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ) -> None:
         """
         Args:
@@ -104,6 +125,8 @@ class ImageFolderDataModule(ImageDataModule):
             val_fraction: Share of images held out when ``root`` has no split subfolders.
             random_flip: Random horizontal flips of training images.
             seed: Seed of the fixed shuffle behind the held-out split.
+            skip_unreadable: Skip corrupt or unreadable image files with a warning (counted)
+                instead of stopping with an error naming the file.
         """
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         if channels not in (1, 3):
@@ -112,6 +135,7 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.image_size, self.num_bits, self.channels = image_size, num_bits, channels
         self.val_fraction, self.random_flip, self.seed = val_fraction, random_flip, seed
+        self.skip_unreadable = skip_unreadable
 
     @property
     def image_spec(self) -> ImageSpec:
@@ -150,8 +174,9 @@ class ImageFolderDataModule(ImageDataModule):
         train_files, eval_files = self.split_files()
         mode = "RGB" if self.channels == 3 else "L"
         size, bits = self.image_size, self.num_bits
-        train = ImageFiles(train_files, folder_transform(size, bits, True, self.random_flip), mode)
-        test = ImageFiles(eval_files, folder_transform(size, bits, False, False), mode)
+        skip = self.skip_unreadable
+        train = ImageFiles(train_files, folder_transform(size, bits, True, self.random_flip), mode, skip)
+        test = ImageFiles(eval_files, folder_transform(size, bits, False, False), mode, skip)
         return train, None, test
 
 
@@ -168,6 +193,7 @@ class CelebAHQ256DataModule(ImageFolderDataModule):
         val_fraction: float = 0.1,
         random_flip: bool = True,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ) -> None:
         """
         Args:
@@ -179,8 +205,10 @@ class CelebAHQ256DataModule(ImageFolderDataModule):
             val_fraction: Share held out when ``root`` has no split subfolders (27k/3k as in Glow).
             random_flip: Random horizontal flips of training images.
             seed: Seed of the fixed shuffle behind the held-out split.
+            skip_unreadable: Skip corrupt or unreadable image files with a warning (counted).
         """
-        super().__init__(root, 256, batch_size, num_workers, eval_batch_size, num_bits, 3, val_fraction, random_flip, seed)
+        super().__init__(root, 256, batch_size, num_workers, eval_batch_size, num_bits, 3, val_fraction, random_flip, seed,
+                         skip_unreadable)
 
 
 class FFHQ256DataModule(ImageFolderDataModule):
@@ -196,6 +224,7 @@ class FFHQ256DataModule(ImageFolderDataModule):
         val_fraction: float = 0.1,
         random_flip: bool = True,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ) -> None:
         """
         Args:
@@ -207,8 +236,10 @@ class FFHQ256DataModule(ImageFolderDataModule):
             val_fraction: Share held out when ``root`` has no split subfolders (63k/7k).
             random_flip: Random horizontal flips of training images.
             seed: Seed of the fixed shuffle behind the held-out split.
+            skip_unreadable: Skip corrupt or unreadable image files with a warning (counted).
         """
-        super().__init__(root, 256, batch_size, num_workers, eval_batch_size, num_bits, 3, val_fraction, random_flip, seed)
+        super().__init__(root, 256, batch_size, num_workers, eval_batch_size, num_bits, 3, val_fraction, random_flip, seed,
+                         skip_unreadable)
 
 
 def load_npz_images(folder: str, size: int = 32) -> torch.Tensor:
@@ -242,6 +273,7 @@ class ImageNet32DataModule(ImageFolderDataModule):
         val_fraction: float = 0.05,
         random_flip: bool = True,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ) -> None:
         """
         Args:
@@ -252,8 +284,10 @@ class ImageNet32DataModule(ImageFolderDataModule):
             val_fraction: Share held out if ``root`` is a plain folder of images without splits.
             random_flip: Random horizontal flips of training images.
             seed: Seed of the fixed shuffle behind the held-out split.
+            skip_unreadable: Skip corrupt or unreadable image files with a warning (counted).
         """
-        super().__init__(root, 32, batch_size, num_workers, eval_batch_size, 8, 3, val_fraction, random_flip, seed)
+        super().__init__(root, 32, batch_size, num_workers, eval_batch_size, 8, 3, val_fraction, random_flip, seed,
+                         skip_unreadable)
 
     def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:
         train_npz, val_npz = (os.path.join(self.root, d) for d in self.npz_dirs)
