@@ -5,6 +5,7 @@ given once. After ``fit`` the held-out negative ELBO of the trained weights is p
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,8 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from nvae.data import ImageDataModule
+from nvae.data.base import DataError
+from nvae.guard import TrainingDiverged
 from nvae.lightning import NVAEModule
 from nvae.resilience import find_resume_checkpoint
 from nvae.runtime import keep_heap_memory
@@ -66,5 +69,10 @@ def main(args: Optional[list[str]] = None) -> NVAECLI:
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(QUICKSTART)]
     keep_heap_memory()  # ~20% faster CPU steps (see nvae.runtime)
-    return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=args,
-                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    try:
+        return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=args,
+                       save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    except (ValueError, FileNotFoundError, DataError, TrainingDiverged) as err:
+        if os.environ.get("NVAE_DEBUG"):
+            raise
+        raise SystemExit(f"train.py: error: {err} (NVAE_DEBUG=1 shows the traceback)") from None

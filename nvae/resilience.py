@@ -134,7 +134,7 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def request_stop(signum: int, frame: Any) -> None:
             rank_zero_info("\nnvae: stopping after this step and writing a checkpoint (Ctrl+C again to abort)")
-            trainer.received_sigterm = True
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
         try:

@@ -40,8 +40,9 @@ class RandomBinary(ImageDataModule):
 class Inject(L.Callback):
     """Fault injection: a NaN loss at the given steps, or SIGTERM after step ``sigterm_after``."""
 
-    def __init__(self, nan_steps: tuple[int, ...] = (), sigterm_after: Optional[int] = None) -> None:
-        self.nan_steps, self.sigterm_after = set(nan_steps), sigterm_after
+    def __init__(self, nan_steps: tuple[int, ...] = (), sigterm_after: Optional[int] = None,
+                 signum: int = signal.SIGTERM) -> None:
+        self.nan_steps, self.sigterm_after, self.signum = set(nan_steps), sigterm_after, signum
         self.weights_before: dict[int, torch.Tensor] = {}
         self.weights_after: dict[int, torch.Tensor] = {}
 
@@ -62,7 +63,7 @@ class Inject(L.Callback):
         step = trainer.global_step - 1
         self.weights_after[step] = torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
         if self.sigterm_after is not None and step == self.sigterm_after:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 def fit(tmp: Path, max_steps: int, callbacks: list[L.Callback] = (), ckpt_path: Optional[str] = None,
@@ -155,6 +156,15 @@ def test_sigterm_checkpoint_then_resume_equals_a_straight_run(tmp_path: Path) ->
         for name in opt_a[i]:
             torch.testing.assert_close(opt_b[i][name], opt_a[i][name], rtol=0, atol=1e-6)
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_first_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        fit(tmp_path, 10, [L.pytorch.callbacks.ModelCheckpoint(save_last=True), Inject(sigterm_after=2,
+                                                                                     signum=signal.SIGINT)])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_resumed_data_order_continues_mid_epoch() -> None:

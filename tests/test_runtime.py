@@ -33,9 +33,8 @@ def probe(env: dict[str, str]) -> tuple[bool, float]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_kept_heap_reuses_freed_pages_and_default_opt_out_does_not() -> None:
-    applied, faults = probe({})
-    assert applied
-    assert faults < 1000  # the step's 271 MB (69,000 pages) are reused, not faulted in again
-    applied, faults = probe({"NVAE_MALLOC": "default"})
-    assert not applied
-    assert faults > 10_000  # glibc mmaps the big blocks afresh every step
+    applied, kept = probe({})
+    default_applied, default = probe({"NVAE_MALLOC": "default"})
+    assert applied and not default_applied
+    assert default > 30_000  # glibc mmaps the big blocks afresh every step (271 MB = 69,000 pages)
+    assert kept < default / 4  # kept: the freed pages are reused (0 on a quiet machine)

@@ -86,6 +86,10 @@ class Pad:
         return f"Pad({self.pad})"
 
 
+class DataError(RuntimeError):
+    """A data item that cannot be used (unreadable file, ...): the message names it."""
+
+
 def missing_data_error(what: str, root: str, hint: str) -> FileNotFoundError:
     """The one-line error for absent data: names the path and how to get the data."""
     path = os.path.abspath(os.path.expanduser(root)) if root else "<empty data.root>"

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from nvae.data.base import ImageDataModule, TensorImages, ToGrid, missing_data_error, random_hflip, seeded_permutation
+from nvae.data.base import DataError, ImageDataModule, TensorImages, ToGrid, missing_data_error, random_hflip, seeded_permutation
 from nvae.spec import ImageSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -66,7 +66,7 @@ class ImageFiles(Dataset):
                 return img.convert(self.mode)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
             hint = "" if self.skip_unreadable else " (delete it, or set data.skip_unreadable=true to skip such files)"
-            raise RuntimeError(f"cannot read image '{path}': {e}{hint}") from None
+            raise DataError(f"cannot read image '{path}': {e}{hint}") from None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         for offset in range(len(self.files)):
@@ -75,12 +75,12 @@ class ImageFiles(Dataset):
                 continue
             try:
                 return self.transform(self._read(path))
-            except RuntimeError as err:
+            except DataError as err:
                 if not self.skip_unreadable:
                     raise
                 self.skipped.add(path)
                 warnings.warn(f"{err}; skipped ({len(self.skipped)} unreadable so far)", stacklevel=2)
-        raise RuntimeError(f"none of the {len(self.files)} images is readable (first: '{self.files[0]}')")
+        raise DataError(f"none of the {len(self.files)} images is readable (first: '{self.files[0]}')")
 
 
 def folder_transform(image_size: int, num_bits: int, train: bool, random_flip: bool) -> T.Compose:
