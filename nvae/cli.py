@@ -38,6 +38,8 @@ class NVAECLI(LightningCLI):
         """Resolve ``--resume`` into ``ckpt_path`` (fit only)."""
         config = self.config_init[self.subcommand]
         resume = config.get("resume")
+        if config.get("weights_only") is None:
+            config["weights_only"] = True  # resuming never unpickles code (nvae checkpoints hold tensors and dicts)
         if not resume:
             return
         if resume == "auto":
@@ -76,3 +78,8 @@ def main(args: Optional[list[str]] = None) -> NVAECLI:
         if os.environ.get("NVAE_DEBUG"):
             raise
         raise SystemExit(f"train.py: error: {err} (NVAE_DEBUG=1 shows the traceback)") from None
+
+
+def run() -> None:
+    """Console entry point ``nvae-train`` (same as ``python train.py``)."""
+    main()

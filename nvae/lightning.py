@@ -56,6 +56,7 @@ class NVAEModule(L.LightningModule):
         rollback_lr_factor: float = 0.5,
         max_rollbacks: int = 3,
         snapshot_every: int = 100,
+        active_kl_threshold: float = 0.1,
     ) -> None:
         """
         Args:
@@ -91,6 +92,9 @@ class NVAEModule(L.LightningModule):
             max_rollbacks: Stop with an error after this many rollbacks.
             snapshot_every: Good steps between in-memory snapshots for rollbacks (a snapshot costs
                 one copy of the weights and the optimizer state in CPU memory).
+            active_kl_threshold: A latent channel counts as active (TensorBoard
+                train/active_channels/*) when its KL, summed over positions and averaged over the
+                batch, exceeds this many nats.
         """
         super().__init__()
         arch = NVAEConfig(**arch) if isinstance(arch, dict) else arch
@@ -186,6 +190,12 @@ class NVAEModule(L.LightningModule):
                 self.ema.load(self._ema_to_load, self.model)
         self._ema_to_load = None
 
+    def on_fit_end(self) -> None:
+        """Hyperparameters with the final validation bits/dim (TensorBoard's HPARAMS tab)."""
+        bpd = self.trainer.callback_metrics.get("val/bpd")
+        if self.logger is not None and bpd is not None:
+            self.logger.log_hyperparams(dict(self.hparams), {"hp/val_bpd": float(bpd)})
+
     def on_train_start(self) -> None:
         """Resume the RNG streams where the checkpoint left them (after the sanity check)."""
         if self._rng_to_load:
@@ -277,13 +287,24 @@ class NVAEModule(L.LightningModule):
         x = self._prepare(batch)
         loss, out, terms, log = self.training_loss(x)
         self._loss_finite = bool(torch.isfinite(loss))
-        if self.global_step % 50 == 0:
+        if self._writes_logs_this_step():
+            active = out.kl_channels > self.hparams.active_kl_threshold  # (G, L)
             log.update({f"kl_group/{i:02d}": v for i, v in enumerate(out.kl.mean(dim=0))})
             log.update({f"kl_balance/{i:02d}": v for i, v in enumerate(terms.gamma)})
+            log.update({f"active_channels/{i:02d}": v for i, v in enumerate(active.sum(dim=1))})
+            log["active_channels/total"] = active.sum()
         self.log_dict({f"train/{k}": v for k, v in self._mean_over_processes(log).items()},
                       batch_size=x.shape[0])
+        self.log("loss", log["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
         self.log("bpd", log["bpd"], prog_bar=True, logger=False, batch_size=x.shape[0])
         return loss
+
+    def _writes_logs_this_step(self) -> bool:
+        """True on the steps Lightning writes to the logger (every trainer.log_every_n_steps)."""
+        if self._trainer is None:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", self.global_step % 50 == 0))
 
     def _mean_over_processes(self, log: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Detached scalars averaged over all processes in one collective (no-op on one process)."""

@@ -9,7 +9,7 @@ weighted evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -108,6 +108,20 @@ class NVAEOutput:
     """(B,) log q(z | x) of the sampled latents, summed over groups (0 when sampling the prior)."""
     log_p: torch.Tensor
     """(B,) log p(z) of the sampled latents under the hierarchical prior."""
+    kl_channels: torch.Tensor
+    """(G, L) KL of each latent channel of each group, summed over positions, batch mean (diagnostics)."""
+
+
+@dataclass
+class GroupLatent:
+    """One latent group of an encoded batch (see :meth:`NVAE.encode`)."""
+
+    mean: torch.Tensor
+    """(B, L, h, w) posterior mean (before the flows, if any)."""
+    std: torch.Tensor
+    """(B, L, h, w) posterior standard deviation."""
+    z: torch.Tensor
+    """(B, L, h, w) the latent passed down: the mean (or a sample) pushed through the flows."""
 
 
 class LatentGroup(nn.Module):
@@ -132,19 +146,22 @@ class LatentGroup(nn.Module):
         self.latent_channels = latent
 
     def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float,
-                z_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                z_shape: tuple[int, ...], z: torch.Tensor | None = None, use_mean: bool = False,
+                trace: list[GroupLatent] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (new decoder state, KL map, log q map, log p map), maps of shape (B, L, h, w).
 
-        With ``enc`` (the group's encoder feature) z comes from the posterior; without, from the
-        prior at ``temperature`` (log q and KL are then zero).
+        A given ``z`` is used as it is. Otherwise, with ``enc`` (the group's encoder feature) z
+        comes from the posterior (its mean when ``use_mean``; the posterior is appended to
+        ``trace`` if given); without, from the prior at ``temperature``. log q and KL are zero
+        unless z came from the posterior.
         """
         h = self.cells(h)
         # distributions in float32 even under autocast: KL and log-densities need the precision
         prior_params = self.prior(h).float() if self.prior is not None else None
         prior = Normal.from_params(prior_params) if prior_params is not None else \
             Normal.standard(torch.zeros(z_shape, device=h.device))
-        if enc is None:
-            z = prior.sample(temperature)
+        if enc is None or z is not None:
+            z = prior.sample(temperature) if z is None else z.to(h.device, torch.float32)
             zero = torch.zeros_like(z)
             return self.dec_combiner(h, z), zero, zero, prior.log_prob(z)
         if self.enc_combiner is not None:
@@ -152,9 +169,11 @@ class LatentGroup(nn.Module):
         delta = self.posterior(enc).float()
         q = Normal.residual(prior_params, delta) if (self.residual and prior_params is not None) \
             else Normal.from_params(delta)
-        z0 = q.sample()
+        z0 = q.mu if use_mean else q.sample()
         log_q = q.log_prob(z0)
         z = self.flows(z0)  # volume preserving: log q(z) = log q(z0)
+        if trace is not None:
+            trace.append(GroupLatent(q.mu, q.sigma, z))
         log_p = prior.log_prob(z)
         kl = log_q - log_p if len(self.flows) > 0 else q.kl(prior)
         return self.dec_combiner(h, z), kl, log_q, log_p
@@ -252,20 +271,33 @@ class NVAE(nn.Module):
         feats[0] = self.enc_top(feats[0])
         return feats
 
-    def _top_down(self, batch: int, feats: list[torch.Tensor] | None, temperature: float = 1.0) -> NVAEOutput:
-        """The one top-down traversal: posterior samples when ``feats`` is given, prior samples otherwise."""
+    def _top_down(self, batch: int, feats: list[torch.Tensor] | None, temperature: float = 1.0,
+                  latents: Sequence[torch.Tensor | None] = (), use_mean: bool = False,
+                  trace: list[GroupLatent] | None = None) -> NVAEOutput:
+        """The one top-down traversal: posterior samples when ``feats`` is given, prior samples otherwise.
+
+        ``latents[i]``, when given and not None, fixes group i's z; ``use_mean`` takes posterior
+        means instead of samples; ``trace`` collects each posterior (see :meth:`encode`).
+        """
+        if len(latents) > self.num_groups:
+            raise ValueError(f"{len(latents)} latents given, the model has {self.num_groups} groups")
         h = self.h0.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, C, h, w)
-        kls, log_q, log_p = [], 0.0, 0.0
+        kls, kl_channels, log_q, log_p = [], [], 0.0, 0.0
         up = iter(self.dec_up)
         for i, (group, shape) in enumerate(zip(self.dec_groups, self._latent_shapes(batch))):
             if i > 0 and self.group_scale[i] != self.group_scale[i - 1]:
                 h = next(up)(h)
-            h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape)
-            kls.append(kl.sum(dim=(1, 2, 3)))
+            z = latents[i] if i < len(latents) else None
+            if z is not None and tuple(z.shape) != shape:
+                raise ValueError(f"latent of group {i} has shape {tuple(z.shape)}, expected {shape}")
+            h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape, z, use_mean, trace)
+            per_channel = kl.sum(dim=(2, 3))  # (B, L)
+            kls.append(per_channel.sum(dim=1))
+            kl_channels.append(per_channel.detach().mean(dim=0))
             log_q = log_q + lq.sum(dim=(1, 2, 3))
             log_p = log_p + lp.sum(dim=(1, 2, 3))
         params = self.head(self.postprocess(h))
-        return NVAEOutput(self._likelihood(params), torch.stack(kls, dim=1), log_q, log_p)
+        return NVAEOutput(self._likelihood(params), torch.stack(kls, dim=1), log_q, log_p, torch.stack(kl_channels))
 
     def _likelihood(self, params: torch.Tensor) -> Likelihood:
         params = params.float()  # the likelihood is evaluated in float32 under mixed precision
@@ -293,3 +325,42 @@ class NVAE(nn.Module):
         """
         out = self._top_down(num, None, temperature)
         return out.likelihood.mean() if mean else out.likelihood.sample()
+
+    # ------------------------------------------------------------------------------- latent API
+    def encode(self, x: torch.Tensor, use_mean: bool = True) -> list[GroupLatent]:
+        """Per-group posteriors of images x (B, C, H, W) in [0, 1], top (coarsest) group first.
+
+        The hierarchy is conditional: group i's posterior depends on the latents chosen above it,
+        here their means (``use_mean``, deterministic) or samples. ``decode([g.z for g in ...])``
+        retraces the same path.
+        """
+        trace: list[GroupLatent] = []
+        self._top_down(x.shape[0], self.encode_features(x), use_mean=use_mean, trace=trace)
+        return trace
+
+    def decode(self, latents: Sequence[torch.Tensor | None], temperature: float = 1.0,
+               mean: bool = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] from fixed latents; groups left out (None, or past the
+        end of the list) are drawn from the prior at ``temperature``."""
+        given = [z for z in latents if z is not None]
+        if not given:
+            raise ValueError("decode needs at least one latent; use sample() to draw every group from the prior")
+        out = self._top_down(given[0].shape[0], None, temperature, latents=latents)
+        return out.likelihood.mean() if mean else out.likelihood.sample()
+
+    def reconstruct(self, x: torch.Tensor, keep_groups: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Decode x's posterior means for the top ``keep_groups`` groups (all when None), prior below."""
+        keep = self.num_groups if keep_groups is None else keep_groups
+        if not 0 <= keep <= self.num_groups:
+            raise ValueError(f"keep_groups must be in 0..{self.num_groups}, got {keep_groups}")
+        if keep == 0:
+            return self.sample(x.shape[0], temperature)
+        latents = [g.z for g in self.encode(x)]
+        return self.decode(latents[:keep], temperature)
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """(steps, B, C, H, W): decodes of the latents on the line between the posteriors of a and b."""
+        za, zb = [g.z for g in self.encode(a)], [g.z for g in self.encode(b)]
+        frames = [self.decode([(1 - t) * u + t * v for u, v in zip(za, zb)])
+                  for t in torch.linspace(0.0, 1.0, steps).tolist()]
+        return torch.stack(frames)

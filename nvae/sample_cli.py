@@ -3,6 +3,8 @@
     python sample.py --checkpoint CKPT [--num-samples N] [--temperature T ...] [--seed S]
         [--batch-size B] [--output PATH] [--readjust-bn [STEPS]] [--format png|pngs|npz]
         [--decode mean|sample] [--device D] [--no-ema]
+    python sample.py --checkpoint CKPT --reconstruct DIR [--keep-groups K ...] | --interpolate A B [--steps N]
+        | --encode DIR        (the latent API, see nvae/latent_cli.py)
 
 The last line printed is one JSON object describing what was written.
 """
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from nvae import latent_cli
 from nvae.checkpoint import load_checkpoint, resolve_device
 from nvae.runtime import keep_heap_memory
 from nvae.sampling import batchnorm_state, bn_cache_path, load_batchnorm_state, readjust_batchnorm, sample_images
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    latent_cli.add_arguments(p)
     return p
 
 
@@ -93,6 +97,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit(f"sample.py: {err}") from None
     model = loaded.model
     print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}, decode: {args.decode}")
+    if latent_cli.wanted(args):
+        try:
+            result = latent_cli.run(args, model, device)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"sample.py: {err}") from None
+        print(json.dumps(result))
+        return result
     original_bn = batchnorm_state(model)
     outputs, seconds = [], 0.0
     for t in args.temperature:
@@ -115,3 +126,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "images_per_s": args.num_samples * len(args.temperature) / max(seconds, 1e-9)}
     print(json.dumps(result))
     return result
+
+
+def run() -> None:
+    """Console entry point ``nvae-sample``."""
+    main()

@@ -60,3 +60,27 @@ class RankInterleaved(torch.utils.data.Sampler):
     def __len__(self) -> int:
         rank, world = self._rank_world()
         return len(range(rank, self.size, world))
+
+
+class NanLossOnRank(L.Callback):
+    """Fault injection: an infinite loss on one process only, at one step (its gradients stay finite, so only
+    the processes' vote on the loss can make the others skip too); records the guard's decisions."""
+
+    def __init__(self, rank: int, step: int, path: str) -> None:
+        self.rank, self.step, self.path = rank, step, path
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            original = module.training_loss
+
+            def poisoned(x):  # noqa: ANN001, ANN202
+                module.training_loss = original
+                loss, *rest = original(x)
+                return (loss + float("inf"), *rest)
+
+            module.training_loss = poisoned
+
+    def on_train_end(self, trainer, module) -> None:  # noqa: ANN001
+        flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+        torch.save({"skipped": int(module.guard.skipped), "weights": flat},
+                   Path(self.path) / f"rank{trainer.global_rank}.pt")

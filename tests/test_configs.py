@@ -57,7 +57,7 @@ def test_quickstart_fit_checkpoint_load_round_trip(tmp_path: Path, monkeypatch: 
     assert "held-out negative ELBO" in capsys.readouterr().out
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "config.yaml").exists()
-    assert (log_dir / "samples" / "final.png").exists()
+    assert (log_dir / "samples" / "final_t1.png").exists() and (log_dir / "samples" / "final_reconstructions.png").exists()
     ckpt = next(log_dir.glob("checkpoints/last.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # no pickled objects inside
     assert state["hyper_parameters"]["image_spec"]["num_bits"] == 1

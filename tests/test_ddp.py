@@ -46,3 +46,19 @@ def test_ddp_gradients_match_single_process_and_resume(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_processes_agree_to_skip_a_step_with_a_bad_loss_on_one_of_them(tmp_path: Path) -> None:
+    """Rank 1 alone sees an infinite loss at step 1: both processes skip it and stay identical."""
+    L.seed_everything(0, verbose=False)
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, warmup_epochs=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path), num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=[ddp_helpers.NanLossOnRank(rank=1, step=1, path=str(tmp_path))])
+    data = random_images(SPEC, n=12, seed=2)
+    trainer.fit(module, DataLoader(data, batch_size=2, sampler=ddp_helpers.RankInterleaved(len(data))))
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["skipped"] == r1["skipped"] == 1
+    assert torch.isfinite(r0["weights"]).all()
+    torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)

@@ -184,6 +184,36 @@ def test_resumed_data_order_continues_mid_epoch() -> None:
     assert sorted(shards[0] + shards[1]) == data  # two processes split the data without overlap
 
 
+class WeightsDuringValidation(L.Callback):
+    def __init__(self) -> None:
+        self.live: list[torch.Tensor] = []
+        self.evaluated: list[torch.Tensor] = []
+
+    def on_validation_start(self, trainer: L.Trainer, module: NVAEModule) -> None:
+        self.live.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]).clone())
+
+    def on_validation_batch_start(self, trainer: L.Trainer, module: NVAEModule, *_: Any) -> None:
+        self.evaluated.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]).clone())
+
+
+def test_ema_is_validated_saved_and_loaded_for_sampling(tmp_path: Path) -> None:
+    from nvae.checkpoint import load_checkpoint
+
+    seen = WeightsDuringValidation()
+    trainer, module = fit(tmp_path, 6, [L.pytorch.callbacks.ModelCheckpoint(save_last=True), seen], ema_decay=0.5)
+    live, evaluated = seen.live[-1], seen.evaluated[-1]  # the validation after step 6
+    ema = torch.cat([module.ema.params[n].flatten() for n, _ in module.model.named_parameters()])
+    torch.testing.assert_close(evaluated, ema, rtol=0, atol=0)  # validation ran on the averages
+    assert not torch.equal(evaluated, live)
+    now = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    torch.testing.assert_close(now, live, rtol=0, atol=0)  # the live weights are back after validation
+    path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    loaded = load_checkpoint(path)
+    assert loaded.weights == "ema"
+    torch.testing.assert_close(torch.cat([p.flatten() for p in loaded.model.parameters()]), ema, rtol=0, atol=0)
+    assert load_checkpoint(path, use_ema=False).weights == "raw"
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_atomic_write_survives_a_crash_mid_write_and_refuses_nan(tmp_path: Path, monkeypatch) -> None:
     io, path = AtomicTorchCheckpointIO(), tmp_path / "last.ckpt"
