@@ -10,8 +10,8 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (BNSwish, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv, autoregressive_mask,
-                      batch_norm)
+from nvae.ops import (BNSwish, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv,
+                      autoregressive_mask, batch_norm, bn_swish_conv)
 
 RESIDUAL_SCALE = 0.1
 
@@ -59,7 +59,12 @@ class DecoderCell(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + RESIDUAL_SCALE * self.branch(x)
+        b = self.branch
+        h = b[2](b[1](b[0](x)))  # upsample, BN, expand
+        h = bn_swish_conv(b[3], b[4], h)  # the expanded Swish output is recomputed, not stored
+        for layer in b[5:]:
+            h = layer(h)
+        return self.skip(x) + RESIDUAL_SCALE * h
 
 
 class EncoderCombiner(nn.Module):

@@ -40,6 +40,15 @@ class BNSwish(nn.BatchNorm2d):
         return self._bn_swish(x)
 
 
+def bn_swish_conv(bn: BNSwish, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(swish(bn(x)))`` storing only ``x`` for backward: the activation between them (the
+    conv's input) is recomputed. Meant for cheap convs (depthwise), whose recomputation costs
+    little next to the memory of one expanded activation per decoder cell."""
+    if bn.training and torch.is_grad_enabled():
+        return checkpoint(_once_then_frozen(lambda t: conv(bn._bn_swish(t)), bn), x, use_reentrant=False)
+    return conv(bn(x))
+
+
 class Conv2d(nn.Conv2d):
     """Convolution with optional weight normalization w = g * v / ||v|| (sec. 3.1; Salimans & Kingma).
 
