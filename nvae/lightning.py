@@ -17,7 +17,7 @@ from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
-from nvae.resilience import check_compatible, gather_rng_states, set_rng_state
+from nvae.resilience import check_compatible, gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
 
 DATA_KEY = "nvae_data"  # checkpoint entry: the data module that trained the model
@@ -116,6 +116,7 @@ class NVAEModule(L.LightningModule):
         self._rng_to_load: Optional[list[dict[str, Any]]] = None
         self._loss_finite = True
         self._step_skipped = False
+        self._emergency_save = False  # set by PreemptionCheckpoint: no collectives while saving
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model.set_checkpointing(gradient_checkpointing)
@@ -154,7 +155,8 @@ class NVAEModule(L.LightningModule):
         """Atomic, finite-only checkpoints and a checkpoint on SIGTERM/SIGINT (nvae.resilience)."""
         from nvae.resilience import PreemptionCheckpoint, SafeCheckpointIO
 
-        return [SafeCheckpointIO(), PreemptionCheckpoint()]
+        present = {type(c) for c in self._trainer.callbacks} if self._trainer is not None else set()
+        return [cb() for cb in (SafeCheckpointIO, PreemptionCheckpoint) if cb not in present]  # once per trainer
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -175,7 +177,7 @@ class NVAEModule(L.LightningModule):
         elif self.ema is not None:
             checkpoint[EMA_KEY] = self.ema.state_dict(self.model)
         if self._trainer is not None:
-            checkpoint[RNG_KEY] = gather_rng_states(self.trainer)
+            checkpoint[RNG_KEY] = gather_rng_states(self.trainer, local_only=self._emergency_save)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture or format (naming what differs); stash EMA and RNG."""
@@ -199,8 +201,7 @@ class NVAEModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Resume the RNG streams where the checkpoint left them (after the sanity check)."""
         if self._rng_to_load:
-            states = self._rng_to_load
-            set_rng_state(states[min(self.trainer.global_rank, len(states) - 1)])
+            restore_rng(self._rng_to_load, self.trainer.global_rank)
             self._rng_to_load = None
 
     # ----------------------------------------------------------------------------- guarded updates

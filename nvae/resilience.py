@@ -41,6 +41,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def restore_rng(states: list[dict[str, Any]], rank: int) -> None:
+    """This rank's saved state; a rank without one (emergency checkpoint) derives a distinct stream
+    from rank 0's."""
+    set_rng_state(states[rank] if rank < len(states) else states[0])
+    if rank >= len(states):
+        seed = int(torch.randint(2**62, (rank + 1,))[-1])
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
@@ -50,9 +61,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_rng_states(trainer: L.Trainer) -> list[dict[str, Any]]:
-    """RNG states of all processes, rank order (every process must call this together)."""
+def gather_rng_states(trainer: L.Trainer, local_only: bool = False) -> list[dict[str, Any]]:
+    """RNG states of all processes, rank order (every process must call this together), or only
+    this process's when ``local_only`` (an emergency save cannot risk a collective)."""
     mine = rng_state()
+    if local_only:
+        return [mine]
     if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         states: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(states, mine)
@@ -161,7 +175,18 @@ class PreemptionCheckpoint(L.Callback):
         callback = trainer.checkpoint_callback
         if callback is not None and hasattr(callback, "last_model_path"):
             callback.last_model_path = path  # its own file: a resumed run overwrites it instead of adding last-v1
-        trainer.save_checkpoint(path)
+        if trainer.world_size == 1:
+            trainer.save_checkpoint(path)
+        else:
+            # The processes may be at different points of Lightning's SIGTERM broadcast: no collective
+            # here. The weights are identical everywhere, so rank 0 alone writes (its RNG state only).
+            pl_module._emergency_save = True
+            try:
+                if trainer.is_global_zero:
+                    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                    trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            finally:
+                pl_module._emergency_save = False
         rank_zero_info(f"nvae: stopped at step {trainer.global_step}; checkpoint written to {path}. "
                        "Rerun the same command with --resume auto to continue.")
 

@@ -84,3 +84,17 @@ class NanLossOnRank(L.Callback):
         flat = torch.cat([p.detach().flatten() for p in module.parameters()])
         torch.save({"skipped": int(module.guard.skipped), "weights": flat},
                    Path(self.path) / f"rank{trainer.global_rank}.pt")
+
+
+class SigtermAllRanks(L.Callback):
+    """Preemption as SLURM / torchrun deliver it: SIGTERM to every process, at the end of step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        import os
+        import signal
+
+        if trainer.global_step - 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
