@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import random_images, tiny_config
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
+from nvae import ops
 from nvae.ops import Conv2d, DepthwiseConv2d, autoregressive_mask
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
 from nvae.spec import ImageSpec
@@ -188,7 +189,8 @@ def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
-def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE) -> None:
+def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "RECOMPUTE_MIN_ELEMENTS", 0)  # nested recomputation inside the checkpointed cells too
     x = random_images(tiny_rgb.spec)
     reference = NVAE(tiny_rgb.spec, tiny_rgb.cfg)
     reference.load_state_dict(tiny_rgb.state_dict())
@@ -208,8 +210,12 @@ def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE) -> 
         torch.testing.assert_close(state_a[name], state_b[name], msg=name)
 
 
-def test_decoder_cell_recomputing_its_depthwise_input_is_exact() -> None:
-    """bn_swish_conv: same output, gradients and BatchNorm statistics (updated once) as a plain pass."""
+@pytest.mark.parametrize("recompute_min", [0, 2**40])
+def test_decoder_cell_recomputing_its_depthwise_input_is_exact(recompute_min: int, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """bn_swish_conv: same output, gradients and BatchNorm statistics (updated once) as a plain pass,
+    whether the activations are recomputed (0) or, being small, stored (2**40)."""
+    monkeypatch.setattr(ops, "RECOMPUTE_MIN_ELEMENTS", recompute_min)
     import copy
 
     from nvae.cells import RESIDUAL_SCALE, DecoderCell
