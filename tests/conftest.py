@@ -37,6 +37,20 @@ def random_images(spec: ImageSpec, n: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, levels, (n, spec.channels, spec.size, spec.size), generator=g).float() / (levels - 1)
 
 
+def fit_on_batch(model: NVAE, x: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """Adamax on the plain negative ELBO of one fixed batch; the loss of every step."""
+    opt = torch.optim.Adamax(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(x)
+        loss = (-model.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(scope="session")
 def quickstart_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the quickstart preset after two training steps (debug overlay)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_images
+from conftest import fit_on_batch, random_images
 from nvae.checkpoint import load_checkpoint
 from nvae.eval_cli import main as evaluate_main
 from nvae.metrics.likelihood import evaluate_nll, importance_weighted
@@ -27,13 +27,7 @@ def trained_binary() -> NVAE:
     model = NVAE(ImageSpec(channels=1, size=16, num_bits=1, pad=2), tiny_config())
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(16, 1, 16, 16, generator=g) < torch.linspace(0.1, 0.9, 16).view(1, 1, 1, 16)).float()
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        out = model(x)
-        loss = (-model.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_on_batch(model, x, steps=60, lr=1e-2)
     model.eval()
     model.fixed_batch = x  # type: ignore[attr-defined]
     return model

@@ -1,14 +1,13 @@
 """The latent API (issue 6): encode, decode, partial reconstruction, interpolation, and sample.py's flags."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import random_images, tiny_config
+from conftest import fit_on_batch, random_images, tiny_config
 from nvae.model import NVAE
 from nvae.sample_cli import main as sample_main
 from nvae.spec import ImageSpec
@@ -31,14 +30,7 @@ def fitted() -> NVAE:
     """A tiny model fitted to the four patterns, so its posteriors carry which one it saw."""
     torch.manual_seed(0)
     model = NVAE(SPEC, tiny_config())
-    x = patterns()
-    opt = torch.optim.Adamax(model.parameters(), lr=2e-2)
-    for _ in range(150):
-        out = model(x)
-        loss = (-model.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_on_batch(model, patterns(), steps=150, lr=2e-2)
     return model.eval()
 
 
@@ -109,4 +101,3 @@ def test_sample_cli_reconstruct_interpolate_encode(quickstart_checkpoint: Path, 
     assert len(saved["z"]) == out["num_groups"] and saved["z"][0].shape[0] == 3
     with pytest.raises(SystemExit, match="does not exist"):
         sample_main(["--checkpoint", ck, "--reconstruct", str(tmp_path / "missing.png")])
-    json.dumps(out)

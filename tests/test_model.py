@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_images, tiny_config
+from conftest import fit_on_batch, random_images, tiny_config
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
 from nvae import ops
@@ -177,15 +177,7 @@ def test_groups_halving_and_latent_shapes() -> None:
 def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
     torch.manual_seed(0)
     x = random_images(tiny_binary.spec, n=8)
-    opt = torch.optim.Adamax(tiny_binary.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        out = tiny_binary(x)
-        loss = (-tiny_binary.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_on_batch(tiny_binary, x, steps=30, lr=1e-2)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
