@@ -91,10 +91,9 @@ class StepGuard(nn.Module):
         if not due:
             return False
         state = module.state_dict()
-        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        if nonfinite_entries(state):
             return False  # never keep a poisoned snapshot
-        self._snapshot = {"module": {k: v.detach().to("cpu", copy=True) for k, v in state.items()},
-                          "optimizer": _to_cpu(copy.deepcopy(optimizer.state_dict()))}
+        self._snapshot = {"module": _cpu_copy(state), "optimizer": _cpu_copy(optimizer.state_dict())}
         return True
 
     def roll_back(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -109,7 +108,7 @@ class StepGuard(nn.Module):
         own = {k: v.clone() for k, v in self.state_dict().items()}  # the guard's counters are not rolled back
         module.load_state_dict(self._snapshot["module"])
         self.load_state_dict(own)
-        optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
+        optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))  # on CPU it would alias the snapshot
         self.rollbacks += 1
         self.lr_scale *= self.rollback_lr_factor
         self.consecutive.zero_()
@@ -126,14 +125,21 @@ class StepGuard(nn.Module):
         return fixed
 
 
-def _to_cpu(obj: Any) -> Any:
+def _cpu_copy(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to CPU memory."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_cpu_copy(v) for v in obj)
     return obj
+
+
+def nonfinite_entries(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -171,9 +177,7 @@ class WeightEMA:
 
     def state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """A full state dict of ``module``: averaged parameters, current buffers."""
-        state = {n: b.detach().clone() for n, b in module.named_buffers() if n in module.state_dict()}
-        state.update({n: p.detach().clone() for n, p in self.params.items()})
-        return {k: state[k] for k in module.state_dict()}
+        return {k: self.params.get(k, v).detach().clone() for k, v in module.state_dict().items()}
 
     def load(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
         device = next(module.parameters()).device

@@ -167,13 +167,10 @@ class NVAEModule(L.LightningModule):
             cls = type(datamodule)
             checkpoint[DATA_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                                     "init_args": dict(datamodule.hparams)}
-        if self._ema_swapped:  # saved during validation (e.g. preempted): store the live weights as such
+        if self._ema_swapped:  # saved during validation (e.g. preempted): the model holds the averages now
             assert self.ema is not None
-            live = {f"model.{n}": p.detach().clone() for n, p in self.ema.params.items()}
-            checkpoint["state_dict"].update(live)
-            self.ema.swap(self.model)
-            checkpoint[EMA_KEY] = self.ema.state_dict(self.model)
-            self.ema.swap(self.model)
+            checkpoint["state_dict"].update({f"model.{n}": p.detach().clone() for n, p in self.ema.params.items()})
+            checkpoint[EMA_KEY] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         elif self.ema is not None:
             checkpoint[EMA_KEY] = self.ema.state_dict(self.model)
         if self._trainer is not None:

@@ -24,6 +24,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nvae.guard import nonfinite_entries
+
 LAST = "last.ckpt"
 
 
@@ -93,11 +95,6 @@ def check_compatible(checkpoint: dict[str, Any], hparams: dict[str, Any], versio
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
-def nonfinite_entries(state: dict[str, Any]) -> list[str]:
-    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-            and not bool(torch.isfinite(v).all())]
-
-
 class AtomicTorchCheckpointIO(TorchCheckpointIO):
     """torch.save to ``path.tmp``, fsync, rename over ``path``; non-finite weights are not written."""
 

@@ -212,6 +212,15 @@ def test_ema_is_validated_saved_and_loaded_for_sampling(tmp_path: Path) -> None:
     assert loaded.weights == "ema"
     torch.testing.assert_close(torch.cat([p.flatten() for p in loaded.model.parameters()]), ema, rtol=0, atol=0)
     assert load_checkpoint(path, use_ema=False).weights == "raw"
+    # a checkpoint written while validation holds the averages (e.g. preempted then) stores the same
+    module._swap_ema(True)
+    trainer.save_checkpoint(tmp_path / "during_validation.ckpt")
+    module._swap_ema(False)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    during, after = (torch.load(tmp_path / f, weights_only=True) for f in ("during_validation.ckpt", "after.ckpt"))
+    for key in ("state_dict", EMA_KEY):
+        for name in after[key]:
+            torch.testing.assert_close(during[key][name], after[key][name], rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
