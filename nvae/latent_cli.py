@@ -20,9 +20,8 @@ from torchvision.transforms.functional import pil_to_tensor, resize
 from torchvision.utils import make_grid, save_image
 
 from nvae.data.base import quantize
+from nvae.data.folder import IMAGE_EXTENSIONS, CenterSquare
 from nvae.model import NVAE
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_files(paths: Sequence[str]) -> list[Path]:
@@ -30,9 +29,9 @@ def image_files(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{p}'")
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{p}'")
             files += found
         elif p.is_file():
             files.append(p)
@@ -52,10 +51,7 @@ def load_for_model(files: Sequence[Path], model: NVAE) -> torch.Tensor:
                 img = img.convert("L" if spec.channels == 1 else "RGB")
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image '{f}': {err}") from None
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        x = resize(pil_to_tensor(img), [inner, inner], antialias=True)  # uint8 (C, inner, inner)
+        x = resize(pil_to_tensor(CenterSquare()(img)), [inner, inner], antialias=True)  # uint8 (C, inner, inner)
         out.append(torch.nn.functional.pad(quantize(x, spec.num_bits), [spec.pad] * 4))
     return torch.stack(out)
 

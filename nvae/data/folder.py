@@ -8,9 +8,8 @@ Images are center-cropped to a square, resized to ``image_size`` and reduced to 
 from __future__ import annotations
 
 import os
-from typing import ClassVar, Optional
-
 import warnings
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
