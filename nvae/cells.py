@@ -31,7 +31,9 @@ class EncoderCell(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + RESIDUAL_SCALE * self.branch(x)
+        b = self.branch
+        h = bn_swish_conv(b[2], b[3], bn_swish_conv(b[0], b[1], x))  # Swish outputs recomputed, not stored
+        return self.skip(x) + RESIDUAL_SCALE * b[4](h)
 
 
 class DecoderCell(nn.Module):
@@ -61,10 +63,8 @@ class DecoderCell(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.branch
         h = b[2](b[1](b[0](x)))  # upsample, BN, expand
-        h = bn_swish_conv(b[3], b[4], h)  # the expanded Swish output is recomputed, not stored
-        for layer in b[5:]:
-            h = layer(h)
-        return self.skip(x) + RESIDUAL_SCALE * h
+        h = bn_swish_conv(b[5], b[6], bn_swish_conv(b[3], b[4], h))  # expanded Swish outputs recomputed, not stored
+        return self.skip(x) + RESIDUAL_SCALE * b[8](b[7](h))
 
 
 class EncoderCombiner(nn.Module):
