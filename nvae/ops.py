@@ -17,10 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
-# Activations smaller than this (2 MB in float32) are not recomputed by the fused BN-Swish-conv below:
-# for small maps (MNIST's 8x8 and 4x4 scales at batch 8) plain autograd is cheaper. The fused path
-# stores one map fewer per pair, which pays where maps are large.
-RECOMPUTE_MIN_ELEMENTS = 2**19
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -40,12 +36,12 @@ class BNSwish(nn.BatchNorm2d):
 
 
 def bn_swish_conv(bn: BNSwish, conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(swish(bn(x)))``. In training with large maps it is one autograd node that saves only
+    """``conv(swish(bn(x)))``. In training it is one autograd node that saves only
     ``x`` and the batch statistics: the BN output and the Swish output (the conv's input) are
     recomputed in backward with one multiply-add and one Swish, and nothing is run twice (the
     batch statistics and the convolution are not recomputed; the running statistics move once).
     """
-    if not (bn.training and torch.is_grad_enabled()) or x.numel() < RECOMPUTE_MIN_ELEMENTS:
+    if not (bn.training and torch.is_grad_enabled()):
         return conv(bn(x))
     momentum = bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from conftest import fit_on_batch, random_images, tiny_config
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
-from nvae import ops
 from nvae.ops import Conv2d, DepthwiseConv2d, autoregressive_mask
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
 from nvae.spec import ImageSpec
@@ -181,8 +180,7 @@ def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
-def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "RECOMPUTE_MIN_ELEMENTS", 0)  # nested recomputation inside the checkpointed cells too
+def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE) -> None:
     x = random_images(tiny_rgb.spec)
     reference = NVAE(tiny_rgb.spec, tiny_rgb.cfg)
     reference.load_state_dict(tiny_rgb.state_dict())
@@ -202,29 +200,20 @@ def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE, mon
         torch.testing.assert_close(state_a[name], state_b[name], msg=name)
 
 
-@pytest.mark.parametrize("recompute_min", [0, 2**40])
-def test_decoder_cell_recomputing_its_depthwise_input_is_exact(recompute_min: int, monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
-    """bn_swish_conv: same output, gradients and BatchNorm statistics (updated once) as a plain pass,
-    whether the activations are recomputed (0) or, being small, stored (2**40)."""
-    monkeypatch.setattr(ops, "RECOMPUTE_MIN_ELEMENTS", recompute_min)
+@pytest.mark.parametrize("kind", ["decoder", "encoder down"])
+def test_cells_with_fused_steps_are_exact(kind: str) -> None:
+    """Encoder and decoder cells (two fused BN-Swish-conv steps each): same output, gradients and
+    BatchNorm statistics (updated once) as their layers run one by one by nn.Sequential."""
     import copy
 
-    from nvae.cells import RESIDUAL_SCALE, DecoderCell
+    from nvae.cells import RESIDUAL_SCALE, DecoderCell, EncoderCell
 
     torch.manual_seed(0)
-    cell = DecoderCell(4, 4, expand=3).train()
+    cell = (DecoderCell(4, 4, expand=3) if kind == "decoder" else EncoderCell(4, 8, down=True)).train()
     plain = copy.deepcopy(cell)
     x = torch.randn(3, 4, 8, 8)
     out = cell(x)
-
-    def plain_branch(h: torch.Tensor) -> torch.Tensor:
-        for layer in plain.branch:
-            is_bn_swish = type(layer).__name__ == "BNSwish"
-            h = F.silu(torch.nn.BatchNorm2d.forward(layer, h)) if is_bn_swish else layer(h)
-        return h
-
-    ref = plain.skip(x) + RESIDUAL_SCALE * plain_branch(x)
+    ref = plain.skip(x) + RESIDUAL_SCALE * plain.branch(x)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(cell.parameters()), g)
