@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (BNSwish, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv,
+from nvae.ops import (ELU, BNSwish, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv,
                       autoregressive_mask, batch_norm, bn_swish_conv)
 
 RESIDUAL_SCALE = 0.1
@@ -106,8 +106,8 @@ class AutoregressiveShift(nn.Module):
             return Conv2d(cin, cout, k, padding=k // 2, groups=groups, mask=mask)
 
         self.net = nn.Sequential(
-            masked(latent_channels, hidden, 3, 1, zero_diagonal=True), nn.ELU(),
-            masked(hidden, hidden, 5, hidden, zero_diagonal=False), nn.ELU(),
+            masked(latent_channels, hidden, 3, 1, zero_diagonal=True), ELU(),
+            masked(hidden, hidden, 5, hidden, zero_diagonal=False), ELU(),
         )
         self.mu = masked(hidden, latent_channels, 1, 1, zero_diagonal=False)
         with torch.no_grad():  # start close to the identity map

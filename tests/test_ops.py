@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nvae import ops
 from nvae.ops import BNSwish, Conv2d, DepthwiseConv2d, bn_swish_conv
 
 CONVS = {
@@ -73,10 +74,11 @@ def test_fused_step_stores_only_its_input() -> None:
     assert saved_map_elements(fused=False) >= 3 * x.numel()
 
 
-def test_fused_step_under_bf16_autocast() -> None:
+@pytest.mark.parametrize("conv_name", ["3x3 weight-normed, bias", "depthwise 5x5"])
+def test_fused_step_under_bf16_autocast(conv_name: str) -> None:
     """Under CPU bf16 autocast the conv runs in bfloat16 as in the plain composition; gradients
     come back in the parameters' float32 and agree with the plain path to bf16 precision."""
-    bn, conv = _pair("3x3 weight-normed, bias")
+    bn, conv = _pair(conv_name)
     bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
     x = torch.randn(3, 4, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -92,3 +94,19 @@ def test_fused_step_under_bf16_autocast() -> None:
 def test_depthwise_conv_needs_same_padding() -> None:
     with pytest.raises(ValueError, match="odd kernel and padding"):
         DepthwiseConv2d(4, 5, padding=1)
+
+
+def test_elu_matches_torch_and_keeps_only_its_output() -> None:
+    x = torch.linspace(-20, 5, 2001, dtype=torch.float64).view(1, 1, 1, -1).requires_grad_(True)
+    torch.testing.assert_close(ops.ELU()(x), F.elu(x), rtol=0, atol=3e-16)  # float64: exp(x) - 1 is exact enough
+    assert torch.autograd.gradcheck(ops.ELU(), (x[..., ::50].detach().requires_grad_(True),))
+    x32 = x.detach().float().requires_grad_(True)
+    y = ops.ELU()(x32)
+    torch.testing.assert_close(y, F.elu(x32), rtol=0, atol=3e-7)
+    (grad,) = torch.autograd.grad(y, x32, torch.ones_like(y))
+    (ref,) = torch.autograd.grad(F.elu(x32), x32, torch.ones_like(y))
+    torch.testing.assert_close(grad, ref, rtol=1e-6, atol=3e-7)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.ELU()(x32)
+    assert len(saved) == 1 and saved[0] is out
