@@ -32,7 +32,7 @@ class EncoderCell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.branch
-        h = bn_swish_conv(b[2], b[3], bn_swish_conv(b[0], b[1], x))  # Swish outputs recomputed, not stored
+        h = bn_swish_conv(bn_swish_conv(x, (b[0], b[1])), (b[2], b[3]))  # BN, Swish outputs recomputed
         return self.skip(x) + RESIDUAL_SCALE * b[4](h)
 
 
@@ -62,8 +62,7 @@ class DecoderCell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.branch
-        h = b[2](b[1](b[0](x)))  # upsample, BN, expand
-        h = bn_swish_conv(b[5], b[6], bn_swish_conv(b[3], b[4], h))  # expanded Swish outputs recomputed, not stored
+        h = bn_swish_conv(b[0](x), (b[1], b[2]), (b[3], b[4]), (b[5], b[6]))  # upsample; expanded maps recomputed
         return self.skip(x) + RESIDUAL_SCALE * b[8](b[7](h))
 
 

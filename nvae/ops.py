@@ -35,64 +35,110 @@ class BNSwish(nn.BatchNorm2d):
         return F.silu(super().forward(x))
 
 
-def bn_swish_conv(bn: BNSwish, conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(swish(bn(x)))``. In training it is one autograd node that saves only
-    ``x`` and the batch statistics: the BN output and the Swish output (the conv's input) are
-    recomputed in backward with one multiply-add and one Swish, and nothing is run twice (the
-    batch statistics and the convolution are not recomputed; the running statistics move once).
+def bn_swish_conv(x: torch.Tensor, *pairs: tuple[BNSwish, Conv2d]) -> torch.Tensor:
+    """``conv(swish(bn(x)))`` for each (bn, conv) pair in turn, as one autograd node in training.
+
+    The node saves only ``x`` and the per-channel batch statistics (not even the weight-normalized
+    kernels: recomputing them is one multiply per weight). In backward, the BN and Swish
+    outputs are recomputed from them with one multiply-add and one Swish each, and the inner
+    convolutions' outputs by running those convolutions once more (the last conv's output is the
+    result; the batch statistics are not recomputed and the running statistics move once).
+    One pair stores one map instead of three; the decoder cell's two pairs (sec. 3.1, fig. 3a:
+    BN-Swish-dwconv, BN-Swish-conv1x1) store its expanded map once instead of five times, for one
+    extra depthwise convolution in backward.
     """
-    if not (bn.training and torch.is_grad_enabled()):
-        return conv(bn(x))
+    if not (pairs[0][0].training and torch.is_grad_enabled()):
+        for bn, conv in pairs:
+            x = conv(bn(x))
+        return x
+    momenta = tuple(_count_batch(bn) for bn, _ in pairs)
+    params = [t for bn, conv in pairs for t in (bn.weight, bn.bias, conv.kernel(), conv.bias)]
+    return _BNSwishConvs.apply(x, pairs, momenta, *params)
+
+
+def _count_batch(bn: nn.BatchNorm2d) -> float:
+    """What nn.BatchNorm2d.forward does before normalizing: count the batch; the running-average factor."""
     momentum = bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d.forward does
+        bn.num_batches_tracked.add_(1)
         if momentum is None:  # cumulative average
             momentum = 1.0 / float(bn.num_batches_tracked)
-    return _BNSwishConv.apply(x, bn.weight, bn.bias, conv.kernel(), conv.bias, bn.running_mean, bn.running_var,
-                              momentum or 0.0, bn.eps, conv)
+    return momentum or 0.0
 
 
-class _BNSwishConv(torch.autograd.Function):
-    """Autograd of conv(silu(batch_norm(x))) with the BN and Swish outputs recomputed (see bn_swish_conv)."""
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def _normalize(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+               invstd: torch.Tensor) -> torch.Tensor:
+    """The BatchNorm output from saved batch statistics: h * scale + shift per channel."""
+    scale = weight * invstd
+    shift = bias - mean * scale
+    return torch.addcmul(shift.view(1, -1, 1, 1), h, scale.view(1, -1, 1, 1)).to(h.dtype)
+
+
+class _BNSwishConvs(torch.autograd.Function):
+    """Autograd of a chain of conv(silu(batch_norm(h))) that recomputes its insides (see bn_swish_conv).
+
+    Under autocast the convolutions run in the autocast dtype (explicit casts, as autocast would)
+    and BatchNorm in its input's dtype; gradients come back in the parameters' dtype.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                momentum: float, eps: float, conv: Conv2d) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, pairs: tuple[tuple[BNSwish, Conv2d], ...], momenta: tuple[float, ...],
+                *params: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        with torch.autocast(device, enabled=False):  # casts made explicit below, and repeated in backward
-            y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True,
-                                                      momentum, eps)
-            a = F.silu(y, inplace=True)
-            w, b = (weight, bias) if dtype is None else (weight.to(dtype), None if bias is None else bias.to(dtype))
-            out = conv.convolve(a if dtype is None else a.to(dtype), w, b)
-        ctx.save_for_backward(x, bn_weight, bn_bias, weight, mean, invstd)
-        ctx.conv, ctx.dtype, ctx.eps, ctx.has_bias = conv, dtype, eps, bias is not None
-        return out
+        stats: list[torch.Tensor] = []
+        h = x
+        with torch.autocast(device, enabled=False):
+            for i, ((bn, conv), momentum) in enumerate(zip(pairs, momenta)):
+                bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
+                y, mean, invstd = torch.native_batch_norm(h, bn_w, bn_b, bn.running_mean, bn.running_var, True,
+                                                          momentum, bn.eps)
+                a = F.silu(y, inplace=True) if isinstance(bn, BNSwish) else y
+                h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
+                stats += [mean, invstd]
+        kernels_dropped = [None if i % 4 == 2 else t for i, t in enumerate(params)]  # recomputed in backward
+        ctx.save_for_backward(x, *stats, *kernels_dropped)
+        ctx.pairs, ctx.dtype = pairs, dtype
+        return h
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, bn_weight, bn_bias, weight, mean, invstd = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *saved = ctx.saved_tensors
+        pairs, dtype, n = ctx.pairs, ctx.dtype, len(ctx.pairs)
+        stats, params = saved[:2 * n], list(saved[2 * n:])
+        for i, (_, conv) in enumerate(pairs):  # the same kernels: the weights have not changed since forward
+            params[4 * i + 2] = conv.normalized_weight().detach()
         need = ctx.needs_input_grad
-        scale = bn_weight * invstd  # y = x * scale + shift, the forward's normalization
-        shift = bn_bias - mean * scale
-        shape = (1, -1, 1, 1)
-        y = torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
-        a = F.silu(y)
-        w = weight if ctx.dtype is None else weight.to(ctx.dtype)
-        grad_a, grad_w, grad_b = ctx.conv.convolve_backward(grad_out, a if ctx.dtype is None else a.to(ctx.dtype), w,
-                                                            (True, need[3], need[4] and ctx.has_bias))
-        del a
-        grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y)
-        del y, grad_a
-        grad_x, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(weight.dtype)
-        return grad_x, grad_bn_w, grad_bn_b, grad_w, grad_b, None, None, None, None, None
+        grads: list[torch.Tensor | None] = [None] * (4 * n)
+        with torch.autocast(x.device.type, enabled=False):
+            acts = []  # per pair: its input h, BN output y, Swish output a (recomputed)
+            h = x
+            for i, (bn, conv) in enumerate(pairs):
+                bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
+                y = _normalize(h, bn_w, bn_b, *stats[2 * i:2 * i + 2])
+                a = F.silu(y) if isinstance(bn, BNSwish) else y
+                acts.append((h, y, a))
+                if i < n - 1:
+                    h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
+            for i in reversed(range(n)):
+                (bn, conv), (h, y, a) = pairs[i], acts.pop()
+                bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
+                mask = (True, need[5 + 4 * i], need[6 + 4 * i] and b is not None)
+                grad_a, grad_w, grad_b = conv.convolve_backward(grad, _cast(a, dtype), _cast(w, dtype), mask)
+                del a
+                grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y) if isinstance(bn, BNSwish) else grad_a
+                del y, grad_a
+                grad, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
+                    grad_y, h, bn_w, None, None, *stats[2 * i:2 * i + 2], True, bn.eps,
+                    [i > 0 or need[0], need[3 + 4 * i], need[4 + 4 * i]])
+                del grad_y, h
+                grads[4 * i:4 * i + 4] = [grad_bn_w, grad_bn_b, _cast(grad_w, w.dtype),
+                                          None if b is None else _cast(grad_b, b.dtype)]
+        return (grad, None, None, *grads)
 
 
 class Conv2d(nn.Conv2d):

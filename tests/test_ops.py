@@ -1,4 +1,4 @@
-"""The fused BatchNorm-Swish-conv step (nvae.ops.bn_swish_conv) against plain autograd."""
+"""The fused BatchNorm-Swish-conv steps (nvae.ops.bn_swish_conv) and ELU against plain autograd."""
 from __future__ import annotations
 
 import copy
@@ -13,77 +13,101 @@ from nvae.ops import BNSwish, Conv2d, DepthwiseConv2d, bn_swish_conv
 CONVS = {
     "3x3 weight-normed, bias": lambda c: Conv2d(c, 6, 3, padding=1),
     "3x3 stride 2": lambda c: Conv2d(c, 6, 3, stride=2, padding=1),
-    "1x1 no bias": lambda c: Conv2d(c, 5, 1, bias=False, weight_norm=False),
+    "1x1 no bias": lambda c: Conv2d(c, c, 1, bias=False, weight_norm=False),
     "depthwise 5x5": lambda c: DepthwiseConv2d(c, 5, padding=2),
 }
 
 
-def _pair(conv_name: str, channels: int = 4) -> tuple[BNSwish, Conv2d]:
+Pairs = list[tuple[BNSwish, Conv2d]]
+CHAINS = [[name] for name in CONVS] + [["depthwise 5x5", "1x1 no bias"], ["3x3 stride 2", "3x3 weight-normed, bias"]]
+
+
+def _chain(conv_names: list[str], channels: int = 4) -> Pairs:
+    """(BNSwish, conv) pairs, each conv's output feeding the next pair."""
     torch.manual_seed(0)
-    bn = BNSwish(channels)
-    with torch.no_grad():  # non-trivial affine parameters and running statistics
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-1, 1)
-    return bn.train(), CONVS[conv_name](channels).train()
+    pairs = []
+    for name in conv_names:
+        bn = BNSwish(channels)
+        with torch.no_grad():  # non-trivial affine parameters and running statistics
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-1, 1)
+        conv = CONVS[name](channels)
+        pairs.append((bn.train(), conv.train()))
+        channels = conv.out_channels
+    return pairs
 
 
-def _run(bn: BNSwish, conv: Conv2d, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _run(pairs: Pairs, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     x = x.detach().requires_grad_(True)
-    out = bn_swish_conv(bn, conv, x) if fused else conv(F.silu(torch.nn.BatchNorm2d.forward(bn, x)))
-    params = [x, *bn.parameters(), *conv.parameters()]
+    if fused:
+        out = bn_swish_conv(x, *pairs)
+    else:  # layer by layer, plain autograd
+        out = x
+        for bn, conv in pairs:
+            out = conv(F.silu(torch.nn.BatchNorm2d.forward(bn, out)))
+    params = [x, *(p for bn, conv in pairs for p in (*bn.parameters(), *conv.parameters()))]
     grads = torch.autograd.grad(out, params, torch.linspace(-1, 1, out.numel()).view_as(out))
     return out, list(grads)
 
 
+def _buffers(pairs: Pairs) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{i}.{name}", t) for i, (bn, conv) in enumerate(pairs)
+            for name, t in (*bn.named_buffers(), *conv.named_buffers())]
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("conv_name", list(CONVS))
-def test_fused_bn_swish_conv_matches_plain_autograd(conv_name: str, layout: torch.memory_format) -> None:
-    bn, conv = _pair(conv_name)
-    bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
+@pytest.mark.parametrize("conv_names", CHAINS, ids=[" + ".join(c) for c in CHAINS])
+def test_fused_bn_swish_convs_match_plain_autograd(conv_names: list[str], layout: torch.memory_format) -> None:
+    pairs = _chain(conv_names)
+    ref_pairs = copy.deepcopy(pairs)
     x = (torch.randn(3, 4, 8, 8) * 2 + 1).contiguous(memory_format=layout)
-    out, grads = _run(bn, conv, x, fused=True)
-    ref, ref_grads = _run(bn_ref, conv_ref, x, fused=False)
+    out, grads = _run(pairs, x, fused=True)
+    ref, ref_grads = _run(ref_pairs, x, fused=False)
     torch.testing.assert_close(out, ref)
     assert out.is_contiguous(memory_format=layout)
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
         torch.testing.assert_close(a, b, msg=f"gradient {i}")
-    for (name, a), b in zip([*bn.named_buffers(), *conv.named_buffers()], [*bn_ref.buffers(), *conv_ref.buffers()]):
+    for (name, a), (_, b) in zip(_buffers(pairs), _buffers(ref_pairs)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # running stats moved once, counter at 1
 
 
-def test_fused_step_stores_only_its_input() -> None:
-    """What autograd keeps for backward: the BN input (and per-channel vectors and the kernel), not
-    the BN output or the Swish output the plain composition stores (two more maps of x's size)."""
-    bn, conv = _pair("1x1 no bias", channels=8)
+@pytest.mark.parametrize("conv_names, fused_maps, plain_maps", [
+    (["1x1 no bias"], 1, 3),  # BN input | + BN output, Swish output
+    (["depthwise 5x5", "1x1 no bias"], 1, 6),  # x | + 2 x (BN output, Swish output) + the depthwise output
+])
+def test_fused_steps_store_only_their_input(conv_names: list[str], fused_maps: int, plain_maps: int) -> None:
+    """What autograd keeps for backward: maps of the input's size, counted over the saved tensors
+    (per-channel vectors and kernels aside). The fused chain keeps the input alone."""
+    pairs = _chain(conv_names, channels=8)
     x = torch.randn(4, 8, 16, 16, requires_grad=True)
 
-    def saved_map_elements(fused: bool) -> int:
-        sizes: list[int] = []
+    def saved_maps(fused: bool) -> float:
+        storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             if t.dim() == 4 and t.shape[1:] == x.shape[1:]:  # a map of x's size
-                sizes.append(t.numel())
+                storages[t.untyped_storage().data_ptr()] = t.numel()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            bn_swish_conv(bn, conv, x) if fused else conv(bn(x))
-        return sum(sizes)
+            _run(pairs, x, fused)
+        return sum(storages.values()) / x.numel()
 
-    assert saved_map_elements(fused=True) == x.numel()
-    assert saved_map_elements(fused=False) >= 3 * x.numel()
+    assert saved_maps(fused=True) == fused_maps
+    assert saved_maps(fused=False) >= plain_maps
 
 
-@pytest.mark.parametrize("conv_name", ["3x3 weight-normed, bias", "depthwise 5x5"])
-def test_fused_step_under_bf16_autocast(conv_name: str) -> None:
+@pytest.mark.parametrize("conv_names", [["3x3 weight-normed, bias"], ["depthwise 5x5", "1x1 no bias"]])
+def test_fused_steps_under_bf16_autocast(conv_names: list[str]) -> None:
     """Under CPU bf16 autocast the conv runs in bfloat16 as in the plain composition; gradients
     come back in the parameters' float32 and agree with the plain path to bf16 precision."""
-    bn, conv = _pair(conv_name)
-    bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
+    pairs = _chain(conv_names)
+    ref_pairs = copy.deepcopy(pairs)
     x = torch.randn(3, 4, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, grads = _run(bn, conv, x, fused=True)
-        ref, ref_grads = _run(bn_ref, conv_ref, x, fused=False)
+        out, grads = _run(pairs, x, fused=True)
+        ref, ref_grads = _run(ref_pairs, x, fused=False)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
