@@ -6,8 +6,8 @@
 Each option runs ``benchmarks/throughput.py`` in its own process (so peak memory is that option's
 alone) and the results are printed as a Markdown table, then one JSON line per option.
 Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (activation
-checkpointing), ``cl`` (channels_last), ``compile`` (torch.compile; its compilation is excluded
-by the warm-up step but takes minutes on CPU).
+checkpointing), ``cl`` / ``nchw`` (channels_last on / off; default: the preset's), ``compile``
+(torch.compile; its compilation is excluded by the warm-up step but takes minutes on CPU).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OPTIONS = ["32", "32 cl", "32 ckpt", "bf16", "bf16 cl", "bf16 ckpt"]
+DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
-         "ckpt": ["--checkpointing"], "cl": ["--channels-last"], "compile": ["--compile"]}
+         "ckpt": ["--checkpointing"], "cl": ["--channels-last"], "nchw": ["--no-channels-last"],
+         "compile": ["--compile"]}
 
 
 def flags(option: str) -> list[str]:

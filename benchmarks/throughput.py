@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py --config configs/<preset>.yaml --batch-size B --steps N
         [--config configs/<overlay>.yaml ...] [--device D] [--warmup W] [--threads T]
-        [--precision 32|bf16-mixed|16-mixed] [--channels-last]
+        [--precision 32|bf16-mixed|16-mixed] [--channels-last | --no-channels-last]
 
 What is measured. The model is built exactly as ``train.py fit`` builds it: the YAML files go
 through the project's command line (:class:`nvae.cli.NVAECLI`, parsed and instantiated but not
@@ -87,8 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch intra-op threads (default: CPUs in this process's affinity mask)")
     p.add_argument("--precision", default=None, choices=sorted(_PRECISION_ALIASES),
                    help="32, bf16-mixed or 16-mixed (default: the preset's trainer.precision)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="build with model.channels_last=true (default: the preset's setting)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="build with model.channels_last=true (--no-channels-last: false; default: the preset's setting)")
     p.add_argument("--checkpointing", action="store_true",
                    help="build with model.gradient_checkpointing=true (activation checkpointing per cell)")
     p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile per cell)")
@@ -107,7 +107,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build(configs: Sequence[str], channels_last: bool, meta: bool = False, checkpointing: bool = False,
+def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = False, checkpointing: bool = False,
           compile: bool = False) -> NVAECLI:
     """Parse and instantiate the presets through the project's CLI, without running anything.
 
@@ -116,8 +116,8 @@ def build(configs: Sequence[str], channels_last: bool, meta: bool = False, check
     """
     args = [a for c in configs for a in ("--config", str(c))]
     args.append("--trainer.logger=false")
-    if channels_last:
-        args.append("--model.channels_last=true")
+    if channels_last is not None:  # else the preset's setting
+        args.append(f"--model.channels_last={str(channels_last).lower()}")
     if checkpointing:
         args.append("--model.gradient_checkpointing=true")
     if compile:

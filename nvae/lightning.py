@@ -75,11 +75,12 @@ class NVAEModule(L.LightningModule):
             spectral_reg_coeff_init: If set, lambda starts here and anneals geometrically to
                 spectral_reg_coeff as beta goes to 1 (the paper's ImageNet/CelebA-HQ/FFHQ recipe).
             power_iters: Power iterations per step for the spectral norms (10x on the first step).
-            channels_last: Run convolutions in channels_last memory format (faster on CPU and GPUs).
+            channels_last: Run convolutions in channels_last memory format (faster on CPU and GPUs;
+                the paper presets turn it on: CIFAR-10 batch 8 on 2 CPU cores 9.2 -> 7.1 s per step).
             gradient_checkpointing: Recompute each cell's activations during backward instead of
                 storing them: much less memory for about a third more compute.
             compile: torch.compile the forward pass (the first step compiles: ~100 s on 2 CPU
-                cores; then ~17% faster on CPU).
+                cores; on CPU no faster than eager here: MNIST batch 8 0.70 vs 0.67 s per step).
             ema_decay: Keep an exponential moving average of the weights with this decay (e.g.
                 0.9999); it is saved in checkpoints and used for validation, sampling and
                 evaluation. null: no EMA.
