@@ -35,17 +35,18 @@ class BNSwish(nn.BatchNorm2d):
         return F.silu(super().forward(x))
 
 
-def bn_swish_conv(x: torch.Tensor, *pairs: tuple[BNSwish, Conv2d]) -> torch.Tensor:
+def bn_swish_conv(x: torch.Tensor, *pairs: tuple[nn.BatchNorm2d, Conv2d]) -> torch.Tensor:
     """``conv(swish(bn(x)))`` for each (bn, conv) pair in turn, as one autograd node in training.
 
+    A pair's ``bn`` is a :class:`BNSwish` (Swish after the BatchNorm) or a plain BatchNorm (none).
     The node saves only ``x`` and the per-channel batch statistics (not even the weight-normalized
     kernels: recomputing them is one multiply per weight). In backward, the BN and Swish
     outputs are recomputed from them with one multiply-add and one Swish each, and the inner
     convolutions' outputs by running those convolutions once more (the last conv's output is the
     result; the batch statistics are not recomputed and the running statistics move once).
-    One pair stores one map instead of three; the decoder cell's two pairs (sec. 3.1, fig. 3a:
-    BN-Swish-dwconv, BN-Swish-conv1x1) store its expanded map once instead of five times, for one
-    extra depthwise convolution in backward.
+    One pair stores one map instead of three. The decoder cell (sec. 3.1, fig. 3a) is one chain,
+    BN-conv1x1 / BN-Swish-dwconv5x5 / BN-Swish-conv1x1, storing only the cell input instead of
+    six maps, five of them expanded x6, for one more 1x1 and depthwise convolution in backward.
     """
     if not (pairs[0][0].training and torch.is_grad_enabled()):
         for bn, conv in pairs:
@@ -79,15 +80,15 @@ def _normalize(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: 
 
 
 class _BNSwishConvs(torch.autograd.Function):
-    """Autograd of a chain of conv(silu(batch_norm(h))) that recomputes its insides (see bn_swish_conv).
+    """Autograd of a chain of conv(swish(batch_norm(h))) that recomputes its insides (see bn_swish_conv).
 
     Under autocast the convolutions run in the autocast dtype (explicit casts, as autocast would)
     and BatchNorm in its input's dtype; gradients come back in the parameters' dtype.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, pairs: tuple[tuple[BNSwish, Conv2d], ...], momenta: tuple[float, ...],
-                *params: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, pairs: tuple[tuple[nn.BatchNorm2d, Conv2d], ...],
+                momenta: tuple[float, ...], *params: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         stats: list[torch.Tensor] = []
