@@ -88,7 +88,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=sorted(_PRECISION_ALIASES),
                    help="32, bf16-mixed or 16-mixed (default: the preset's trainer.precision)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="build with model.channels_last=true (--no-channels-last: false; default: the preset's setting)")
+                   help="build with model.channels_last=true (--no-channels-last: false; "
+                        "default: the preset's setting)")
     p.add_argument("--checkpointing", action="store_true",
                    help="build with model.gradient_checkpointing=true (activation checkpointing per cell)")
     p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile per cell)")
