@@ -7,6 +7,7 @@ activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -17,9 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
-# Channels per call of oneDNN's depthwise weight-gradient kernel on CPU: whole maps of 1536 channels
-# fall out of cache (8x1536x16x16: 22 ms at once, 7.8 ms in blocks of 64; see DepthwiseConv2d).
-DEPTHWISE_GRAD_BLOCK = 64
+# Channels per call of oneDNN's depthwise weight-gradient kernel on CPU, tried once per map shape
+# (0: all at once); see DepthwiseConv2d.
+DEPTHWISE_GRAD_BLOCKS = (0, 256, 128)
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -178,7 +179,7 @@ class Conv2d(nn.Conv2d):
         w = self._masked()
         if self.log_weight_norm is None:
             return w
-        norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
+        norm = torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)  # (out, 1, 1, 1); no copy if NHWC
         return w * (torch.exp(self.log_weight_norm) / (norm + 1e-5))  # one full-size multiply
 
     def kernel(self) -> torch.Tensor:
@@ -218,10 +219,11 @@ class DepthwiseConv2d(Conv2d):
     normalization (BatchNorm follows it); spectrally regularized like every :class:`Conv2d`.
     The input gradient (used by :func:`bn_swish_conv`) is the forward convolution of the output
     gradient with the flipped kernel, which oneDNN runs ~3.5x faster on CPU than its own
-    input-gradient kernel ((8, 1536, 16, 16): 4.6 -> 1.3 ms). The weight gradient is taken by
-    blocks of 64 channels, each in float32: oneDNN's kernel for it slows down 2-3x once the maps
-    outgrow the cache (there: 22 ms whole, 7.8 ms by blocks; (8, 768, 32, 32): 21.6 -> 16.1 ms),
-    and its bf16 variant is 2-3x slower than float32.
+    input-gradient kernel ((8, 1536, 16, 16): 4.6 -> 1.3 ms). The weight gradient is taken in
+    float32 (oneDNN's bf16 kernel for it is 2-3x slower), whole or by blocks of channels, whichever
+    ran fastest the first time a map shape came by: oneDNN's kernel slows down 3-10x at some channel
+    counts (on 2 cores, NHWC, batch 8: 1536 channels at 16x16 22 ms whole, 8.7 ms by 128; at 4x4
+    11.9 vs 1.4 ms by 256) but blocks cost more calls at others (768 at 8x8: 1.0 vs 1.3-2.0 ms).
     """
 
     def __init__(self, channels: int, kernel_size: int, padding: int) -> None:
@@ -252,16 +254,34 @@ class DepthwiseConv2d(Conv2d):
         return grad_x, grad_w, grad_b
 
     def _weight_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Weight gradient on CPU, taken by blocks of :data:`DEPTHWISE_GRAD_BLOCK` channels in float32."""
+        """Weight gradient on CPU in float32, by the fastest of :data:`DEPTHWISE_GRAD_BLOCKS` for this shape."""
+        key = (tuple(x.shape), torch.get_num_threads())
+        block = _FASTEST_GRAD_BLOCK.get(key)
+        if block is None:
+            timings = {}
+            for candidate in dict.fromkeys(b if 0 < b < x.shape[1] else 0 for b in DEPTHWISE_GRAD_BLOCKS):
+                self.weight_grad_by_blocks(grad_out, x, candidate)  # oneDNN builds its kernel on the first call
+                start = time.perf_counter()
+                self.weight_grad_by_blocks(grad_out, x, candidate)
+                timings[candidate] = time.perf_counter() - start
+            block = _FASTEST_GRAD_BLOCK[key] = min(timings, key=timings.__getitem__)
+        return self.weight_grad_by_blocks(grad_out, x, block)
+
+    def weight_grad_by_blocks(self, grad_out: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+        """Weight gradient in float32 by oneDNN calls over ``block`` channels each (0: all at once)."""
         pieces = []
-        for start in range(0, self.in_channels, DEPTHWISE_GRAD_BLOCK):
-            stop = min(start + DEPTHWISE_GRAD_BLOCK, self.in_channels)
+        block = block or self.in_channels
+        for start in range(0, self.in_channels, block):
+            stop = min(start + block, self.in_channels)
             x_block = x[:, start:stop].to(torch.float32, memory_format=torch.channels_last)  # (B, block, H, W)
             g_block = grad_out[:, start:stop].to(torch.float32, memory_format=torch.channels_last)
             pieces.append(torch.ops.aten.convolution_backward(
                 g_block, x_block, self.weight[start:stop].float(), None, self.stride, self.padding, self.dilation,
                 False, [0, 0], stop - start, [False, True, False])[1])
         return torch.cat(pieces).to(self.weight.dtype)  # (channels, 1, k, k)
+
+
+_FASTEST_GRAD_BLOCK: dict[tuple[tuple[int, ...], int], int] = {}  # (map shape, threads) -> block
 
 
 class ELU(nn.Module):

@@ -48,7 +48,7 @@ class SpectralRegularizer(nn.Module):
         on_cpu = total.device.type == "cpu"
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
-                weights = [c.take_weight().float().flatten(1) for c in convs]  # n x (rows, cols)
+                weights = [_matrix(c.take_weight().float()) for c in convs]  # n x (rows, cols)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
                 # One batched matmul per shape saves launches; on CPU, large matrices are iterated one
                 # by one instead, since stacking them is a memory-bound copy of the whole group.
@@ -63,6 +63,17 @@ class SpectralRegularizer(nn.Module):
                         u[rows], v[rows] = u_new, v_new
         self.initialized.fill_(True)
         return total
+
+
+def _matrix(kernel: torch.Tensor) -> torch.Tensor:
+    """The (C_out, C_in*k*k) matrix of a kernel, its columns in memory order (a view, no copy).
+
+    Permuting columns leaves the singular values unchanged, so a channels_last kernel is read as
+    (C_out, k*k*C_in) rather than copied into (C_out, C_in*k*k).
+    """
+    if kernel.dim() == 4 and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last):
+        return kernel.permute(0, 2, 3, 1).flatten(1)  # (out, k*k*in)
+    return kernel.flatten(1)
 
 
 @torch.no_grad()

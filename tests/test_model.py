@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fit_on_batch, random_images, tiny_config
+from nvae import regularization
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
 from nvae.ops import Conv2d, DepthwiseConv2d, autoregressive_mask
@@ -53,16 +54,20 @@ def test_depthwise_conv_matches_functional_and_keeps_layout(channels_last: bool)
     assert conv.log_weight_norm is None and isinstance(conv, Conv2d)  # spectrally regularized, no WN
 
 
-def test_spectral_estimate_matches_linalg() -> None:
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_spectral_estimate_matches_linalg(layout: torch.memory_format) -> None:
+    """Batched small kernels, a large one iterated alone, in either layout of the weights."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Conv2d(4, 6, 3), Conv2d(4, 6, 3), Conv2d(6, 2, 1))
+    model = torch.nn.Sequential(Conv2d(4, 6, 3), Conv2d(4, 6, 3), Conv2d(6, 2, 1), Conv2d(128, 256, 3))
+    model.to(memory_format=layout)
+    assert model[3].weight.numel() >= regularization.LARGE_MATRIX
     reg = SpectralRegularizer(model, power_iters=4, initial_iters=200)
     total = reg()
     expected = sum(torch.linalg.matrix_norm(m.normalized_weight().flatten(1), ord=2) for m in model)
     torch.testing.assert_close(total, expected, atol=1e-3, rtol=1e-3)
     total.backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in model)
-    assert len(reg.state_dict()) == 5  # u, v for the two shapes + initialized flag
+    assert len(reg.state_dict()) == 7  # u, v for the three shapes + initialized flag
 
 
 def test_batchnorm_penalty_is_sum_of_max_abs_gamma() -> None:
