@@ -111,7 +111,8 @@ class _BNSwishConvs(torch.autograd.Function):
                                                           momentum, bn.eps)
                 a = F.silu(y, inplace=True) if isinstance(bn, BNSwish) else y
                 h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
-                stats += [mean, invstd]
+                # float32 statistics whatever the compiled graph returns (BN backward on bf16 maps expects them)
+                stats += [mean.to(bn.running_var.dtype), invstd.to(bn.running_var.dtype)]
         kernels_dropped = [None if i % 4 == 2 else t for i, t in enumerate(params)]  # recomputed in backward
         ctx.save_for_backward(x, *stats, *kernels_dropped)
         ctx.pairs, ctx.dtype = pairs, dtype
