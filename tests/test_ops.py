@@ -137,6 +137,19 @@ def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad_x.double(), ref_x, rtol=tol, atol=tol * ref_x.abs().max().item())
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_weight_norm_gradients(layout: torch.memory_format) -> None:
+    """The hand-written weight-norm backward against autograd of w * exp(log g) / (||w|| + eps)."""
+    conv = Conv2d(3, 5, 3).double().to(memory_format=layout)
+    w, log_g = conv.weight.detach().requires_grad_(True), conv.log_weight_norm.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(ops._WeightNorm.apply, (w, log_g))
+    expected = w * torch.exp(log_g) / (torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, 1, 1, 1) + 1e-5)
+    grad = torch.randn_like(w)
+    torch.testing.assert_close(torch.autograd.grad(conv.normalized_weight(), list(conv.parameters())[:1], grad),
+                               torch.autograd.grad(expected, w, grad))
+    torch.testing.assert_close(conv.normalized_weight(), expected)
+
+
 def test_depthwise_conv_needs_same_padding() -> None:
     with pytest.raises(ValueError, match="odd kernel and padding"):
         DepthwiseConv2d(4, 5, padding=1)
