@@ -179,7 +179,8 @@ class _WeightNorm(torch.autograd.Function):
         w, norm, scale = ctx.saved_tensors
         dot = (grad * w).sum(dim=(1, 2, 3), keepdim=True)  # (out, 1, 1, 1)
         grad_log_g = scale * dot
-        coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS))
+        # A kernel row of zeros (a masked conv's) has t = 0: its coefficient is 0, not 0 / 0.
+        coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS)).clamp_min(torch.finfo(norm.dtype).tiny)
         return torch.addcmul(grad * scale, w, coef, value=-1), grad_log_g
 
 

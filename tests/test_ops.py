@@ -148,6 +148,13 @@ def test_weight_norm_gradients(layout: torch.memory_format) -> None:
     torch.testing.assert_close(torch.autograd.grad(conv.normalized_weight(), list(conv.parameters())[:1], grad),
                                torch.autograd.grad(expected, w, grad))
     torch.testing.assert_close(conv.normalized_weight(), expected)
+    with torch.no_grad():  # an all-zero output channel (as a mask can make): finite gradients, not 0 / 0
+        conv.weight[0] = 0
+    w.detach()[0] = 0
+    grads = torch.autograd.grad(conv.normalized_weight(), [conv.weight, conv.log_weight_norm], grad)
+    expected = w * torch.exp(log_g) / (torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, 1, 1, 1) + 1e-5)
+    assert all(torch.isfinite(g).all() for g in grads) and grads[1][0].item() == 0
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, [w, log_g], grad))
 
 
 def test_depthwise_conv_needs_same_padding() -> None:
