@@ -58,7 +58,7 @@ class SpectralRegularizer(nn.Module):
                     parts = [(slice(None), torch.stack(weights))]
                 for rows, w in parts:  # w: (n or 1, rows, cols)
                     u_new, v_new = _power_iteration(u[rows], v[rows], w, iters)
-                    total = total + torch.bmm(u_new.unsqueeze(1), torch.bmm(w, v_new.unsqueeze(2))).sum()
+                    total = total + torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum()  # u^T W v
                     with torch.no_grad():
                         u[rows], v[rows] = u_new, v_new
         self.initialized.fill_(True)
@@ -79,10 +79,14 @@ def _matrix(kernel: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``iters`` steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices w (n, rows, cols)."""
+    """``iters`` steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices w (n, rows, cols).
+
+    W v is taken as v^T W^T: on CPU, bmm of a batch of matrices with (n, cols, 1) vectors takes a
+    slow path (41 x (128, 1152): 5.2 ms, against 0.28 ms for the transposed product).
+    """
     for _ in range(iters):
         v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
-        u = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)  # (n, rows)
+        u = F.normalize(torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1), dim=1, eps=1e-3)  # (n, rows)
     return u, v
 
 
