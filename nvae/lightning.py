@@ -79,7 +79,7 @@ class NVAEModule(L.LightningModule):
                 the paper presets turn it on: CIFAR-10 batch 8 on 2 CPU cores 7.6 -> 6.4 s per step).
             gradient_checkpointing: Recompute each cell's activations during backward instead of
                 storing them; the cells' fused steps already store only their inputs, so on CIFAR-10
-                batch 8 this saves ~0.35 GiB in float32 (5.0 -> 4.7 GiB) for ~20% more time.
+                batch 8 this saves ~0.3 GiB in float32 (5.0 -> 4.7 GiB) for 20-25% more time.
             compile: torch.compile the forward pass (the first step compiles: ~100 s on 2 CPU
                 cores; on CPU no faster than eager here: MNIST batch 8 0.544 vs 0.557 s per step).
             ema_decay: Keep an exponential moving average of the weights with this decay (e.g.
