@@ -149,8 +149,7 @@ def test_weight_norm_gradients(layout: torch.memory_format) -> None:
                                torch.autograd.grad(expected, w, grad))
     torch.testing.assert_close(conv.normalized_weight(), expected)
     with torch.no_grad():  # an all-zero output channel (as a mask can make): finite gradients, not 0 / 0
-        conv.weight[0] = 0
-    w.detach()[0] = 0
+        conv.weight[0] = 0  # w shares conv.weight's storage
     grads = torch.autograd.grad(conv.normalized_weight(), [conv.weight, conv.log_weight_norm], grad)
     expected = w * torch.exp(log_g) / (torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, 1, 1, 1) + 1e-5)
     assert all(torch.isfinite(g).all() for g in grads) and grads[1][0].item() == 0
