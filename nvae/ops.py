@@ -250,7 +250,7 @@ class DepthwiseConv2d(Conv2d):
     The input gradient (used by :func:`bn_swish_conv`) is the forward convolution of the output
     gradient with the flipped kernel, which oneDNN runs ~3.5x faster on CPU than its own
     input-gradient kernel ((8, 1536, 16, 16): 4.6 -> 1.3 ms). The weight gradient is taken in
-    float32 (oneDNN's bf16 kernel for it is 2-3x slower), whole or by blocks of channels, whichever
+    float32 (oneDNN's bf16 kernel for it is about 2x slower), whole or by blocks of channels, whichever
     ran fastest (best of three) the first time a map shape came by. Measured inside a training step
     (2 cores, NHWC, batch 8): blocks of 128 win on large maps (1536 channels at 16x16: 12.4 -> 8.7 ms;
     768 at 32x32: 21.9 -> 19.6 ms), whole maps on small ones (768 at 8x8: 1.0 vs 1.3-1.5 ms). Without
