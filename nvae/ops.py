@@ -282,8 +282,7 @@ class DepthwiseConv2d(Conv2d):
         if mask[0]:  # stride 1, 'same' padding: the transposed conv is a conv with the flipped kernel
             grad_x = self._conv_forward(grad_out, weight.flip(2, 3), None).contiguous(memory_format=layout)
         grad_w = self._weight_grad(grad_out, x) if mask[1] else None
-        grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype) if mask[2] else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, None  # no bias (see __init__)
 
     def _weight_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Weight gradient on CPU in float32, by the fastest of :data:`DEPTHWISE_GRAD_BLOCKS` for this shape."""
