@@ -6,7 +6,8 @@
 Each option runs ``benchmarks/throughput.py`` in its own process (so peak memory is that option's
 alone) and the results are printed as a Markdown table, then one JSON line per option.
 Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (activation
-checkpointing), ``cl`` / ``nchw`` (channels_last on / off; default: the preset's), ``compile``
+checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (channels_last on /
+off; default: the preset's), ``compile``
 (torch.compile; its compilation is excluded by the warm-up step but takes minutes on CPU).
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
-         "ckpt": ["--checkpointing"], "cl": ["--channels-last"], "nchw": ["--no-channels-last"],
+         "ckpt": ["--checkpointing", "group"], "ckptcell": ["--checkpointing", "cell"],
+         "cl": ["--channels-last"], "nchw": ["--no-channels-last"],
          "compile": ["--compile"]}
 
 

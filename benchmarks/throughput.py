@@ -90,8 +90,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="build with model.channels_last=true (--no-channels-last: false; "
                         "default: the preset's setting)")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="build with model.gradient_checkpointing=true (activation checkpointing per cell)")
+    p.add_argument("--checkpointing", nargs="?", const="group", default=None, choices=("group", "cell"),
+                   help="build with model.gradient_checkpointing=MODE (activation checkpointing per latent group "
+                        "and cell stack, the default, or per cell)")
     p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile per cell)")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default allocator settings (train.py keeps freed memory in the heap: "
@@ -108,8 +109,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = False, checkpointing: bool = False,
-          compile: bool = False) -> NVAECLI:
+def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = False,
+          checkpointing: Optional[str] = None, compile: bool = False) -> NVAECLI:
     """Parse and instantiate the presets through the project's CLI, without running anything.
 
     The logger is switched off so no log directory is created; ``meta`` builds the model on the
@@ -120,7 +121,7 @@ def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = Fa
     if channels_last is not None:  # else the preset's setting
         args.append(f"--model.channels_last={str(channels_last).lower()}")
     if checkpointing:
-        args.append("--model.gradient_checkpointing=true")
+        args.append(f"--model.gradient_checkpointing={checkpointing}")
     if compile:
         args.append("--model.compile=true")
     # LightningCLI warns when it is given args while sys.argv has some: they are this script's own.

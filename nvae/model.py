@@ -13,13 +13,15 @@ from typing import Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
 from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
-from nvae.ops import ELU, CellStack, Conv2d
+from nvae.ops import ELU, CellStack, Conv2d, once_then_frozen
 from nvae.spec import ImageSpec
 
 Likelihood = Union[Bernoulli, DiscMixLogistic]
+CHECKPOINT_MODES = ("none", "cell", "group")
 
 
 @dataclass
@@ -144,6 +146,7 @@ class LatentGroup(nn.Module):
         self.dec_combiner = DecoderCombiner(dec_channels, latent)
         self.residual = cfg.residual_posterior
         self.latent_channels = latent
+        self.checkpoint = False  # see forward
 
     def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float,
                 z_shape: tuple[int, ...], z: torch.Tensor | None = None, use_mean: bool = False,
@@ -153,8 +156,18 @@ class LatentGroup(nn.Module):
         A given ``z`` is used as it is. Otherwise, with ``enc`` (the group's encoder feature) z
         comes from the posterior (its mean when ``use_mean``; the posterior is appended to
         ``trace`` if given); without, from the prior at ``temperature``. log q and KL are zero
-        unless z came from the posterior.
+        unless z came from the posterior. With ``checkpoint`` set (and gradients on), the whole
+        group is recomputed in backward and only its inputs are kept; the recomputation draws the
+        same noise (the RNG state is restored) and leaves BatchNorm running statistics alone.
         """
+        if self.checkpoint and torch.is_grad_enabled() and trace is None:
+            return checkpoint(once_then_frozen(self._forward, self), h, enc, temperature, z_shape, z, use_mean,
+                              use_reentrant=False)
+        return self._forward(h, enc, temperature, z_shape, z, use_mean, trace)
+
+    def _forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float, z_shape: tuple[int, ...],
+                 z: torch.Tensor | None, use_mean: bool, trace: list[GroupLatent] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.cells(h)
         # distributions in float32 even under autocast: KL and log-densities need the precision
         prior_params = self.prior(h).float() if self.prior is not None else None
@@ -241,11 +254,25 @@ class NVAE(nn.Module):
         self.head = nn.Sequential(ELU(), Conv2d(ch, out, 3, padding=1))
         self.groups_per_scale = groups
 
-    def set_checkpointing(self, enabled: bool) -> None:
-        """Activation checkpointing per cell: recompute activations in backward to save memory."""
+    def set_checkpointing(self, mode: bool | str) -> None:
+        """Activation checkpointing: recompute activations in backward instead of storing them.
+
+        ``"cell"``: per cell (every cell's input is kept). ``"group"`` (or True): per latent group
+        and per cell stack: each decoder group (cells, prior, posterior, flows, combiners), each
+        encoder group and the pre-/postprocessing stacks are recomputed as one unit, so only their
+        inputs are kept. ``"none"`` (or False): off.
+        """
+        mode = {True: "group", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"model.gradient_checkpointing must be one of {', '.join(CHECKPOINT_MODES)} or a "
+                             f"boolean, got {mode!r}")
         for m in self.modules():
             if isinstance(m, CellStack):
-                m.checkpoint = enabled
+                m.checkpoint = {"none": "none", "cell": "cell", "group": "stack"}[mode]
+        for group in self.dec_groups:
+            group.checkpoint = mode == "group"
+            if mode == "group":
+                group.cells.checkpoint = "none"  # recomputed with the group
 
     @property
     def num_groups(self) -> int:

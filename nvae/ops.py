@@ -215,7 +215,7 @@ class Conv2d(nn.Conv2d):
     def kernel(self) -> torch.Tensor:
         """``normalized_weight()``, kept (in training) for the spectral regularizer's :meth:`take_weight`."""
         weight = self.normalized_weight()
-        if self.training and torch.is_grad_enabled() and weight is not self.weight:
+        if self.training and torch.is_grad_enabled() and weight is not self.weight and not _recomputing:
             self.__dict__["last_weight"] = weight  # reused (and released) by the spectral regularizer
         return weight
 
@@ -421,6 +421,21 @@ def autoregressive_mask(in_channels: int, out_channels: int, kernel_size: int, g
     return mask
 
 
+_recomputing = 0  # > 0 while a checkpointed region runs again during backward (see once_then_frozen)
+
+
+@contextmanager
+def _recomputation() -> Iterator[None]:
+    """Marks a checkpoint recomputation: kernels made then are not kept for the spectral regularizer
+    (they would stay alive until the next step's; see Conv2d.kernel)."""
+    global _recomputing
+    _recomputing += 1
+    try:
+        yield
+    finally:
+        _recomputing -= 1
+
+
 @contextmanager
 def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers of ``module`` normalize with batch statistics but leave running stats alone."""
@@ -439,32 +454,39 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
 class CellStack(nn.Sequential):
     """A sequence of cells that can trade compute for memory (activation checkpointing).
 
-    With ``checkpoint`` on, each cell's activations are freed after the forward pass and recomputed
-    during backward; the recomputation does not update BatchNorm running statistics a second time.
+    ``checkpoint`` is ``"none"``, ``"cell"`` (each cell's activations are freed after the forward
+    pass and recomputed during backward; the stack keeps every cell's input) or ``"stack"`` (the
+    whole stack is recomputed as one unit; only its input is kept). Recomputation does not update
+    BatchNorm running statistics a second time.
     """
 
-    checkpoint: bool = False
+    checkpoint: str = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint == "none" or not torch.is_grad_enabled():
+            return self._run(x)
+        if self.checkpoint == "stack":
+            return checkpoint(once_then_frozen(self._run, self), x, use_reentrant=False)
         for cell in self:
-            if self.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(_once_then_frozen(cell, cell), x, use_reentrant=False)
-            else:
-                x = cell(x)
+            x = checkpoint(once_then_frozen(cell, cell), x, use_reentrant=False)
+        return x
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        for cell in self:
+            x = cell(x)
         return x
 
 
-def _once_then_frozen(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module
-                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+def once_then_frozen(fn: Callable[..., Any], owner: nn.Module) -> Callable[..., Any]:
     """``fn``; calls after the first (checkpoint recomputation) keep the BN running stats of ``owner`` fixed."""
     calls = 0
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1 or not owner.training:
-            return fn(x)
-        with frozen_batchnorm_stats(owner):
-            return fn(x)
+            return fn(*args)
+        with frozen_batchnorm_stats(owner), _recomputation():
+            return fn(*args)
 
     return run

@@ -185,11 +185,13 @@ def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
-def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE) -> None:
+@pytest.mark.parametrize("mode", ["cell", "group", True])
+def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE, mode: object) -> None:
+    """Same loss, gradients and BN statistics; per group the posterior noise is drawn again identically."""
     x = random_images(tiny_rgb.spec)
     reference = NVAE(tiny_rgb.spec, tiny_rgb.cfg)
     reference.load_state_dict(tiny_rgb.state_dict())
-    tiny_rgb.set_checkpointing(True)
+    tiny_rgb.set_checkpointing(mode)
     results = []
     for model in (reference, tiny_rgb):
         torch.manual_seed(0)
@@ -203,6 +205,44 @@ def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE) -> 
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
     for name in state_a:  # running statistics moved exactly once, as without checkpointing
         torch.testing.assert_close(state_a[name], state_b[name], msg=name)
+
+
+def _saved_bytes(model: NVAE, x: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps from a forward pass (outside recomputation)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(storages.values())
+
+
+def test_checkpointing_per_group_keeps_less_than_per_cell(tiny_rgb: NVAE) -> None:
+    x = random_images(tiny_rgb.spec, n=8)
+    saved = {}
+    for mode in ("none", "cell", "group"):
+        tiny_rgb.set_checkpointing(mode)
+        saved[mode] = _saved_bytes(tiny_rgb, x)
+    assert saved["group"] < 0.6 * saved["cell"] < 0.6 * saved["none"], saved
+    with pytest.raises(ValueError, match="gradient_checkpointing must be one of none, cell, group"):
+        tiny_rgb.set_checkpointing("layer")
+
+
+@pytest.mark.parametrize("mode", ["cell", "group"])
+def test_checkpoint_recomputation_keeps_no_kernels_for_the_next_step(tiny_rgb: NVAE, mode: str) -> None:
+    """The spectral regularizer takes each forward kernel; kernels recomputed in backward are not stashed."""
+    tiny_rgb.set_checkpointing(mode)
+    spectral = SpectralRegularizer(tiny_rgb)
+    out = tiny_rgb(random_images(tiny_rgb.spec))
+    loss = out.kl.sum() + spectral()
+    assert not [n for n, m in tiny_rgb.named_modules() if "last_weight" in m.__dict__]
+    loss.backward()
+    assert not [n for n, m in tiny_rgb.named_modules() if "last_weight" in m.__dict__]
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder down"])
