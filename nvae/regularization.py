@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvae.ops import Conv2d
+from nvae.ops import Conv2d, kernel_matrix
 
 
 LARGE_MATRIX = 2 ** 18  # elements of a kernel matrix above which CPU iterates weights one by one
@@ -20,7 +20,10 @@ class SpectralRegularizer(nn.Module):
     """Sum of spectral norms of every :class:`nvae.ops.Conv2d` in ``model``.
 
     The first call runs ``initial_iters`` power iterations, later calls ``power_iters`` (no
-    gradient through u, v); sigma = u^T W v carries the gradient to W.
+    gradient through u, v); sigma = u^T W v carries the gradient u v^T to W. Kernels of the
+    step's forward pass come with spectral tokens: their gradient joins the conv's own inside the
+    weight norm's backward (see :class:`nvae.ops._WeightNorm`) instead of being held from the
+    start of backward.
     """
 
     def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
@@ -48,45 +51,51 @@ class SpectralRegularizer(nn.Module):
         on_cpu = total.device.type == "cpu"
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
-                weights = [_matrix(c.take_weight().float()) for c in convs]  # n x (rows, cols)
+                taken = [c.take_weight() for c in convs]
+                tokens = [t for _, _, t in taken if t is not None]
+                with_tokens = len(tokens) == len(convs)  # else W itself, with autograd through sigma
+                weights = [kernel_matrix(w.float()) for w, _, _ in taken]  # n x (rows, cols): w or W
+                scales = torch.stack([s.view(-1) for _, s, _ in taken]) if with_tokens else None  # (n, rows)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
                 # One batched matmul per shape saves launches; on CPU, large matrices are iterated one
                 # by one instead, since stacking them is a memory-bound copy of the whole group.
-                if on_cpu and weights[0].numel() >= LARGE_MATRIX:
-                    parts = [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
-                else:
-                    parts = [(slice(None), torch.stack(weights))]
-                for rows, w in parts:  # w: (n or 1, rows, cols)
-                    u_new, v_new = _power_iteration(u[rows], v[rows], w, iters)
-                    total = total + torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum()  # u^T W v
-                    with torch.no_grad():
-                        u[rows], v[rows] = u_new, v_new
+                sigmas = []  # u^T W v per part; no graph where tokens carry the gradient
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not with_tokens):
+                    if on_cpu and weights[0].numel() >= LARGE_MATRIX:
+                        parts = [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
+                    else:
+                        parts = [(slice(None), torch.stack(weights))]
+                    for rows, w in parts:  # w: (n or 1, rows, cols)
+                        s = None if scales is None else scales[rows]
+                        u_new, v_new = _power_iteration(u[rows], v[rows], w, iters, s)
+                        us = u_new if s is None else u_new * s  # u^T diag(s) w = u^T W
+                        sigmas.append(torch.bmm(torch.bmm(us.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
+                        with torch.no_grad():
+                            u[rows], v[rows] = u_new, v_new
+                total = total + sum(sigmas)
+                if tokens and len(tokens) == len(convs):  # gradient u v^T joins each conv's own (nvae.ops._WeightNorm)
+                    for j, conv in enumerate(convs):
+                        conv.__dict__["spectral_uv"] = (u[j], v[j])
+                    total = total + torch.stack(tokens).sum()
         self.initialized.fill_(True)
         return total
 
 
-def _matrix(kernel: torch.Tensor) -> torch.Tensor:
-    """The (C_out, C_in*k*k) matrix of a kernel, its columns in memory order (a view, no copy).
-
-    Permuting columns leaves the singular values unchanged, so a channels_last kernel is read as
-    (C_out, k*k*C_in) rather than copied into (C_out, C_in*k*k).
-    """
-    if kernel.dim() == 4 and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last):
-        return kernel.permute(0, 2, 3, 1).flatten(1)  # (out, k*k*in)
-    return kernel.flatten(1)
-
-
 @torch.no_grad()
-def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``iters`` steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices w (n, rows, cols).
+def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int,
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iters`` steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices W (n, rows, cols).
 
-    W v is taken as v^T W^T: on CPU, bmm of a batch of matrices with (n, cols, 1) vectors takes a
-    slow path (41 x (128, 1152): 5.2 ms, against 0.28 ms for the transposed product).
+    With ``scale`` (n, rows), W = diag(scale) w for the given w (a weight-normalized kernel read
+    as its raw weights and per-row scales). W v is taken as v^T W^T: on CPU, bmm of a batch of
+    matrices with (n, cols, 1) vectors takes a slow path (41 x (128, 1152): 5.2 ms, against 0.28
+    ms for the transposed product).
     """
     for _ in range(iters):
-        v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
-        u = F.normalize(torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1), dim=1, eps=1e-3)  # (n, rows)
+        us = u if scale is None else u * scale
+        v = F.normalize(torch.bmm(us.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
+        wv = torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)  # (n, rows)
+        u = F.normalize(wv if scale is None else wv * scale, dim=1, eps=1e-3)
     return u, v
 
 

@@ -70,6 +70,31 @@ def test_spectral_estimate_matches_linalg(layout: torch.memory_format) -> None:
     assert len(reg.state_dict()) == 7  # u, v for the three shapes + initialized flag
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_format) -> None:
+    """Kernels of a training forward carry spectral tokens (u v^T added inside the weight norm's
+    backward); kernels made fresh (eval mode here) take plain autograd through sigma = u^T W v."""
+    import copy
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(Conv2d(4, 6, 3, padding=1), Conv2d(6, 6, 3, padding=1), Conv2d(6, 128, 1),
+                            Conv2d(128, 256, 3, padding=1), Conv2d(256, 4, 1)).to(memory_format=layout)
+    b = copy.deepcopy(a).eval()
+    reg_a, reg_b = SpectralRegularizer(a, 3, 3), SpectralRegularizer(b, 3, 3)
+    reg_b.load_state_dict(reg_a.state_dict())
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=layout)
+    losses = []
+    for model, reg in ((a, reg_a), (b, reg_b)):
+        y = model(x)
+        loss = (y ** 2).mean() + 0.7 * reg()
+        loss.backward()
+        losses.append(loss.detach())
+    assert all("spectral_uv" in m.__dict__ for m in a) and not any("spectral_uv" in m.__dict__ for m in b)
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_batchnorm_penalty_is_sum_of_max_abs_gamma() -> None:
     bns = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(2))
     with torch.no_grad():
