@@ -18,9 +18,10 @@ from torch.utils.checkpoint import checkpoint
 
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
-# Channels per call of oneDNN's depthwise weight-gradient kernel on CPU, tried once per map shape
-# (0: all at once); see DepthwiseConv2d.
-DEPTHWISE_GRAD_BLOCKS = (0, 256, 128)
+# Ways to take the depthwise weight gradient on CPU, tried once per map shape (see DepthwiseConv2d):
+# "folded" (one forward depthwise conv with the batch folded into the channels) or oneDNN's
+# weight-gradient kernel over blocks of this many channels per call (0: all at once).
+DEPTHWISE_GRAD_METHODS: tuple[str | int, ...] = ("folded", 0, 256, 128)
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -310,10 +311,12 @@ class DepthwiseConv2d(Conv2d):
     The input gradient (used by :func:`bn_swish_conv`) is the forward convolution of the output
     gradient with the flipped kernel, which oneDNN runs ~3.5x faster on CPU than its own
     input-gradient kernel ((8, 1536, 16, 16): 4.6 -> 1.3 ms). The weight gradient is taken in
-    float32 (oneDNN's bf16 kernel for it is about 2x slower), whole or by blocks of channels, whichever
-    ran fastest (best of three) the first time a map shape came by. Measured inside a training step
-    (2 cores, NHWC, batch 8): blocks of 128 win on large maps (1536 channels at 16x16: 12.4 -> 8.7 ms;
-    768 at 32x32: 21.9 -> 19.6 ms), whole maps on small ones (768 at 8x8: 1.0 vs 1.3-1.5 ms). Without
+    float32 (oneDNN's bf16 kernel for it is about 2x slower) by whichever of
+    :data:`DEPTHWISE_GRAD_METHODS` ran fastest (best of three) the first time a map shape came by:
+    oneDNN's weight-gradient kernel, whole or by blocks of channels, or :meth:`weight_grad_folded`,
+    a forward depthwise convolution over batch x channels. Measured alone (2 cores, NHWC, batch 8,
+    float32, ms): 768 channels at 8x8: whole 0.98, blocks of 128 1.52, folded 0.82; 1536 at 4x4:
+    0.85, 1.87, 0.48; 1536 at 16x16: 11.3, 9.0, 9.5; 768 at 32x32: 19.8, 19.0, 17.9. Without
     ``keep_heap_memory`` oneDNN's scratchpad for whole maps is mmapped anew on every call (1536 at
     4x4: 11 ms instead of 1 ms), which blocks also avoid.
     """
@@ -345,21 +348,28 @@ class DepthwiseConv2d(Conv2d):
         return grad_x, grad_w, None  # no bias (see __init__)
 
     def _weight_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Weight gradient on CPU in float32, by the fastest of :data:`DEPTHWISE_GRAD_BLOCKS` for this shape."""
+        """Weight gradient on CPU in float32, by the fastest of :data:`DEPTHWISE_GRAD_METHODS` for this shape."""
         key = (tuple(x.shape), x.dtype, torch.get_num_threads())
-        block = _FASTEST_GRAD_BLOCK.get(key)
-        if block is None:
+        method = _FASTEST_WEIGHT_GRAD.get(key)
+        if method is None:
             timings = {}
-            for candidate in dict.fromkeys(b if 0 < b < x.shape[1] else 0 for b in DEPTHWISE_GRAD_BLOCKS):
-                self.weight_grad_by_blocks(grad_out, x, candidate)  # oneDNN builds its kernel on the first call
+            candidates = [m if isinstance(m, str) or 0 < m < x.shape[1] else 0 for m in DEPTHWISE_GRAD_METHODS]
+            for candidate in dict.fromkeys(candidates):
+                self.weight_grad_by(grad_out, x, candidate)  # oneDNN builds its kernel on the first call
                 runs = []
                 for _ in range(3):  # the best of three: a single run is easily disturbed on a busy CPU
                     start = time.perf_counter()
-                    self.weight_grad_by_blocks(grad_out, x, candidate)
+                    self.weight_grad_by(grad_out, x, candidate)
                     runs.append(time.perf_counter() - start)
                 timings[candidate] = min(runs)
-            block = _FASTEST_GRAD_BLOCK[key] = min(timings, key=timings.__getitem__)
-        return self.weight_grad_by_blocks(grad_out, x, block)
+            method = _FASTEST_WEIGHT_GRAD[key] = min(timings, key=timings.__getitem__)
+        return self.weight_grad_by(grad_out, x, method)
+
+    def weight_grad_by(self, grad_out: torch.Tensor, x: torch.Tensor, method: str | int) -> torch.Tensor:
+        """Weight gradient in float32 by one of :data:`DEPTHWISE_GRAD_METHODS`."""
+        if method == "folded":
+            return self.weight_grad_folded(grad_out, x)
+        return self.weight_grad_by_blocks(grad_out, x, int(method))
 
     def weight_grad_by_blocks(self, grad_out: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
         """Weight gradient in float32 by oneDNN calls over ``block`` channels each (0: all at once)."""
@@ -374,8 +384,26 @@ class DepthwiseConv2d(Conv2d):
                 False, [0, 0], stop - start, [False, True, False])[1])
         return torch.cat(pieces).to(self.weight.dtype)  # (channels, 1, k, k)
 
+    def weight_grad_folded(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Weight gradient in float32 as one forward depthwise convolution, the batch folded into the channels.
 
-_FASTEST_GRAD_BLOCK: dict[tuple[tuple[int, ...], torch.dtype, int], int] = {}  # (shape, dtype, threads) -> block
+        dW[c, i, j] = sum_b sum_(y, x) x_pad[b, c, y + i, x + j] * g[b, c, y, x]: for each (c, b) that is
+        the correlation of the padded map x[b, c] with the H x W kernel g[b, c], a k x k output; the
+        batch is then summed.
+        """
+        b, c, h, w = x.shape
+        folded_x = torch.empty((1, h, w, c, b), dtype=torch.float32, device=x.device)
+        folded_x.copy_(x.permute(2, 3, 1, 0).unsqueeze(0))  # one pass: cast and transpose
+        folded_x = folded_x.view(1, h, w, c * b).permute(0, 3, 1, 2)  # (1, C*B, H, W) NHWC; channel c*B + b
+        kernels = torch.empty((c, b, h, w), dtype=torch.float32, device=x.device)
+        kernels.copy_(grad_out.permute(1, 0, 2, 3))
+        out = F.conv2d(folded_x, kernels.view(c * b, 1, h, w), padding=self.padding, groups=c * b)  # (1, C*B, k, k)
+        k = self.kernel_size
+        return out.view(c, b, *k).sum(dim=1, keepdim=True).to(self.weight.dtype)  # (C, 1, k, k)
+
+
+# (shape, dtype, threads) -> the fastest of DEPTHWISE_GRAD_METHODS
+_FASTEST_WEIGHT_GRAD: dict[tuple[tuple[int, ...], torch.dtype, int], str | int] = {}
 
 
 class ELU(nn.Module):

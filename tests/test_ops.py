@@ -117,7 +117,7 @@ def test_fused_steps_under_bf16_autocast(conv_names: list[str]) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
-    """Whole or by blocks of channels with a remainder: the gradients of F.conv2d; the fastest block is kept."""
+    """Folded, whole or by blocks of channels with a remainder: the gradients of F.conv2d; the fastest way is kept."""
     channels = 2 * 64 + 3
     conv = DepthwiseConv2d(channels, 5, padding=2)
     x = torch.randn(2, channels, 6, 7).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -125,13 +125,13 @@ def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
     xr, wr = x.double().requires_grad_(True), conv.weight.detach().double().requires_grad_(True)
     ref_x, ref_w = torch.autograd.grad(F.conv2d(xr, wr, padding=2, groups=channels), (xr, wr), grad_out.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for block in (0, 64, 128, channels):
-        grad_w = conv.weight_grad_by_blocks(grad_out, x, block)
+    for method in ("folded", 0, 64, 128, channels):
+        grad_w = conv.weight_grad_by(grad_out, x, method)
         assert grad_w.dtype == torch.float32
         torch.testing.assert_close(grad_w.double(), ref_w, rtol=tol, atol=tol * ref_w.abs().max().item())
-    ops._FASTEST_GRAD_BLOCK.clear()
+    ops._FASTEST_WEIGHT_GRAD.clear()
     grad_x, grad_w, _ = conv.convolve_backward(grad_out, x, conv.weight.to(dtype), (True, True, False))
-    assert list(ops._FASTEST_GRAD_BLOCK.values())[0] in (0, *ops.DEPTHWISE_GRAD_BLOCKS)
+    assert list(ops._FASTEST_WEIGHT_GRAD.values())[0] in ops.DEPTHWISE_GRAD_METHODS
     assert grad_x.dtype == dtype
     torch.testing.assert_close(grad_w.double(), ref_w, rtol=tol, atol=tol * ref_w.abs().max().item())
     torch.testing.assert_close(grad_x.double(), ref_x, rtol=tol, atol=tol * ref_x.abs().max().item())
