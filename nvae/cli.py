@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from nvae.data import ImageDataModule
@@ -74,7 +75,7 @@ def main(args: Optional[list[str]] = None) -> NVAECLI:
     try:
         return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=args,
                        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    except (ValueError, FileNotFoundError, DataError, TrainingDiverged) as err:
+    except (ValueError, FileNotFoundError, DataError, TrainingDiverged, MisconfigurationException) as err:
         if os.environ.get("NVAE_DEBUG"):
             raise
         raise SystemExit(f"train.py: error: {err} (NVAE_DEBUG=1 shows the traceback)") from None

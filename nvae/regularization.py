@@ -28,6 +28,9 @@ class SpectralRegularizer(nn.Module):
 
     def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
         super().__init__()
+        if power_iters < 1 or initial_iters < 1:
+            raise ValueError(f"model.power_iters must be >= 1 (power iterations per step), got {power_iters} "
+                             f"(first step: {initial_iters})")
         self.power_iters, self.initial_iters = power_iters, initial_iters
         groups: dict[tuple[int, int], list[Conv2d]] = {}
         for module in model.modules():
@@ -67,9 +70,11 @@ class SpectralRegularizer(nn.Module):
                         parts = [(slice(None), torch.stack(weights))]
                     for rows, w in parts:  # w: (n or 1, rows, cols)
                         s = None if scales is None else scales[rows]
-                        u_new, v_new = _power_iteration(u[rows], v[rows], w, iters, s)
-                        us = u_new if s is None else u_new * s  # u^T diag(s) w = u^T W
-                        sigmas.append(torch.bmm(torch.bmm(us.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
+                        u_new, v_new, wv = _power_iteration(u[rows], v[rows], w, iters, s)
+                        if with_tokens:  # u^T W v from the last step's W v: no further pass over the weights
+                            sigmas.append((u_new * wv).sum())
+                        else:
+                            sigmas.append(torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
                         with torch.no_grad():
                             u[rows], v[rows] = u_new, v_new
                 total = total + sum(sigmas)
@@ -83,20 +88,24 @@ class SpectralRegularizer(nn.Module):
 
 @torch.no_grad()
 def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int,
-                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``iters`` steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices W (n, rows, cols).
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iters`` (>= 1) steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices W (n, rows, cols).
 
-    With ``scale`` (n, rows), W = diag(scale) w for the given w (a weight-normalized kernel read
-    as its raw weights and per-row scales). W v is taken as v^T W^T: on CPU, bmm of a batch of
-    matrices with (n, cols, 1) vectors takes a slow path (41 x (128, 1152): 5.2 ms, against 0.28
-    ms for the transposed product).
+    Returns u, v and the last W v (so u^T W v needs no further pass over W). With ``scale``
+    (n, rows), W = diag(scale) w for the given w (a weight-normalized kernel read as its raw
+    weights and per-row scales). W v is taken as v^T W^T: on CPU, bmm of a batch of matrices with
+    (n, cols, 1) vectors takes a slow path (41 x (128, 1152): 5.2 ms, against 0.28 ms for the
+    transposed product).
     """
+    wv = u
     for _ in range(iters):
         us = u if scale is None else u * scale
         v = F.normalize(torch.bmm(us.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
         wv = torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)  # (n, rows)
-        u = F.normalize(wv if scale is None else wv * scale, dim=1, eps=1e-3)
-    return u, v
+        if scale is not None:
+            wv = wv * scale
+        u = F.normalize(wv, dim=1, eps=1e-3)
+    return u, v, wv
 
 
 def batchnorm_penalty(model: nn.Module) -> torch.Tensor:

@@ -82,6 +82,14 @@ def test_cli_bad_num_bits_is_one_line(tmp_path: Path) -> None:
     assert "num_bits must be in 1..8 (1 = binary), got 12" in one_line(err)
 
 
+def test_cli_lightning_misconfiguration_is_one_line(tmp_path: Path) -> None:
+    """Lightning's own refusals of a trainer setting (here: a preset's ModelCheckpoint without checkpointing)."""
+    with pytest.raises(SystemExit) as err:
+        train_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger=false",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_checkpointing=false"])
+    assert one_line(err).startswith("train.py: error: Trainer was configured with `enable_checkpointing=False`")
+
+
 def write_pngs(folder: Path, n: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(n):

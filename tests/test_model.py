@@ -68,6 +68,8 @@ def test_spectral_estimate_matches_linalg(layout: torch.memory_format) -> None:
     total.backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in model)
     assert len(reg.state_dict()) == 7  # u, v for the three shapes + initialized flag
+    with pytest.raises(ValueError, match="model.power_iters must be >= 1"):
+        SpectralRegularizer(model, power_iters=0)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
