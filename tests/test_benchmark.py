@@ -40,6 +40,14 @@ def quickstart_params() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _throughput_module() -> Any:
+    """benchmarks/throughput.py imported as a module."""
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    return throughput
+
+
 def test_steps_0_reports_the_parameter_count_only(tmp_path: Path) -> None:
     result = run_benchmark(tmp_path, "--steps", "0")
     assert result == {"config": str(QUICKSTART), "params": quickstart_params()}
@@ -64,9 +72,7 @@ def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
     """torch's own formula counts a depthwise conv's weight gradient once per channel; ours does not."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    throughput = _throughput_module()
     mapping = {torch.ops.aten.convolution_backward: throughput.conv_backward_flops}
     for conv in (torch.nn.Conv2d(24, 24, 5, padding=2, groups=24), torch.nn.Conv2d(8, 16, 3, stride=2),
                  torch.nn.ConvTranspose2d(8, 16, 3, groups=2)):
@@ -75,6 +81,22 @@ def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
             conv(x).sum().backward()
         flops = counter.get_flop_counts()["Global"]
         assert flops[torch.ops.aten.convolution_backward] == 2 * flops[torch.ops.aten.convolution]
+
+
+def test_checkpointing_options_reach_the_model_and_recompute() -> None:
+    """--checkpointing group / cell build the preset that way; recomputation shows in the FLOP count
+    (a group recomputes its heads and flows too, so more than cell by cell)."""
+    throughput = _throughput_module()
+    flops = {}
+    for mode in (None, "cell", "group"):
+        cli = throughput.build([str(QUICKSTART)], None, checkpointing=mode)
+        assert cli.model.hparams.gradient_checkpointing == (mode or False)
+        torch.manual_seed(0)
+        x = throughput.random_batch(cli.model.spec, 2, torch.device("cpu"))
+        stepper = throughput.Stepper(cli.model.train(), x, "32")
+        stepper.timed_step()  # first step: 10x power iterations, depthwise weight-gradient timing runs
+        flops[mode] = stepper.count_flops()
+    assert flops[None] < flops["cell"] < flops["group"], flops
 
 
 @pytest.mark.slow

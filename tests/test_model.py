@@ -214,7 +214,8 @@ def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
 
 @pytest.mark.parametrize("mode", ["cell", "group", True])
 def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE, mode: object) -> None:
-    """Same loss, gradients and BN statistics; per group the posterior noise is drawn again identically."""
+    """Same loss (spectral term included), gradients and BN statistics; per group the posterior noise
+    is drawn again identically."""
     x = random_images(tiny_rgb.spec)
     reference = NVAE(tiny_rgb.spec, tiny_rgb.cfg)
     reference.load_state_dict(tiny_rgb.state_dict())
@@ -222,8 +223,9 @@ def test_gradient_checkpointing_is_exact_and_updates_bn_once(tiny_rgb: NVAE, mod
     results = []
     for model in (reference, tiny_rgb):
         torch.manual_seed(0)
+        spectral = SpectralRegularizer(model)  # same u, v start for both (seeded)
         out = model(x)
-        loss = (-model.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean()
+        loss = (-model.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).mean() + 0.5 * spectral()
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
     (loss_a, grads_a, state_a), (loss_b, grads_b, state_b) = results
