@@ -7,23 +7,28 @@ Each option runs ``benchmarks/throughput.py`` in its own process (so peak memory
 alone) and the results are printed as a Markdown table, then one JSON line per option.
 Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (activation
 checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (channels_last on /
-off; default: the preset's), ``compile``
-(torch.compile; its compilation is excluded by the warm-up step but takes minutes on CPU).
+off; default: the preset's), ``compile`` (torch.compile; its compilation is excluded by the
+warm-up step but takes minutes on CPU), ``live`` (glibc's allocator gives every freed block of
+64 KiB or more back to the kernel, so the peak resident set follows the memory actually in use
+rather than the heap that a training process keeps: the allocator-independent peak; steps are
+much slower then, their times are not comparable).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
+LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
          "ckpt": ["--checkpointing", "group"], "ckptcell": ["--checkpointing", "cell"],
-         "cl": ["--channels-last"], "nchw": ["--no-channels-last"],
+         "cl": ["--channels-last"], "nchw": ["--no-channels-last"], "live": ["--default-malloc"],
          "compile": ["--compile"]}
 
 
@@ -37,13 +42,21 @@ def flags(option: str) -> list[str]:
     return out
 
 
+def environment(option: str) -> dict[str, str]:
+    """The child's environment: with ``live``, glibc returns every block of 64 KiB or more to the kernel on free."""
+    env = dict(os.environ)
+    if "live" in option.split():
+        env["GLIBC_TUNABLES"] = LIVE_MALLOC
+    return env
+
+
 def measure(config: str, option: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "throughput.py"), "--config", config, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), *flags(option)]
     if args.device:
         cmd += ["--device", args.device]
     print(f"$ {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(option))
     if proc.returncode != 0:
         return {"option": option, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
     return {"option": option, **json.loads(proc.stdout.strip().splitlines()[-1])}

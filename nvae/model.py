@@ -262,7 +262,8 @@ class NVAE(nn.Module):
         encoder group and the pre-/postprocessing stacks are recomputed as one unit, so only their
         inputs are kept. ``"none"`` (or False): off.
         """
-        mode = {True: "group", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if isinstance(mode, bool):
+            mode = "group" if mode else "none"
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"model.gradient_checkpointing must be one of {', '.join(CHECKPOINT_MODES)} or a "
                              f"boolean, got {mode!r}")

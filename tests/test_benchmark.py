@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,19 @@ def test_checkpointing_options_reach_the_model_and_recompute() -> None:
         stepper.timed_step()  # first step: 10x power iterations, depthwise weight-gradient timing runs
         flops[mode] = stepper.count_flops()
     assert flops[None] < flops["cell"] < flops["group"], flops
+
+
+def test_option_words_of_the_options_table() -> None:
+    spec = importlib.util.spec_from_file_location("options", ROOT / "benchmarks" / "options.py")
+    options = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(options)
+    assert options.flags("bf16 ckptcell live") == ["--precision", "bf16-mixed", "--checkpointing", "cell",
+                                                   "--default-malloc"]
+    assert options.flags("32 ckpt") == ["--precision", "32", "--checkpointing", "group"]
+    assert options.environment("32 live")["GLIBC_TUNABLES"] == options.LIVE_MALLOC
+    assert options.environment("32").get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES")
+    with pytest.raises(SystemExit, match="unknown option word 'ckpt2'"):
+        options.flags("32 ckpt2")
 
 
 @pytest.mark.slow
