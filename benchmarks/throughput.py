@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or no
 from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
+from nvae.model import CHECKPOINT_MODES  # noqa: E402
 from nvae.runtime import keep_heap_memory  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
@@ -90,10 +91,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="build with model.channels_last=true (--no-channels-last: false; "
                         "default: the preset's setting)")
-    p.add_argument("--checkpointing", nargs="?", const="group", default=None, choices=("group", "cell"),
+    p.add_argument("--checkpointing", nargs="?", const="group", default=None,
+                   choices=[m for m in CHECKPOINT_MODES if m != "none"],
                    help="build with model.gradient_checkpointing=MODE (activation checkpointing per latent group "
                         "and cell stack, the default, or per cell)")
-    p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile per cell)")
+    p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile of the forward pass)")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default allocator settings (train.py keeps freed memory in the heap: "
                         "nvae.runtime.keep_heap_memory)")

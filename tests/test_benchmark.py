@@ -41,12 +41,12 @@ def quickstart_params() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _throughput_module() -> Any:
-    """benchmarks/throughput.py imported as a module."""
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
-    return throughput
+def _benchmark_module(name: str) -> Any:
+    """benchmarks/<name>.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_steps_0_reports_the_parameter_count_only(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
     """torch's own formula counts a depthwise conv's weight gradient once per channel; ours does not."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    throughput = _throughput_module()
+    throughput = _benchmark_module("throughput")
     mapping = {torch.ops.aten.convolution_backward: throughput.conv_backward_flops}
     for conv in (torch.nn.Conv2d(24, 24, 5, padding=2, groups=24), torch.nn.Conv2d(8, 16, 3, stride=2),
                  torch.nn.ConvTranspose2d(8, 16, 3, groups=2)):
@@ -87,7 +87,7 @@ def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
 def test_checkpointing_options_reach_the_model_and_recompute() -> None:
     """--checkpointing group / cell build the preset that way; recomputation shows in the FLOP count
     (a group recomputes its heads and flows too, so more than cell by cell)."""
-    throughput = _throughput_module()
+    throughput = _benchmark_module("throughput")
     flops = {}
     for mode in (None, "cell", "group"):
         cli = throughput.build([str(QUICKSTART)], None, checkpointing=mode)
@@ -101,9 +101,7 @@ def test_checkpointing_options_reach_the_model_and_recompute() -> None:
 
 
 def test_option_words_of_the_options_table() -> None:
-    spec = importlib.util.spec_from_file_location("options", ROOT / "benchmarks" / "options.py")
-    options = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(options)
+    options = _benchmark_module("options")
     assert options.flags("bf16 ckptcell live") == ["--precision", "bf16-mixed", "--checkpointing", "cell",
                                                    "--default-malloc"]
     assert options.flags("32 ckpt") == ["--precision", "32", "--checkpointing", "group"]
