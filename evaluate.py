@@ -1,5 +1,5 @@
 """Evaluate a trained NVAE: `python evaluate.py nll|fid|recon --checkpoint CKPT` (see --help)."""
-from nvae.eval_cli import main
+from nvae.entry import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -1,5 +1,5 @@
 """Sample images from a trained NVAE: `python sample.py --checkpoint CKPT` (see --help)."""
-from nvae.sample_cli import main
+from nvae.entry import sample
 
 if __name__ == "__main__":
-    main()
+    sample()

@@ -1,5 +1,5 @@
 """Train an NVAE: `python train.py fit --config configs/<preset>.yaml` (no arguments: the quickstart)."""
-from nvae.cli import main
+from nvae.entry import train
 
 if __name__ == "__main__":
-    main()
+    train()

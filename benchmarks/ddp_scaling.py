@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace, processes: int) -> None:
     torch.set_num_threads(args.threads)
     from nvae.runtime import keep_heap_memory
 
-    keep_heap_memory()  # as train.py does
+    keep_heap_memory()  # as train.py does (tcmalloc, if main() found it, is preloaded in this worker already)
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:
@@ -113,4 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    from nvae.runtime import select_allocator
+
+    select_allocator("ddp_scaling.py")  # NVAE_MALLOC, as train.py; workers inherit LD_PRELOAD
     main()

@@ -8,10 +8,11 @@ alone) and the results are printed as a Markdown table, then one JSON line per o
 Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (activation
 checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (channels_last on /
 off; default: the preset's), ``compile`` (torch.compile; its compilation is excluded by the
-warm-up step but takes minutes on CPU), ``live`` (glibc's allocator gives every freed block of
-64 KiB or more back to the kernel, so the peak resident set follows the memory actually in use
-rather than the heap that a training process keeps: the allocator-independent peak; steps are
-much slower then, their times are not comparable).
+warm-up step but takes minutes on CPU), and the allocator (``NVAE_MALLOC``, see nvae.runtime; by default
+whatever this process's environment says, as for train.py): ``tcmalloc``, ``glibc`` (glibc with
+freed memory kept in the heap) or ``live`` (glibc giving every freed block of 64 KiB or more back to
+the kernel, so the peak resident set follows the memory actually in use: the allocator-independent
+peak; steps are much slower then, their times are not comparable).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=655
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
          "ckpt": ["--checkpointing", "group"], "ckptcell": ["--checkpointing", "cell"],
-         "cl": ["--channels-last"], "nchw": ["--no-channels-last"], "live": ["--default-malloc"],
-         "compile": ["--compile"]}
+         "cl": ["--channels-last"], "nchw": ["--no-channels-last"], "compile": ["--compile"],
+         "tcmalloc": [], "glibc": [], "live": []}  # the allocator words set the environment instead
+MALLOC_WORDS = {"tcmalloc": "tcmalloc", "glibc": "heap", "live": "default"}  # option word -> NVAE_MALLOC
 
 
 def flags(option: str) -> list[str]:
@@ -43,9 +45,19 @@ def flags(option: str) -> list[str]:
 
 
 def environment(option: str) -> dict[str, str]:
-    """The child's environment: with ``live``, glibc returns every block of 64 KiB or more to the kernel on free."""
+    """The child's environment: NVAE_MALLOC for an allocator word; with ``live``, glibc also returns
+    every freed block of 64 KiB or more to the kernel."""
     env = dict(os.environ)
-    if "live" in option.split():
+    words = [w for w in option.split() if w in MALLOC_WORDS]
+    if len(words) > 1:
+        raise SystemExit(f"option {option!r} names more than one allocator ({', '.join(words)})")
+    if words:
+        env["NVAE_MALLOC"] = MALLOC_WORDS[words[0]]
+        env.pop("NVAE_MALLOC_PRELOADED", None)  # the child decides afresh (nvae.runtime.select_allocator)
+        if words[0] != "tcmalloc":  # a tcmalloc preloaded into this process would serve the child's mallocs
+            kept = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and "tcmalloc" not in p]
+            env["LD_PRELOAD"] = ":".join(kept)
+    if "live" in words:
         env["GLIBC_TUNABLES"] = LIVE_MALLOC
     return env
 
@@ -63,15 +75,15 @@ def measure(config: str, option: str, args: argparse.Namespace) -> dict[str, Any
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| option | s / step | train images/s | sample images/s | peak memory (MB) | TFLOP/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| option | s / step | train images/s | sample images/s | peak memory (MB) | TFLOP/s | allocator |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['option']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['option']} | failed: {r['error']} | | | | | |")
             continue
         sample = f"{r['sample_images_per_s']:.1f}" if r.get("sample_images_per_s") else "-"
         lines.append(f"| {r['option']} | {r['step_s']:.3f} | {r['train_images_per_s']:.2f} | {sample} | "
-                     f"{r['peak_mem_mb']:.0f} | {r['achieved_tflops']:.3f} |")
+                     f"{r['peak_mem_mb']:.0f} | {r['achieved_tflops']:.3f} | {r.get('allocator', '-')} |")
     return "\n".join(lines)
 
 
@@ -87,6 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     for option in args.options:
         flags(option)  # fail early on a typo
+        environment(option)
     rows = [measure(args.config, option, args) for option in args.options]
     print(f"{args.config}, batch {args.batch_size}, {args.threads} threads, median of {args.steps} steps")
     print(table(rows))

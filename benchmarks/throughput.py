@@ -57,7 +57,7 @@ from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
-from nvae.runtime import keep_heap_memory  # noqa: E402
+from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
@@ -96,9 +96,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="build with model.gradient_checkpointing=MODE (activation checkpointing per latent group "
                         "and cell stack, the default, or per cell)")
     p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile of the forward pass)")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's default allocator settings (train.py keeps freed memory in the heap: "
-                        "nvae.runtime.keep_heap_memory)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
     args = p.parse_args(argv)
@@ -278,7 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = " + ".join(args.config)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    heap = False if args.default_malloc else keep_heap_memory()
+    keep_heap_memory()  # as train.py does, unless NVAE_MALLOC=default or tcmalloc is loaded
+    allocator = allocator_name()
 
     if args.steps == 0:
         cli = build(args.config, args.channels_last, meta=True)
@@ -299,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"config: {config}")
     print(f"device: {device} ({device_name(device)}), threads: {threads} "
           f"(of {default_threads()} in the affinity mask), precision: {precision}, channels_last: {channels_last}, "
-          f"heap kept: {heap}")
+          f"allocator: {allocator}")
     print(f"model: {params:,} parameters; batch: {batch_size} x {spec.channels}x{spec.size}x{spec.size}, "
           f"{spec.num_bits} bit(s)")
 
@@ -323,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "channels_last": channels_last, "batch_size": batch_size, "params": params,
               "step_s": median, "step_s_all": times, "train_images_per_s": batch_size / median,
               "peak_mem_mb": peak, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12,
-              "checkpointing": args.checkpointing, "compile": args.compile, "heap_kept": heap,
+              "checkpointing": args.checkpointing, "compile": args.compile, "allocator": allocator,
               "sample_images_per_s": batch_size / sample_s if sample_s else None}
     print(f"median step: {median:.4f} s, {batch_size / median:.1f} images/s, peak memory {peak:.0f} MB, "
           f"{flops / 1e9:.2f} GFLOP/step, {flops / median / 1e12:.4f} TFLOP/s")
@@ -336,4 +334,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    select_allocator("throughput.py")  # NVAE_MALLOC, as train.py: may re-execute with tcmalloc preloaded
     main()

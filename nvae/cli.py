@@ -79,8 +79,3 @@ def main(args: Optional[list[str]] = None) -> NVAECLI:
         if os.environ.get("NVAE_DEBUG"):
             raise
         raise SystemExit(f"train.py: error: {err} (NVAE_DEBUG=1 shows the traceback)") from None
-
-
-def run() -> None:
-    """Console entry point ``nvae-train`` (same as ``python train.py``)."""
-    main()

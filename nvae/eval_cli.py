@@ -158,8 +158,3 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result = {"nll": run_nll, "recon": run_recon}[args.command](args)
     print(json.dumps(result))
     return result
-
-
-def run() -> None:
-    """Console entry point ``nvae-eval``."""
-    main()

@@ -126,8 +126,3 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "images_per_s": args.num_samples * len(args.temperature) / max(seconds, 1e-9)}
     print(json.dumps(result))
     return result
-
-
-def run() -> None:
-    """Console entry point ``nvae-sample``."""
-    main()

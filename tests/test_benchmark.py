@@ -100,13 +100,20 @@ def test_checkpointing_options_reach_the_model_and_recompute() -> None:
     assert flops[None] < flops["cell"] < flops["group"], flops
 
 
-def test_option_words_of_the_options_table() -> None:
+def test_option_words_of_the_options_table(monkeypatch: pytest.MonkeyPatch) -> None:
     options = _benchmark_module("options")
-    assert options.flags("bf16 ckptcell live") == ["--precision", "bf16-mixed", "--checkpointing", "cell",
-                                                   "--default-malloc"]
+    assert options.flags("bf16 ckptcell live") == ["--precision", "bf16-mixed", "--checkpointing", "cell"]
     assert options.flags("32 ckpt") == ["--precision", "32", "--checkpointing", "group"]
-    assert options.environment("32 live")["GLIBC_TUNABLES"] == options.LIVE_MALLOC
-    assert options.environment("32").get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES")
+    monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc_minimal.so.4:/y/libother.so")
+    monkeypatch.setenv("NVAE_MALLOC_PRELOADED", "1")
+    live = options.environment("32 live")
+    assert (live["GLIBC_TUNABLES"], live["NVAE_MALLOC"]) == (options.LIVE_MALLOC, "default")
+    assert live["LD_PRELOAD"] == "/y/libother.so" and "NVAE_MALLOC_PRELOADED" not in live  # glibc serves the child
+    assert options.environment("bf16 glibc")["NVAE_MALLOC"] == "heap"
+    assert options.environment("32 tcmalloc")["LD_PRELOAD"].startswith("/x/libtcmalloc")
+    assert options.environment("32") == dict(os.environ)  # no allocator word: the environment as it is
+    with pytest.raises(SystemExit, match="more than one allocator"):
+        options.environment("32 tcmalloc live")
     with pytest.raises(SystemExit, match="unknown option word 'ckpt2'"):
         options.flags("32 ckpt2")
 

@@ -19,7 +19,7 @@ from nvae.lightning import NVAEModule
 from nvae.model import NVAEConfig
 from nvae.sample_cli import build_parser as sample_parser
 
-SCRIPTS = {"nvae-train": "nvae.cli:run", "nvae-sample": "nvae.sample_cli:run", "nvae-eval": "nvae.eval_cli:run"}
+SCRIPTS = {"nvae-train": "nvae.entry:train", "nvae-sample": "nvae.entry:sample", "nvae-eval": "nvae.entry:evaluate"}
 
 
 def test_console_scripts_are_declared() -> None:
