@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace, processes: int) -> None:
     torch.set_num_threads(args.threads)
     from nvae.runtime import keep_heap_memory
 
-    keep_heap_memory()  # as train.py does (tcmalloc, if main() found it, is preloaded in this worker already)
+    keep_heap_memory()  # as train.py does; a no-op where select_allocator (below) preloaded tcmalloc
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:
