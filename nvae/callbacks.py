@@ -52,12 +52,17 @@ class SampleGrid(L.Callback):
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             self.inputs = x[: self.num_reconstructions].detach().float().cpu()
 
+    def _save(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> None:
+        # On every process: under DDP trainer.log_dir is a broadcast, and one made by rank 0 alone
+        # pairs with the other ranks' next broadcast (the test run after fit then deadlocks).
+        self._write(trainer, module, name, self._out_dir(trainer))
+
     @rank_zero_only
     @torch.no_grad()
-    def _write(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> None:
+    def _write(self, trainer: L.Trainer, module: L.LightningModule, name: str, out: Path) -> None:
         was_training = module.training
         module.eval()
-        out, experiment = self._out_dir(trainer), getattr(trainer.logger, "experiment", None)
+        experiment = getattr(trainer.logger, "experiment", None)
         os.makedirs(out, exist_ok=True)
         self.last_paths = []
         for t in self.temperatures:
@@ -83,7 +88,7 @@ class SampleGrid(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._write(trainer, module, f"epoch{trainer.current_epoch:04d}")
+        self._save(trainer, module, f"epoch{trainer.current_epoch:04d}")
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._write(trainer, module, "final")
+        self._save(trainer, module, "final")

@@ -59,12 +59,13 @@ class NVAECLI(LightningCLI):
         if self.trainer.interrupted:
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        log_dir = self.trainer.log_dir  # on every process: a broadcast under DDP
         if self.trainer.is_global_zero and results:
             r = results[0]
             print(f"held-out negative ELBO: {r['test/nelbo']:.2f} nats per image "
                   f"({r['test/bpd']:.4f} bits/dim) on the test split")
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none"
-            print(f"checkpoint: {ckpt}\nlogs and samples: {self.trainer.log_dir}")
+            print(f"checkpoint: {ckpt}\nlogs and samples: {log_dir}")
 
 
 def main(args: Optional[list[str]] = None) -> NVAECLI:

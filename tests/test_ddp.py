@@ -95,3 +95,24 @@ def test_sigterm_to_every_process_checkpoints_and_resumes(tmp_path: Path) -> Non
     assert state["global_step"] == 2 and len(state[RNG_KEY]) == 1  # rank 0's; rank 1 derives its stream
     assert launch_pair(tmp_path, "4", "-1", str(last)) == [0, 0]
     assert torch.load(last, weights_only=True)["global_step"] == 4
+
+
+def test_train_py_with_two_cpu_processes_trains_tests_and_writes_samples_once(tmp_path: Path) -> None:
+    """The README's CPU DDP command end to end: fit, the sample grids of rank 0, then the test run after fit.
+
+    trainer.log_dir is a broadcast under DDP: read by rank 0 alone (the sample grids, the closing
+    message), it paired with the other rank's next broadcast and the test run after fit deadlocked.
+    """
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs" / "quickstart.yaml"),
+           "--config", str(root / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path),
+           "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("held-out negative ELBO:") == 1  # rank 0 alone reports
+    grids = sorted(p.name for p in tmp_path.rglob("samples/*.png"))
+    assert "final_t1.png" in grids, grids
