@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's nvae (nvae.runtime imports no torch)
+
+from nvae.runtime import REEXECUTED, preloads  # noqa: E402
 LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
@@ -53,10 +56,9 @@ def environment(option: str) -> dict[str, str]:
         raise SystemExit(f"option {option!r} names more than one allocator ({', '.join(words)})")
     if words:
         env["NVAE_MALLOC"] = MALLOC_WORDS[words[0]]
-        env.pop("NVAE_MALLOC_PRELOADED", None)  # the child decides afresh (nvae.runtime.select_allocator)
+        env.pop(REEXECUTED, None)  # the child decides afresh (nvae.runtime.select_allocator)
         if words[0] != "tcmalloc":  # a tcmalloc preloaded into this process would serve the child's mallocs
-            kept = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and "tcmalloc" not in p]
-            env["LD_PRELOAD"] = ":".join(kept)
+            env["LD_PRELOAD"] = ":".join(p for p in preloads(env) if "tcmalloc" not in p)
     if "live" in words:
         env["GLIBC_TUNABLES"] = LIVE_MALLOC
     return env

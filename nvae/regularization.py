@@ -78,7 +78,7 @@ class SpectralRegularizer(nn.Module):
                         with torch.no_grad():
                             u[rows], v[rows] = u_new, v_new
                 total = total + sum(sigmas)
-                if tokens and len(tokens) == len(convs):  # gradient u v^T joins each conv's own (nvae.ops._WeightNorm)
+                if with_tokens:  # gradient u v^T joins each conv's own (nvae.ops._WeightNorm)
                     for j, conv in enumerate(convs):
                         conv.__dict__["spectral_uv"] = (u[j], v[j])
                     total = total + torch.stack(tokens).sum()

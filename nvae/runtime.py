@@ -30,7 +30,7 @@ from typing import Optional
 
 MODES = ("auto", "tcmalloc", "heap", "default")
 TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # gperftools' sonames without "lib" and ".so"
-_REEXECUTED = "NVAE_MALLOC_PRELOADED"  # set in the re-executed process: never exec twice
+REEXECUTED = "NVAE_MALLOC_PRELOADED"  # set in the re-executed process: never exec twice
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
 _applied = False
 
@@ -67,10 +67,15 @@ def find_tcmalloc() -> Optional[str]:
     return None
 
 
+def preloads(env: dict[str, str]) -> list[str]:
+    """The libraries in ``env``'s LD_PRELOAD (separated by colons or spaces, as ld.so reads it)."""
+    return [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+
+
 def preload_environment(env: dict[str, str], library: str) -> dict[str, str]:
     """``env`` with ``library`` first in LD_PRELOAD (entries already there kept) and the re-exec marker."""
-    preload = [library] + [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != library]
-    return {**env, "LD_PRELOAD": ":".join(preload), _REEXECUTED: "1"}
+    preload = [library] + [p for p in preloads(env) if p != library]
+    return {**env, "LD_PRELOAD": ":".join(preload), REEXECUTED: "1"}
 
 
 def select_allocator(program: str = "nvae") -> str:
@@ -88,7 +93,7 @@ def select_allocator(program: str = "nvae") -> str:
         raise SystemExit(f"{program}: error: {err}") from None
     if mode in ("auto", "tcmalloc") and sys.platform.startswith("linux") and not tcmalloc_loaded():
         library = find_tcmalloc()
-        if library and not os.environ.get(_REEXECUTED):
+        if library and not os.environ.get(REEXECUTED):
             sys.stdout.flush()
             sys.stderr.flush()
             os.execve(sys.executable, sys.orig_argv, preload_environment(dict(os.environ), library))
