@@ -57,6 +57,7 @@ from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
+from nvae.optim import Adamax  # noqa: E402
 from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
@@ -170,8 +171,7 @@ class Stepper:
         h = module.hparams
         self.module, self.device = module, x.device
         self.x = module._prepare(x)  # channels_last input when the module asks for it, as training_step does
-        self.optimizer = torch.optim.Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay,
-                                            eps=h.adamax_eps)
+        self.optimizer = Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps)
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" and x.device.type == "cuda" else None

@@ -1,7 +1,8 @@
 """NVAEModule: training, validation and test steps of NVAE in Lightning (paper sec. 3.2, appendix A).
 
-Adamax with linear learning-rate warm-up then cosine decay, KL warm-up and balancing, spectral
-and BatchNorm regularization. Checkpoints hold plain-dict hyperparameters, so a checkpoint alone
+Adamax (:class:`nvae.optim.Adamax`: torch's update, small parameters stepped together) with linear
+learning-rate warm-up then cosine decay, KL warm-up and balancing, spectral and BatchNorm
+regularization. Checkpoints hold plain-dict hyperparameters, so a checkpoint alone
 rebuilds the model (``NVAEModule.load_from_checkpoint(path)``).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
+from nvae.optim import Adamax
 from nvae.regularization import SpectralRegularizer, batchnorm_penalty
 from nvae.resilience import check_compatible, gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
@@ -147,7 +149,7 @@ class NVAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        opt = torch.optim.Adamax(self.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps)
+        opt = Adamax(self.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = min(int(h.warmup_epochs * self.total_steps / epochs), self.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
