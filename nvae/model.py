@@ -260,7 +260,8 @@ class NVAE(nn.Module):
         ``"cell"``: per cell (every cell's input is kept). ``"group"`` (or True): per latent group
         and per cell stack: each decoder group (cells, prior, posterior, flows, combiners), each
         encoder group and the pre-/postprocessing stacks are recomputed as one unit, so only their
-        inputs are kept. ``"none"`` (or False): off.
+        inputs are kept. ``"none"`` (or False): off. Under either mode decoder cells also recompute
+        their expanded maps when they run backward (``DecoderCell.recompute_expanded``).
         """
         if isinstance(mode, bool):
             mode = "group" if mode else "none"
@@ -270,6 +271,9 @@ class NVAE(nn.Module):
         for m in self.modules():
             if isinstance(m, CellStack):
                 m.checkpoint = {"none": "none", "cell": "cell", "group": "stack"}[mode]
+        for m in self.modules():
+            if isinstance(m, DecoderCell):
+                m.recompute_expanded = mode != "none"
         for group in self.dec_groups:
             group.checkpoint = mode == "group"
             if mode == "group":

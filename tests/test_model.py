@@ -257,6 +257,8 @@ def test_checkpointing_per_group_keeps_less_than_per_cell(tiny_rgb: NVAE) -> Non
     for mode in ("none", "cell", "group"):
         tiny_rgb.set_checkpointing(mode)
         saved[mode] = _saved_bytes(tiny_rgb, x)
+        cells = [m for m in tiny_rgb.modules() if type(m).__name__ == "DecoderCell"]
+        assert cells and {c.recompute_expanded for c in cells} == {mode != "none"}  # expanded maps: stored or not
     assert saved["group"] < 0.6 * saved["cell"] < 0.6 * saved["none"], saved
     with pytest.raises(ValueError, match="gradient_checkpointing must be one of none, cell, group"):
         tiny_rgb.set_checkpointing("layer")

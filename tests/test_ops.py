@@ -175,3 +175,34 @@ def test_elu_matches_torch_and_keeps_only_its_output() -> None:
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = ops.ELU()(x32)
     assert len(saved) == 1 and saved[0] is out
+
+
+def test_decoder_cell_stores_the_expanded_map_unless_told_to_recompute_it() -> None:
+    """Default: the 1x1 expansion's output (expand x wider) is stored; with ``recompute_expanded``
+    only the cell input is. Same output, gradients and running statistics either way."""
+    from nvae.cells import DecoderCell
+
+    torch.manual_seed(0)
+    cell = DecoderCell(4, 4, expand=3, use_se=False).train()
+    x = torch.randn(2, 4, 8, 8)
+    results = {}
+    for recompute in (False, True):
+        c = copy.deepcopy(cell)
+        c.recompute_expanded = recompute
+        sizes: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 4 and t.shape[0] == x.shape[0]:  # maps, not kernels
+                sizes[t.untyped_storage().data_ptr()] = t.shape[1]  # channels of each stored map
+            return t
+
+        xin = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = c(xin)
+        grads = torch.autograd.grad(out, [xin, *c.parameters()], torch.linspace(-1, 1, out.numel()).view_as(out))
+        results[recompute] = (out, grads, [b.clone() for b in c.buffers()], sorted(sizes.values()))
+    (out, grads, bufs, stored), (out_r, grads_r, bufs_r, stored_r) = results[False], results[True]
+    assert 12 in stored and 12 not in stored_r  # the (2, 12, 8, 8) expanded map
+    torch.testing.assert_close(out, out_r, rtol=0, atol=0)
+    for a, b in zip((*grads, *bufs), (*grads_r, *bufs_r)):
+        torch.testing.assert_close(a, b)
