@@ -113,6 +113,7 @@ def test_closure_runs_before_the_update_and_maximize_falls_back() -> None:
 
     assert float(opt.step(closure)) == 5.0
     torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9]))  # first step: lr * sign(grad)
+    torch.testing.assert_close(w.grad, torch.tensor([2.0, -4.0]))  # the gradient is left as it was
     up = torch.nn.Parameter(torch.tensor([1.0]))
     up.grad = torch.tensor([1.0])
     Adamax([up], lr=0.1, maximize=True).step()
