@@ -58,8 +58,12 @@ def bn_swish_conv(x: torch.Tensor, *pairs: tuple[nn.BatchNorm2d, Conv2d]) -> tor
             x = conv(bn(x))
         return x
     momenta = tuple(_count_batch(bn) for bn, _ in pairs)
-    params = [t for bn, conv in pairs for t in (bn.weight, bn.bias, conv.kernel(), conv.bias)]
-    return _BNSwishConvs.apply(x, pairs, momenta, *params)
+    params, scales = [], []
+    for bn, conv in pairs:
+        params += [bn.weight, bn.bias, conv.kernel(), conv.bias]
+        kept = conv.__dict__.get("last_weight")  # (w, s, token) when kernel() made W = s * w just now
+        scales.append(kept[1] if kept is not None and kept[2] is not None else None)
+    return _BNSwishConvs.apply(x, pairs, momenta, tuple(scales), *params)
 
 
 def _count_batch(bn: nn.BatchNorm2d) -> float:
@@ -100,7 +104,8 @@ class _BNSwishConvs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, pairs: tuple[tuple[nn.BatchNorm2d, Conv2d], ...],
-                momenta: tuple[float, ...], *params: torch.Tensor | None) -> torch.Tensor:
+                momenta: tuple[float, ...], scales: tuple[torch.Tensor | None, ...],
+                *params: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         stats: list[torch.Tensor] = []
@@ -116,7 +121,7 @@ class _BNSwishConvs(torch.autograd.Function):
                 stats += [mean.to(bn.running_var.dtype), invstd.to(bn.running_var.dtype)]
         kernels_dropped = [None if i % 4 == 2 else t for i, t in enumerate(params)]  # recomputed in backward
         ctx.save_for_backward(x, *stats, *kernels_dropped)
-        ctx.pairs, ctx.dtype = pairs, dtype
+        ctx.pairs, ctx.dtype, ctx.scales = pairs, dtype, scales  # scales: (out, 1, 1, 1) each, no gradient
         return h
 
     @staticmethod
@@ -124,8 +129,8 @@ class _BNSwishConvs(torch.autograd.Function):
         x, *saved = ctx.saved_tensors
         pairs, dtype, n = ctx.pairs, ctx.dtype, len(ctx.pairs)
         stats, params = saved[:2 * n], list(saved[2 * n:])
-        for i, (_, conv) in enumerate(pairs):  # the same kernels: the weights have not changed since forward
-            params[4 * i + 2] = conv.normalized_weight().detach()
+        for i, ((_, conv), scale) in enumerate(zip(pairs, ctx.scales)):  # the weights are those of forward
+            params[4 * i + 2] = (conv.normalized_weight() if scale is None else conv._masked() * scale).detach()
         need = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * (4 * n)
         with torch.autocast(x.device.type, enabled=False):
@@ -141,18 +146,18 @@ class _BNSwishConvs(torch.autograd.Function):
             for i in reversed(range(n)):
                 (bn, conv), (h, y, a) = pairs[i], acts.pop()
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
-                mask = (True, need[5 + 4 * i], need[6 + 4 * i] and b is not None)
+                mask = (True, need[6 + 4 * i], need[7 + 4 * i] and b is not None)
                 grad_a, grad_w, grad_b = conv.convolve_backward(grad, _cast(a, dtype), _cast(w, dtype), mask)
                 del a
                 grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y) if isinstance(bn, BNSwish) else grad_a
                 del y, grad_a
                 grad, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
                     grad_y, h, bn_w, None, None, *stats[2 * i:2 * i + 2], True, bn.eps,
-                    [i > 0 or need[0], need[3 + 4 * i], need[4 + 4 * i]])
+                    [i > 0 or need[0], need[4 + 4 * i], need[5 + 4 * i]])
                 del grad_y, h
                 grads[4 * i:4 * i + 4] = [grad_bn_w, grad_bn_b, _cast(grad_w, w.dtype),
                                           None if b is None else _cast(grad_b, b.dtype)]
-        return (grad, None, None, *grads)
+        return (grad, None, None, None, *grads)
 
 
 WEIGHT_NORM_EPS = 1e-5
