@@ -34,8 +34,6 @@ class _Bucket:
     steps: Tensor  # (n,) float32, one step count per parameter
     exp_avg: Tensor  # (numel,) first moments, the parameters' elements concatenated (row-major each)
     exp_inf: Tensor  # (numel,) infinity norms
-    update: Tensor  # (numel,) scratch for the update
-    update_views: list[Tensor]  # update viewed per parameter with its shape
     exp_avg_views: list[Tensor]
     exp_inf_views: list[Tensor]
 
@@ -102,10 +100,12 @@ class Adamax(torch.optim.Adamax):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         grad = p.grad
-        if group["weight_decay"] != 0:
+        decayed = group["weight_decay"] != 0
+        if decayed:
             grad = grad.add(p, alpha=group["weight_decay"])
         state["exp_avg"].lerp_(grad, 1 - beta1)
-        torch.maximum(state["exp_inf"].mul_(beta2), grad.abs().add_(group["eps"]), out=state["exp_inf"])
+        magnitude = grad.abs_() if decayed else grad.abs()  # in place on our own copy: one temporary, not two
+        torch.maximum(state["exp_inf"].mul_(beta2), magnitude.add_(group["eps"]), out=state["exp_inf"])
         clr = float(group["lr"]) / (1 - beta1 ** float(state["step"]))
         p.addcdiv_(state["exp_avg"], state["exp_inf"], value=-clr)
 
@@ -122,34 +122,36 @@ class Adamax(torch.optim.Adamax):
         steps = torch.stack([self.state[p]["step"].float() if "step" in self.state[p] else
                              torch.zeros((), dtype=torch.float32) for p in params])
         exp_avg, exp_inf = gathered("exp_avg"), gathered("exp_inf")
-        update = torch.empty_like(exp_avg)
-        views = {name: list(_unflatten_dense_tensors(flat, params))
-                 for name, flat in (("exp_avg", exp_avg), ("exp_inf", exp_inf), ("update", update))}
+        views = {name: list(_unflatten_dense_tensors(flat, params)) for name, flat in (("exp_avg", exp_avg),
+                                                                                      ("exp_inf", exp_inf))}
         for i, p in enumerate(params):
             self.state[p] = {"step": steps[i], "exp_avg": views["exp_avg"][i], "exp_inf": views["exp_inf"][i]}
         members = set(key)  # buckets of another membership lost their state to this one
         self._buckets = {k: v for k, v in self._buckets.items() if members.isdisjoint(k)}
-        bucket = self._buckets[key] = _Bucket(params, steps, exp_avg, exp_inf, update, views["update"],
-                                              views["exp_avg"], views["exp_inf"])
+        bucket = self._buckets[key] = _Bucket(params, steps, exp_avg, exp_inf, views["exp_avg"], views["exp_inf"])
         return bucket
 
     def _update_bucket(self, b: _Bucket, group: dict[str, Any]) -> None:
-        """The Adamax update of every parameter of ``b`` in a few operations on flat vectors."""
+        """The Adamax update of every parameter of ``b`` in a few operations on flat vectors.
+
+        The only scratch memory is one flat copy of the gradients, which then holds the update:
+        with activation checkpointing the optimizer step is where the peak memory is reached.
+        """
         beta1, beta2 = group["betas"]
-        grad = _flatten_dense_tensors([p.grad for p in b.params])  # (numel,)
+        buffer = _flatten_dense_tensors([p.grad for p in b.params])  # (numel,)
         if len(b.params) == 1:  # then the flat vector is the gradient itself, which must stay as it is
-            grad = grad.clone()
+            buffer = buffer.clone()
         if group["weight_decay"] != 0:
-            grad.add_(_flatten_dense_tensors(b.params), alpha=group["weight_decay"])
+            torch._foreach_add_(_unflatten_dense_tensors(buffer, b.params), b.params, alpha=group["weight_decay"])
         b.steps += 1
-        b.exp_avg.lerp_(grad, 1 - beta1)
-        torch.maximum(b.exp_inf.mul_(beta2), grad.abs_().add_(group["eps"]), out=b.exp_inf)
-        torch.div(b.exp_avg, b.exp_inf, out=b.update)
+        b.exp_avg.lerp_(buffer, 1 - beta1)
+        torch.maximum(b.exp_inf.mul_(beta2), buffer.abs_().add_(group["eps"]), out=b.exp_inf)
+        update = torch.div(b.exp_avg, b.exp_inf, out=buffer)
         lo, hi = b.steps.aminmax()
         if bool(lo == hi):  # the usual case: every parameter stepped equally often
-            b.update.mul_(-float(group["lr"]) / (1 - beta1 ** float(lo)))
+            update.mul_(-float(group["lr"]) / (1 - beta1 ** float(lo)))
         else:  # per-parameter bias correction
             clr = -float(group["lr"]) / (1 - beta1 ** b.steps)
-            sizes = torch.tensor([p.numel() for p in b.params], device=b.update.device)
-            b.update.mul_(clr.to(b.update.device, b.update.dtype).repeat_interleave(sizes))
-        torch._foreach_add_(b.params, b.update_views)
+            sizes = torch.tensor([p.numel() for p in b.params], device=update.device)
+            update.mul_(clr.to(update.device, update.dtype).repeat_interleave(sizes))
+        torch._foreach_add_(b.params, _unflatten_dense_tensors(update, b.params))
