@@ -18,7 +18,7 @@ from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
 from nvae.optim import Adamax
-from nvae.regularization import SpectralRegularizer, batchnorm_penalty
+from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm_penalty
 from nvae.resilience import check_compatible, gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
 
@@ -109,6 +109,7 @@ class NVAEModule(L.LightningModule):
         self.save_hyperparameters(hparams)  # plain dicts: loadable with torch.load(weights_only=True)
         self.model = NVAE(image_spec, arch)
         self.spectral = SpectralRegularizer(self.model, power_iters=power_iters, initial_iters=10 * power_iters)
+        self._bn_gammas = batchnorm_gammas(self.model)  # parameters: the same after SyncBatchNorm or .to()
         self.register_buffer("alpha", kl_balance_alpha(self.model.group_scale, self.model.groups_per_scale[::-1]),
                              persistent=False)
         self.spec = image_spec
@@ -279,7 +280,7 @@ class NVAEModule(L.LightningModule):
         out, terms = self._nelbo(x, beta, self.hparams.kl_balance)
         lam = regularization_coeff(beta, self.hparams.spectral_reg_coeff, self.hparams.spectral_reg_coeff_init)
         spectral = self.spectral()
-        bn = batchnorm_penalty(self.model)
+        bn = batchnorm_penalty(self._bn_gammas)
         loss = terms.loss + lam * (spectral + bn)
         log = {"loss": loss, "nelbo": terms.nelbo.mean(), "recon": terms.recon.mean(), "kl": terms.kl.mean(),
                "bpd": bits_per_dim(terms.nelbo.mean(), self.spec.num_dims), "kl_coeff": beta,

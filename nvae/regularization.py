@@ -6,6 +6,8 @@ continues the iteration) and weights of equal shape are iterated together as one
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,8 +110,19 @@ def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: i
     return u, v, wv
 
 
-def batchnorm_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum over affine BatchNorm layers of max |gamma| (keeps BN scales from growing)."""
-    terms = [m.weight.abs().max() for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+def batchnorm_gammas(model: nn.Module) -> list[nn.Parameter]:
+    """The scale parameters (gamma) of every affine BatchNorm layer of ``model``."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+
+
+def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over affine BatchNorm layers of max |gamma| (keeps BN scales from growing).
+
+    ``model`` may also be the gammas themselves (:func:`batchnorm_gammas`, gathered once): the
+    per-layer maxima are one ``_foreach_norm`` (inf-norm; same gradient as ``abs().max()``, ties
+    shared equally).
+    """
+    gammas = batchnorm_gammas(model) if isinstance(model, nn.Module) else list(model)
+    if not gammas:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(gammas, float("inf"))).sum()

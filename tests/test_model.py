@@ -12,7 +12,7 @@ from nvae import regularization
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
 from nvae.ops import Conv2d, DepthwiseConv2d, autoregressive_mask
-from nvae.regularization import SpectralRegularizer, batchnorm_penalty
+from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm_penalty
 from nvae.spec import ImageSpec
 
 
@@ -103,6 +103,14 @@ def test_batchnorm_penalty_is_sum_of_max_abs_gamma() -> None:
         bns[0].weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
         bns[1].weight.copy_(torch.tensor([0.1, 0.3]))
     assert batchnorm_penalty(bns).item() == pytest.approx(2.3)
+    gammas = batchnorm_gammas(bns)
+    with torch.no_grad():
+        bns[1].weight.copy_(torch.tensor([-0.3, 0.3]))  # a tie: the gradient is shared as abs().max() shares it
+    grads = torch.autograd.grad(batchnorm_penalty(gammas), gammas)
+    reference = torch.autograd.grad(sum(g.abs().max() for g in gammas), gammas)
+    for a, b in zip(grads, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], torch.tensor([-0.5, 0.5]))
 
 
 @pytest.mark.parametrize("mirror", [False, True])
