@@ -99,15 +99,23 @@ def _power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: i
     (n, cols, 1) vectors takes a slow path (41 x (128, 1152): 5.2 ms, against 0.28 ms for the
     transposed product).
     """
+    wt = w.transpose(1, 2)  # (n, cols, rows), a view
+    u, v = u.unsqueeze(1), v.unsqueeze(1)  # (n, 1, rows), (n, 1, cols): row vectors throughout
+    scale = None if scale is None else scale.unsqueeze(1)
     wv = u
     for _ in range(iters):
-        us = u if scale is None else u * scale
-        v = F.normalize(torch.bmm(us.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # (n, cols)
-        wv = torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)  # (n, rows)
+        v = _unit(torch.bmm(u if scale is None else u * scale, w))  # (n, 1, cols)
+        wv = torch.bmm(v, wt)  # (n, 1, rows)
         if scale is not None:
             wv = wv * scale
-        u = F.normalize(wv, dim=1, eps=1e-3)
+        u = _unit(wv)
+    u, v, wv = u.squeeze(1), v.squeeze(1), wv.squeeze(1)
     return u, v, wv
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-3) along the last dimension (F.normalize's eps, in three operations instead of four)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-3)
 
 
 def batchnorm_gammas(model: nn.Module) -> list[nn.Parameter]:
