@@ -36,10 +36,12 @@ def _run(opt_cls: type, params: list[torch.nn.Parameter], steps: range, **kw: ob
     return opt
 
 
-@pytest.mark.parametrize("small_numel", [1, 100, 1 << 16])  # all large, mixed, all small
-def test_same_trajectory_as_torch_adamax(small_numel: int) -> None:
+@pytest.mark.parametrize("small_numel, bucket_numel", [(1, 1 << 20), (100, 1 << 20), (1 << 16, 1 << 20),
+                                                       (1 << 16, 200)])  # all large, mixed, all small; in buckets
+def test_same_trajectory_as_torch_adamax(small_numel: int, bucket_numel: int) -> None:
     ours, ref = _params(), _params()
-    _run(Adamax, ours, range(6), small_numel=small_numel)
+    opt = _run(Adamax, ours, range(6), small_numel=small_numel, bucket_numel=bucket_numel)
+    assert len(opt._buckets) >= (3 if bucket_numel == 200 else small_numel > 1)
     _run(torch.optim.Adamax, ref, range(6), foreach=False)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
