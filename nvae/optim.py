@@ -132,6 +132,8 @@ class Adamax(torch.optim.Adamax):
             return bucket
 
         def gathered(name: str) -> Tensor:
+            if not any(name in self.state[p] for p in params):  # the first step: no copies
+                return params[0].new_zeros(sum(p.numel() for p in params))
             return _flatten_dense_tensors([self.state[p].get(name, torch.zeros_like(p)) for p in params])
 
         steps = torch.stack([self.state[p]["step"].float() if "step" in self.state[p] else
