@@ -271,8 +271,7 @@ class NVAE(nn.Module):
         for m in self.modules():
             if isinstance(m, CellStack):
                 m.checkpoint = {"none": "none", "cell": "cell", "group": "stack"}[mode]
-        for m in self.modules():
-            if isinstance(m, DecoderCell):
+            elif isinstance(m, DecoderCell):
                 m.recompute_expanded = mode != "none"
         for group in self.dec_groups:
             group.checkpoint = mode == "group"

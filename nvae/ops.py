@@ -61,8 +61,9 @@ def bn_swish_conv(x: torch.Tensor, *pairs: tuple[nn.BatchNorm2d, Conv2d]) -> tor
     params, scales = [], []
     for bn, conv in pairs:
         params += [bn.weight, bn.bias, conv.kernel(), conv.bias]
-        kept = conv.__dict__.get("last_weight")  # (w, s, token) when kernel() made W = s * w just now
-        scales.append(kept[1] if kept is not None and kept[2] is not None else None)
+        kept = conv.__dict__.get("last_weight")  # (w, s, token) if kernel() made W = s * w just now
+        fresh = kept is not None and kept[2] is not None and not _recomputing  # recomputation stashes nothing
+        scales.append(kept[1] if fresh else None)
     return _BNSwishConvs.apply(x, pairs, momenta, tuple(scales), *params)
 
 
