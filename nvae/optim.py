@@ -9,10 +9,11 @@ bound by memory bandwidth).
 
 :class:`Adamax` computes the same update. Parameters of at least ``small_numel`` elements are updated
 one by one as torch does; the small ones of a parameter group are updated together: their gradients
-are gathered into flat vectors of up to ``BUCKET_NUMEL`` elements, the moments live in flat buffers,
-and the update is added back with one ``_foreach_add_`` per buffer (~10 ms instead of ~20). The optimizer state keeps torch's keys and shapes
-(per parameter ``step``, ``exp_avg``, ``exp_inf``; for small parameters views of the flat buffers),
-so checkpoints load into either optimizer.
+are gathered into flat vectors of up to ``bucket_numel`` elements, the moments live in flat
+buffers, and the update is added back with one ``_foreach_add_`` per buffer (~10 ms instead of
+~20). The optimizer state keeps torch's keys and shapes (per parameter ``step``, ``exp_avg``,
+``exp_inf``; for small parameters views of the flat buffers), so checkpoints load into either
+optimizer.
 """
 from __future__ import annotations
 
