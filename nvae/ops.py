@@ -206,7 +206,8 @@ class _WeightNorm(torch.autograd.Function):
                  grad_scale: None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         w, norm, scale = ctx.saved_tensors
         uv = None if grad_token is None else ctx.owner.__dict__.get("spectral_uv")
-        if uv is not None:  # G += c * u v^T, v laid out as one kernel row of w
+        own = uv is not None  # grad is then a new tensor of ours, free to be scaled in place below
+        if own:  # G += c * u v^T, v laid out as one kernel row of w
             u, v = uv
             cu = (grad_token * u).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
             v_row = kernel_row(v, w)
@@ -217,7 +218,7 @@ class _WeightNorm(torch.autograd.Function):
         grad_log_g = scale * dot
         # A kernel row of zeros (a masked conv's) has t = 0: its coefficient is 0, not 0 / 0.
         coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS)).clamp_min(torch.finfo(norm.dtype).tiny)
-        return torch.addcmul(grad * scale, w, coef, value=-1), grad_log_g, None
+        return torch.addcmul(grad.mul_(scale) if own else grad * scale, w, coef, value=-1), grad_log_g, None
 
 
 def kernel_matrix(kernel: torch.Tensor) -> torch.Tensor:
