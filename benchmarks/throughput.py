@@ -18,8 +18,9 @@ untimed, then ``--steps`` timed steps; the median is reported. One more untimed 
 ``torch.utils.flop_counter.FlopCounterMode`` to count the FLOPs of a forward + backward pass
 (matmuls and convolutions, 2 per multiply-add; elementwise work, normalization and the optimizer
 are not counted; the backward of grouped convolutions is counted with a corrected formula, see
-:func:`conv_backward_flops`), so ``achieved_tflops`` is ``flops_per_step / step_s``. Peak memory is the process's peak resident set size on CPU
-(``ru_maxrss``; it includes the Python interpreter and libraries) and
+:func:`conv_backward_flops`), so ``achieved_tflops`` is ``flops_per_step / step_s``. Peak memory is
+the process's peak resident set size on CPU (``ru_maxrss``; it includes the Python interpreter and
+libraries) and
 ``torch.cuda.max_memory_allocated`` on CUDA. ``--steps 0`` only builds the model (on the meta
 device, so even the 330M-parameter presets take seconds) and reports its parameter count.
 
@@ -96,7 +97,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    choices=[m for m in CHECKPOINT_MODES if m != "none"],
                    help="build with model.gradient_checkpointing=MODE (activation checkpointing per latent group "
                         "and cell stack, the default, or per cell)")
-    p.add_argument("--compile", action="store_true", help="build with model.compile=true (torch.compile of the forward pass)")
+    p.add_argument("--compile", action="store_true",
+                   help="build with model.compile=true (torch.compile of the forward pass)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
     args = p.parse_args(argv)

@@ -49,8 +49,7 @@ class _Bucket:
     steps: Tensor  # (n,) float32, one step count per parameter
     exp_avg: Tensor  # (numel,) first moments, the parameters' elements concatenated (row-major each)
     exp_inf: Tensor  # (numel,) infinity norms
-    exp_avg_views: list[Tensor]
-    exp_inf_views: list[Tensor]
+    exp_avg_views: list[Tensor]  # the optimizer state's exp_avg entries, to tell a load replaced them
 
     def owns_state(self, state: dict[Tensor, dict[str, Any]]) -> bool:
         """Whether the optimizer state still points into this bucket (not replaced by a load)."""
@@ -135,7 +134,8 @@ class Adamax(torch.optim.Adamax):
         def gathered(name: str) -> Tensor:
             if not any(name in self.state[p] for p in params):  # the first step: no copies
                 return params[0].new_zeros(sum(p.numel() for p in params))
-            return _flatten_dense_tensors([self.state[p].get(name, torch.zeros_like(p)) for p in params])
+            return _flatten_dense_tensors([self.state[p][name] if name in self.state[p] else torch.zeros_like(p)
+                                           for p in params])
 
         steps = torch.stack([self.state[p]["step"].float() if "step" in self.state[p] else
                              torch.zeros((), dtype=torch.float32) for p in params])
@@ -146,7 +146,7 @@ class Adamax(torch.optim.Adamax):
             self.state[p] = {"step": steps[i], "exp_avg": views["exp_avg"][i], "exp_inf": views["exp_inf"][i]}
         members = set(key)  # buckets of another membership lost their state to this one
         self._buckets = {k: v for k, v in self._buckets.items() if members.isdisjoint(k)}
-        bucket = self._buckets[key] = _Bucket(params, steps, exp_avg, exp_inf, views["exp_avg"], views["exp_inf"])
+        bucket = self._buckets[key] = _Bucket(params, steps, exp_avg, exp_inf, views["exp_avg"])
         return bucket
 
     def _update_bucket(self, b: _Bucket, group: dict[str, Any]) -> None:
