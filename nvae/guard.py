@@ -4,7 +4,10 @@ NVAE's deep hierarchy occasionally produces a non-finite loss or a gradient spik
 code's README admits NaNs, and that resuming rarely helps). :class:`StepGuard` decides, after the
 backward pass and before the optimizer step, whether an update is safe:
 
-- a non-finite loss or gradient is skipped;
+- a non-finite loss or gradient is skipped; under ``16-mixed`` a non-finite gradient with a finite
+  loss is the gradient scaler's overflow: the scaler skips that step and halves its scale, so the
+  guard does not count it as a bad step (``'overflow'``) unless the scale fell below
+  ``MIN_LOSS_SCALE``, where float16 overflows without any scaling and the gradient itself is bad;
 - a gradient norm above ``max(floor, factor x median of the recent norms)`` is skipped. Every finite
   norm, skipped or not, enters the window of recent norms, so a lasting rise in the norm lifts the
   threshold and skipping cannot go on forever;
@@ -21,6 +24,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
+
+
+MIN_LOSS_SCALE = 1.0  # below it a float16 overflow is the gradient's own, not the loss scale's
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,9 +69,16 @@ class StepGuard(nn.Module):
         recent = self.norms[: min(n, self.norms.numel())]
         return max(self.skip_floor, self.skip_factor * float(recent.median()))
 
-    def check(self, loss_finite: bool, grad_norm: float) -> str:
-        """Record one step; returns '' to step, else why it is skipped ('nonfinite' or 'spike')."""
+    def check(self, loss_finite: bool, grad_norm: float, loss_scale: Optional[float] = None) -> str:
+        """Record one step; returns '' to step, else why it is skipped ('nonfinite', 'spike' or 'overflow').
+
+        ``loss_scale``: the gradient scaler's current scale when one is in use (16-mixed). A
+        non-finite gradient of a finite loss is then the scaler's overflow ('overflow'), not counted
+        as a skipped step, as long as the scale is at least ``MIN_LOSS_SCALE``.
+        """
         finite = loss_finite and grad_norm == grad_norm and grad_norm != float("inf")
+        if not finite and loss_finite and loss_scale is not None and loss_scale >= MIN_LOSS_SCALE:
+            return "overflow"
         reason = "nonfinite" if not finite else ("spike" if grad_norm > self.threshold() else "")
         if finite:
             self.norms[int(self.num_norms) % self.norms.numel()] = grad_norm
@@ -104,7 +117,7 @@ class StepGuard(nn.Module):
             raise TrainingDiverged(
                 f"training diverged: {int(self.consecutive)} consecutive steps had a non-finite loss/gradient or a "
                 f"gradient spike, and {why}; lower model.learning_rate, raise model.adamax_eps or "
-                "check the data")
+                "check the data (under trainer.precision 16-mixed, try bf16-mixed)")
         own = {k: v.clone() for k, v in self.state_dict().items()}  # the guard's counters are not rolled back
         module.load_state_dict(self._snapshot["module"])
         self.load_state_dict(own)

@@ -214,9 +214,16 @@ class NVAEModule(L.LightningModule):
         bad = torch.tensor(0.0 if self._loss_finite else 1.0, device=self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # any process with a bad loss
-        reason = self.guard.check(bool(bad == 0), float(norm))
+        scaler = self._grad_scaler()
+        loss_scale = None if scaler is None else float(scaler.get_scale())  # the scale of this step's backward
+        reason = self.guard.check(bool(bad == 0), float(norm), loss_scale)
         self._step_skipped = bool(reason)
         self.log("train/grad_norm", norm, batch_size=1)
+        if loss_scale is not None:
+            self.log("train/loss_scale", loss_scale, batch_size=1)
+        if reason == "overflow":  # the scaler skips this step and lowers its scale
+            self.guard.repair_buffers(self)
+            return
         if not reason:
             return
         for p in self.parameters():
@@ -230,6 +237,11 @@ class NVAEModule(L.LightningModule):
             print(f"nvae: step {self.global_step}: {self.hparams.rollback_after} bad steps in a row, rolled back to "
                   f"the last good weights; learning rate x{float(self.guard.lr_scale):g} "
                   f"(rollback {int(self.guard.rollbacks)} of at most {self.hparams.max_rollbacks})", flush=True)
+
+    def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """Lightning's gradient scaler under 16-mixed (it unscales the gradients before the hook above)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._step_skipped:

@@ -1,14 +1,22 @@
-"""Mixed precision: bf16-mixed training follows the float32 loss trajectory (KL, likelihood,
-spectral norms and the loss reduction stay in float32)."""
+"""Mixed precision: bf16-mixed and 16-mixed training follow the float32 loss trajectory (KL,
+likelihood, spectral norms and the loss reduction stay in float32); 16-mixed scales the loss.
+
+Lightning turns ``precision="16-mixed"`` on CPU into bf16-mixed, so the 16-mixed tests pass its
+float16 mixed-precision plugin explicitly: the same autocast, gradient scaler and optimizer step
+as on a GPU, on float16 CPU kernels."""
 from __future__ import annotations
+
+from typing import Optional
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from conftest import random_images, tiny_config
 from nvae.lightning import NVAEModule
+from nvae.ops import Conv2d
 from nvae.spec import ImageSpec
 
 SPEC = ImageSpec(channels=3, size=16, num_bits=5)
@@ -22,17 +30,24 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train(precision: str, steps: int = 12) -> list[float]:
+def fit(precision: str, steps: int = 12, scaler: Optional[torch.amp.GradScaler] = None,
+        **module_args: object) -> tuple[L.Trainer, NVAEModule, list[float]]:
+    """Train the tiny model on two fixed batches; "16-mixed" runs Lightning's float16 plugin on CPU."""
     L.seed_everything(0, verbose=False)
-    module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=SPEC, warmup_epochs=0.0)
+    module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=SPEC, warmup_epochs=0.0, **module_args)
     data = random_images(SPEC, n=8, seed=1)
     recorder = LossRecorder()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[recorder])
+    amp = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]} if precision == "16-mixed" else {}
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+                        **(amp or {"precision": precision}))
     trainer.fit(module, DataLoader(data, batch_size=4, shuffle=False))
     assert module.model.h0.dtype == torch.float32  # master weights stay float32
-    return recorder.losses
+    return trainer, module, recorder.losses
+
+
+def train(precision: str, steps: int = 12) -> list[float]:
+    return fit(precision, steps)[2]
 
 
 def test_bf16_mixed_matches_float32_trajectory() -> None:
@@ -43,6 +58,40 @@ def test_bf16_mixed_matches_float32_trajectory() -> None:
     for a, b in zip(full, bf16):
         assert abs(a - b) <= 2e-3 * abs(a), (full, bf16)
     assert bf16[-1] < bf16[0] and full[-1] < full[0]
+
+
+def test_16_mixed_runs_in_float16_and_matches_float32_trajectory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An initial loss scale that never overflows here (256) gives the same steps as float32."""
+    full = train("32")
+    dtypes: set[torch.dtype] = set()
+    convolve = Conv2d.convolve
+
+    def recording(self: Conv2d, x: torch.Tensor, *args: object) -> torch.Tensor:
+        out = convolve(self, x, *args)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(Conv2d, "convolve", recording)
+    trainer, module, half = fit("16-mixed", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    assert dtypes == {torch.float16}  # every regular convolution ran in float16
+    assert trainer.precision_plugin.scaler.get_scale() == 256.0 and int(module.guard.skipped) == 0
+    # Tolerance 0.2% per step, as for bf16; measured 1e-5 (float16 keeps 10 mantissa bits).
+    for a, b in zip(full, half):
+        assert abs(a - b) <= 2e-3 * abs(a), (full, half)
+    assert half != full  # float16 arithmetic happened
+
+
+def test_16_mixed_loss_scale_overflows_are_not_bad_steps() -> None:
+    """The scaler starts at 2^16, where float16 gradients overflow: it skips those steps and halves its
+    scale. They are not the guard's bad steps: with rollback_after=3 they used to end the run
+    (TrainingDiverged: no good state was ever reached)."""
+    trainer, module, losses = fit("16-mixed", steps=16, rollback_after=3)
+    scale = trainer.precision_plugin.scaler.get_scale()
+    assert scale < 2.0 ** 16  # overflows happened and were left to the scaler
+    assert int(module.guard.skipped) == 0 and int(module.guard.rollbacks) == 0
+    assert int(module.guard.good_steps) < 16  # the overflow steps did not update
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.slow

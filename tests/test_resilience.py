@@ -92,6 +92,19 @@ def test_guard_skips_spikes_and_nonfinite_and_its_threshold_follows_the_run() ->
     assert "" in decisions[:6]  # well before the window is full of the new level
 
 
+def test_guard_leaves_a_gradient_scalers_overflow_to_the_scaler() -> None:
+    """Under 16-mixed an inf gradient of a finite loss is the loss scale's overflow: not a bad step."""
+    guard = StepGuard(rollback_after=2)
+    assert [guard.check(True, math.inf, loss_scale=2.0 ** k) for k in range(16, 10, -1)] == ["overflow"] * 6
+    assert int(guard.skipped) == 0 and int(guard.consecutive) == 0 and not guard.should_roll_back
+    assert int(guard.num_norms) == 0  # an overflow's norm does not enter the window
+    assert guard.check(False, math.inf, loss_scale=1024.0) == "nonfinite"  # the loss itself is bad
+    assert guard.check(True, math.nan, loss_scale=0.5) == "nonfinite"  # overflows even unscaled
+    assert guard.check(True, math.inf) == "nonfinite"  # no scaler
+    assert int(guard.skipped) == 3 and guard.should_roll_back
+    assert guard.check(True, 3.0, loss_scale=1024.0) == "" and int(guard.consecutive) == 0
+
+
 def test_guard_floor_and_off_switch() -> None:
     guard = StepGuard(skip_factor=10.0, skip_floor=5.0, window=4, min_history=2, rollback_after=0)
     guard.check(True, 0.01)
