@@ -130,9 +130,17 @@ class SafeCheckpointIO(L.Callback):
 
 # ------------------------------------------------------------------------------------------ preemption
 def last_checkpoint_path(trainer: L.Trainer) -> str:
-    callback = trainer.checkpoint_callback
-    folder = getattr(callback, "dirpath", None) or os.path.join(trainer.log_dir or trainer.default_root_dir,
-                                                               "checkpoints")
+    """Where an emergency ``last.ckpt`` goes: the checkpoint callback's folder, else the first logger's
+    folder (``trainer.default_root_dir`` without one) + ``checkpoints``.
+
+    Found without ``trainer.log_dir``: that property broadcasts, a collective that processes stopped
+    at different points would hang on (reachable with ``trainer.enable_checkpointing false``).
+    """
+    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if not folder:
+        logger = trainer.loggers[0] if trainer.loggers else None
+        root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+        folder = os.path.join(root, "checkpoints")
     return os.path.join(folder, LAST)
 
 

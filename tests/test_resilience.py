@@ -16,7 +16,7 @@ from conftest import random_images, tiny_config
 from nvae.data.base import ImageDataModule
 from nvae.guard import StepGuard, TrainingDiverged
 from nvae.lightning import EMA_KEY, RNG_KEY, NVAEModule
-from nvae.resilience import AtomicTorchCheckpointIO, check_compatible
+from nvae.resilience import AtomicTorchCheckpointIO, check_compatible, last_checkpoint_path
 from nvae.spec import ImageSpec
 
 SPEC = ImageSpec(channels=1, size=16, num_bits=1, pad=2)
@@ -179,6 +179,23 @@ def test_first_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path: Path) 
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 3
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
+
+
+def test_emergency_checkpoint_path_needs_no_collective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a checkpoint callback the path comes from the logger, not from trainer.log_dir (a broadcast
+    that DDP processes stopped at different points would hang on)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def no_collective(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a collective was called")
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    monkeypatch.setattr(trainer.strategy, "broadcast", no_collective)
+    assert last_checkpoint_path(trainer) == os.path.join(logger.log_dir, "checkpoints", "last.ckpt")
+    bare = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    monkeypatch.setattr(bare.strategy, "broadcast", no_collective)
+    assert last_checkpoint_path(bare) == os.path.join(str(tmp_path), "checkpoints", "last.ckpt")
 
 
 def test_resumed_data_order_continues_mid_epoch() -> None:
