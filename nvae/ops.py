@@ -205,13 +205,7 @@ class _WeightNorm(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor | None, grad_token: torch.Tensor | None = None,
                  grad_scale: None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         w, norm, scale = ctx.saved_tensors
-        uv = None if grad_token is None else ctx.owner.__dict__.get("spectral_uv")
-        own = uv is not None  # grad is then a new tensor of ours, free to be scaled in place below
-        if own:  # G += c * u v^T, v laid out as one kernel row of w
-            u, v = uv
-            cu = (grad_token * u).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
-            v_row = kernel_row(v, w)
-            grad = cu * v_row if grad is None else torch.addcmul(grad, cu, v_row)
+        grad, own = _add_spectral_grad(grad, grad_token, ctx.owner, w)  # own: a new tensor, free to be scaled in place
         if grad is None:
             return None, None, None
         dot = (grad * w).sum(dim=(1, 2, 3), keepdim=True)  # (out, 1, 1, 1)
@@ -219,6 +213,72 @@ class _WeightNorm(torch.autograd.Function):
         # A kernel row of zeros (a masked conv's) has t = 0: its coefficient is 0, not 0 / 0.
         coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS)).clamp_min(torch.finfo(norm.dtype).tiny)
         return torch.addcmul(grad.mul_(scale) if own else grad * scale, w, coef, value=-1), grad_log_g, None
+
+
+def _add_spectral_grad(grad: torch.Tensor | None, grad_token: torch.Tensor | None, owner: nn.Module | None,
+                       like: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """G + c u v^T for a spectral token's gradient c (u, v left by the regularizer in ``owner``);
+    v laid out as one kernel row of ``like``. Returns (G', whether G' is a new tensor)."""
+    uv = None if grad_token is None or owner is None else owner.__dict__.get("spectral_uv")
+    if uv is None:
+        return grad, False
+    u, v = uv
+    cu = (grad_token * u).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
+    v_row = kernel_row(v, like)
+    return (cu * v_row if grad is None else torch.addcmul(grad, cu, v_row)), True
+
+
+class _SpectralToken(torch.autograd.Function):
+    """The kernel of a convolution without weight normalization, and its spectral token.
+
+    As in :class:`_WeightNorm`: sigma's gradient c u v^T joins the convolution's own gradient in
+    this node's backward, so the weight receives one gradient, not two that autograd would add up
+    at the end (holding the regularizer's kernel-sized one from the start of backward). That one
+    gradient is laid out exactly as the weight (:func:`strided_like`; DDP's buckets compare strides).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, owner: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(w)
+        ctx.owner = owner
+        ctx.set_materialize_grads(False)
+        return w.view_as(w), w.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None, grad_token: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        (w,) = ctx.saved_tensors
+        grad, _ = _add_spectral_grad(grad, grad_token, ctx.owner, w)
+        return (None if grad is None else strided_like(grad, w)), None
+
+
+class _Masked(torch.autograd.Function):
+    """weight * mask (an autoregressive convolution's kernel) with the gradient laid out as the
+    weight; a multiplication's backward returns the canonical strides of its broadcast instead."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        weight, mask = ctx.saved_tensors
+        return strided_like(grad * mask, weight), None
+
+
+def strided_like(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` with exactly ``like``'s strides: a view when they differ only in size-1 dimensions.
+
+    Autograd's layout contract ignores the strides of size-1 dimensions, DDP's gradient buckets do
+    not: a 1x1 kernel's gradient laid out as (C, 1, 1, 1) for a channels_last parameter with strides
+    (C, 1, C, C) draws "Grad strides do not match bucket view strides". Such a view addresses the
+    same elements; any other difference is copied into ``like``'s layout.
+    """
+    if grad.stride() == like.stride():
+        return grad
+    if grad.shape == like.shape and all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), like.stride())):
+        return grad.as_strided(like.shape, like.stride())
+    return torch.empty_like(like, dtype=grad.dtype).copy_(grad)
 
 
 def kernel_matrix(kernel: torch.Tensor) -> torch.Tensor:
@@ -263,7 +323,9 @@ class Conv2d(nn.Conv2d):
             self.log_weight_norm = nn.Parameter(torch.log(norm + 1e-2))
 
     def _masked(self) -> torch.Tensor:
-        return self.weight if self.mask is None else self.weight * self.mask
+        if self.mask is None:
+            return self.weight
+        return _Masked.apply(self.weight, self.mask) if torch.is_grad_enabled() else self.weight * self.mask
 
     def normalized_weight(self) -> torch.Tensor:
         """The kernel actually applied: masked, then scaled to norm exp(log g) per output channel."""
@@ -275,11 +337,20 @@ class Conv2d(nn.Conv2d):
     def kernel(self) -> torch.Tensor:
         """``normalized_weight()``, kept (in training) for the spectral regularizer's :meth:`take_weight`.
 
-        In eager training the kernel comes with a spectral token (see :class:`_WeightNorm`); under
+        In eager training the kernel comes with a spectral token (see :class:`_WeightNorm`, and
+        :class:`_SpectralToken` for a convolution without weight normalization); under
         torch.compile it does not (a compiled backward cannot read the u, v set after the forward).
         """
-        if not (self.training and torch.is_grad_enabled() and self.log_weight_norm is not None
-                and not _recomputing):
+        if not (self.training and torch.is_grad_enabled()):
+            return self.normalized_weight()
+        if self.log_weight_norm is None and not torch.compiler.is_compiling():
+            # The token's node runs in recomputation too (checkpointing expects the same saved tensors)
+            w = self._masked()
+            weight, token = _SpectralToken.apply(w, None if _recomputing else self)
+            if not _recomputing:
+                self.__dict__["last_weight"] = (w.detach(), None, token)
+            return weight
+        if _recomputing:
             return self.normalized_weight()
         if torch.compiler.is_compiling():
             weight = self.normalized_weight()

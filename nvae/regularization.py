@@ -24,8 +24,8 @@ class SpectralRegularizer(nn.Module):
     The first call runs ``initial_iters`` power iterations, later calls ``power_iters`` (no
     gradient through u, v); sigma = u^T W v carries the gradient u v^T to W. Kernels of the
     step's forward pass come with spectral tokens: their gradient joins the conv's own inside the
-    weight norm's backward (see :class:`nvae.ops._WeightNorm`) instead of being held from the
-    start of backward.
+    weight norm's backward (see :class:`nvae.ops._WeightNorm`; :class:`nvae.ops._SpectralToken`
+    without weight normalization) instead of being held from the start of backward.
     """
 
     def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
@@ -34,14 +34,16 @@ class SpectralRegularizer(nn.Module):
             raise ValueError(f"model.power_iters must be >= 1 (power iterations per step), got {power_iters} "
                              f"(first step: {initial_iters})")
         self.power_iters, self.initial_iters = power_iters, initial_iters
-        groups: dict[tuple[int, int], list[Conv2d]] = {}
+        # Weight-normalized kernels (read as raw weights and per-row scales) and plain ones are
+        # iterated in separate batches, even when their shapes agree.
+        groups: dict[tuple[int, int, bool], list[Conv2d]] = {}
         for module in model.modules():
             if isinstance(module, Conv2d):
                 rows = module.out_channels
                 cols = module.weight[0].numel()
-                groups.setdefault((rows, cols), []).append(module)
+                groups.setdefault((rows, cols, module.log_weight_norm is not None), []).append(module)
         self._groups = list(groups.values())  # plain list: the convs stay owned by ``model``
-        for i, ((rows, cols), convs) in enumerate(groups.items()):
+        for i, ((rows, cols, _), convs) in enumerate(groups.items()):
             self.register_buffer(f"u{i}", F.normalize(torch.randn(len(convs), rows), dim=1, eps=1e-3))
             self.register_buffer(f"v{i}", F.normalize(torch.randn(len(convs), cols), dim=1, eps=1e-3))
         self.register_buffer("initialized", torch.tensor(False))
@@ -60,7 +62,8 @@ class SpectralRegularizer(nn.Module):
                 tokens = [t for _, _, t in taken if t is not None]
                 with_tokens = len(tokens) == len(convs)  # else W itself, with autograd through sigma
                 weights = [kernel_matrix(w.float()) for w, _, _ in taken]  # n x (rows, cols): w or W
-                scales = torch.stack([s.view(-1) for _, s, _ in taken]) if with_tokens else None  # (n, rows)
+                weight_normed = with_tokens and taken[0][1] is not None  # W = diag(s) w
+                scales = torch.stack([s.view(-1) for _, s, _ in taken]) if weight_normed else None  # (n, rows)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
                 # One batched matmul per shape saves launches; on CPU, large matrices are iterated one
                 # by one instead, since stacking them is a memory-bound copy of the whole group.
@@ -80,7 +83,7 @@ class SpectralRegularizer(nn.Module):
                         with torch.no_grad():
                             u[rows], v[rows] = u_new, v_new
                 total = total + sum(sigmas)
-                if with_tokens:  # gradient u v^T joins each conv's own (nvae.ops._WeightNorm)
+                if with_tokens:  # gradient u v^T joins each conv's own (nvae.ops._WeightNorm, _SpectralToken)
                     for j, conv in enumerate(convs):
                         conv.__dict__["spectral_uv"] = (u[j], v[j])
                     total = total + torch.stack(tokens).sum()

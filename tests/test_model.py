@@ -79,8 +79,10 @@ def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_
     import copy
 
     torch.manual_seed(0)
+    # with convolutions without weight normalization (_SpectralToken), one of a weight-normed one's shape
     a = torch.nn.Sequential(Conv2d(4, 6, 3, padding=1), Conv2d(6, 6, 3, padding=1), Conv2d(6, 128, 1),
-                            Conv2d(128, 256, 3, padding=1), Conv2d(256, 4, 1)).to(memory_format=layout)
+                            Conv2d(128, 256, 3, padding=1), Conv2d(256, 4, 1), Conv2d(4, 6, 1, weight_norm=False),
+                            Conv2d(6, 6, 3, padding=1, weight_norm=False)).to(memory_format=layout)
     b = copy.deepcopy(a).eval()
     reg_a, reg_b = SpectralRegularizer(a, 3, 3), SpectralRegularizer(b, 3, 3)
     reg_b.load_state_dict(reg_a.state_dict())
@@ -95,6 +97,26 @@ def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_
     torch.testing.assert_close(losses[0], losses[1])
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+        assert pa.grad.stride() == pa.stride(), name  # one gradient, laid out as the weight (DDP's buckets)
+
+
+@pytest.mark.parametrize("mode", ["none", "group"])
+def test_training_step_gradients_are_laid_out_as_their_parameters(mode: str) -> None:
+    """DDP copies each gradient into a bucket laid out as the parameter and warns ("Grad strides do
+    not match bucket view strides") on any stride difference, size-1 dimensions included: before
+    the decoder's plain convolutions carried spectral tokens, their two summed gradients came back
+    as (C, 1, 1, 1) for channels_last (C, 1, C, C) 1x1 kernels."""
+    from nvae.lightning import NVAEModule
+
+    torch.manual_seed(0)
+    module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=ImageSpec(channels=3, size=16, num_bits=8),
+                        channels_last=True, gradient_checkpointing=mode)
+    x = module._prepare(random_images(module.spec))
+    module.training_loss(x)[0].backward()
+    plain = [p for m in module.modules() if isinstance(m, Conv2d) and m.log_weight_norm is None for p in [m.weight]]
+    assert plain and all(p.grad is not None for p in plain)
+    assert not [(n, p.stride(), p.grad.stride()) for n, p in module.named_parameters()
+                if p.grad is not None and p.grad.stride() != p.stride()]
 
 
 def test_batchnorm_penalty_is_sum_of_max_abs_gamma() -> None:
