@@ -10,29 +10,33 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (ELU, BNSwish, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv,
+from nvae.ops import (ELU, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv,
                       autoregressive_mask, batch_norm, bn_swish_conv)
 
 RESIDUAL_SCALE = 0.1
 
 
 class EncoderCell(nn.Module):
-    """BN - Swish - conv3x3 - BN - Swish - conv3x3 - SE (fig. 3b); stride 2 when ``down``."""
+    """BN - Swish - conv3x3 - BN - Swish - conv3x3 - SE (fig. 3b); stride 2 when ``down``.
+
+    ``branch`` holds the layers; Swish is applied by :meth:`forward` (part of each fused step, so
+    that converting the BatchNorm layers, e.g. to SyncBatchNorm, leaves the cell as it is).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, down: bool = False, use_se: bool = True) -> None:
         super().__init__()
         self.skip = FactorizedReduce(in_channels, out_channels) if down else nn.Identity()
         self.branch = nn.Sequential(
-            BNSwish(in_channels),
+            batch_norm(in_channels),  # + Swish
             Conv2d(in_channels, out_channels, 3, stride=2 if down else 1, padding=1),
-            BNSwish(out_channels),
+            batch_norm(out_channels),  # + Swish
             Conv2d(out_channels, out_channels, 3, padding=1),
             SqueezeExcite(out_channels) if use_se else nn.Identity(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.branch
-        h = bn_swish_conv(bn_swish_conv(x, (b[0], b[1])), (b[2], b[3]))  # BN, Swish outputs recomputed
+        h = bn_swish_conv(bn_swish_conv(x, (b[0], True, b[1])), (b[2], True, b[3]))  # BN, Swish outputs recomputed
         return self.skip(x) + RESIDUAL_SCALE * b[4](h)
 
 
@@ -42,7 +46,8 @@ class DecoderCell(nn.Module):
     When ``up``, the input is first upsampled (nearest x2) and the skip is bilinear x2 + conv1x1.
     The convolutions inside are followed by BatchNorm, so they carry no weight normalization.
 
-    The three BN-conv steps run as fused autograd steps (:func:`nvae.ops.bn_swish_conv`). By
+    The three BN-conv steps run as fused autograd steps (:func:`nvae.ops.bn_swish_conv`; Swish is
+    part of the step, as in :class:`EncoderCell`). By
     default the expanded map after the 1x1 expansion is stored and the depthwise part recomputed in
     backward; with ``recompute_expanded`` (set under activation checkpointing, see
     ``NVAE.set_checkpointing``) the whole branch is one step that stores only the cell input and
@@ -61,9 +66,9 @@ class DecoderCell(nn.Module):
             nn.Upsample(scale_factor=2.0, mode="nearest") if up else nn.Identity(),
             batch_norm(in_channels),
             Conv2d(in_channels, hidden, 1, bias=False, weight_norm=False),
-            BNSwish(hidden),
+            batch_norm(hidden),  # + Swish
             DepthwiseConv2d(hidden, 5, padding=2),
-            BNSwish(hidden),
+            batch_norm(hidden),  # + Swish
             Conv2d(hidden, out_channels, 1, bias=False, weight_norm=False),
             batch_norm(out_channels),
             SqueezeExcite(out_channels) if use_se else nn.Identity(),
@@ -73,10 +78,10 @@ class DecoderCell(nn.Module):
         b = self.branch
         h = b[0](x)  # upsampled or not
         if not self.recompute_expanded:
-            h = bn_swish_conv(h, (b[1], b[2]))  # (B, expand * C, H, W), stored
-            h = bn_swish_conv(h, (b[3], b[4]), (b[5], b[6]))
+            h = bn_swish_conv(h, (b[1], False, b[2]))  # (B, expand * C, H, W), stored
+            h = bn_swish_conv(h, (b[3], True, b[4]), (b[5], True, b[6]))
         else:
-            h = bn_swish_conv(h, (b[1], b[2]), (b[3], b[4]), (b[5], b[6]))
+            h = bn_swish_conv(h, (b[1], False, b[2]), (b[3], True, b[4]), (b[5], True, b[6]))
         return self.skip(x) + RESIDUAL_SCALE * b[8](b[7](h))
 
 

@@ -1,6 +1,6 @@
 """Building blocks of NVAE's cells (paper sec. 3.1, fig. 3; appendix A).
 
-Weight-normalized convolution, BatchNorm + Swish (sec. 3.1), squeeze-excitation, the down-sampling skip (factorized
+Weight-normalized convolution, fused BatchNorm-Swish-conv steps (sec. 3.1), squeeze-excitation, the down-sampling skip (factorized
 reduce), the up-sampling skip (bilinear x2 + 1x1 conv), the masked convolution used by the
 autoregressive flow cells (sec. 3.2, "normalizing flows") and a cell sequence with optional
 activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
@@ -29,42 +29,38 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-class BNSwish(nn.BatchNorm2d):
-    """BatchNorm followed by Swish (sec. 3.1). In the cells it always feeds a convolution, and
-    :func:`bn_swish_conv` runs the three as one autograd step that stores only the BN input."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(super().forward(x))
+Step = tuple[nn.BatchNorm2d, bool, "Conv2d"]  # (BatchNorm, Swish after it?, convolution)
 
 
-def bn_swish_conv(x: torch.Tensor, *pairs: tuple[nn.BatchNorm2d, Conv2d]) -> torch.Tensor:
-    """``conv(swish(bn(x)))`` for each (bn, conv) pair in turn, as one autograd node in training.
+def bn_swish_conv(x: torch.Tensor, *steps: Step) -> torch.Tensor:
+    """``conv(swish(bn(x)))`` (Swish where the step says so) for each step in turn, as one autograd node in training.
 
-    A pair's ``bn`` is a :class:`BNSwish` (Swish after the BatchNorm) or a plain BatchNorm (none).
+    Swish belongs to the step, not to the BatchNorm module: converting BatchNorm layers to
+    SyncBatchNorm (``trainer.sync_batchnorm``) and back replaces the modules and keeps the model.
     The node saves only ``x`` and the per-channel batch statistics (not even the weight-normalized
     kernels: recomputing them is one multiply per weight). In backward, the BN and Swish
     outputs are recomputed from them with one multiply-add and one Swish each, and the inner
     convolutions' outputs by running those convolutions once more (the last conv's output is the
     result; the batch statistics are not recomputed and the running statistics move once).
-    One pair stores one map instead of three. The decoder cell (sec. 3.1, fig. 3a) is one chain,
+    One step stores one map instead of three. The decoder cell (sec. 3.1, fig. 3a) is one chain,
     BN-conv1x1 / BN-Swish-dwconv5x5 / BN-Swish-conv1x1, storing only the cell input instead of
     six maps, five of them expanded x6, for one more 1x1 and depthwise convolution in backward.
+    SyncBatchNorm layers run as modules, step by step: their statistics come from all processes.
     """
-    if not (pairs[0][0].training and torch.is_grad_enabled()):
-        for bn, conv in pairs:
-            x = conv(bn(x))
+    bns = [bn for bn, _, _ in steps]
+    if not (bns[0].training and torch.is_grad_enabled()) or any(isinstance(bn, nn.SyncBatchNorm) for bn in bns):
+        for bn, swish, conv in steps:
+            x = bn(x)
+            x = conv(F.silu(x) if swish else x)
         return x
-    momenta = tuple(_count_batch(bn) for bn, _ in pairs)
+    momenta = tuple(_count_batch(bn) for bn in bns)
     params, scales = [], []
-    for bn, conv in pairs:
+    for bn, _, conv in steps:
         params += [bn.weight, bn.bias, conv.kernel(), conv.bias]
         kept = conv.__dict__.get("last_weight")  # (w, s, token) if kernel() made W = s * w just now
         fresh = kept is not None and kept[2] is not None and not _recomputing  # recomputation stashes nothing
         scales.append(kept[1] if fresh else None)
-    return _BNSwishConvs.apply(x, pairs, momenta, tuple(scales), *params)
+    return _BNSwishConvs.apply(x, steps, momenta, tuple(scales), *params)
 
 
 def _count_batch(bn: nn.BatchNorm2d) -> float:
@@ -109,7 +105,7 @@ class _BNSwishConvs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, pairs: tuple[tuple[nn.BatchNorm2d, Conv2d], ...],
+    def forward(ctx: Any, x: torch.Tensor, steps: tuple[Step, ...],
                 momenta: tuple[float, ...], scales: tuple[torch.Tensor | None, ...],
                 *params: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type
@@ -117,45 +113,45 @@ class _BNSwishConvs(torch.autograd.Function):
         stats: list[torch.Tensor] = []
         h = x
         with _autocast_off(device):
-            for i, ((bn, conv), momentum) in enumerate(zip(pairs, momenta)):
+            for i, ((bn, swish, conv), momentum) in enumerate(zip(steps, momenta)):
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
                 y, mean, invstd = torch.native_batch_norm(h, bn_w, bn_b, bn.running_mean, bn.running_var, True,
                                                           momentum, bn.eps)
-                a = F.silu(y, inplace=True) if isinstance(bn, BNSwish) else y
+                a = F.silu(y, inplace=True) if swish else y
                 h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
                 # float32 statistics whatever the compiled graph returns (BN backward on bf16 maps expects them)
                 stats += [mean.to(bn.running_var.dtype), invstd.to(bn.running_var.dtype)]
         kernels_dropped = [None if i % 4 == 2 else t for i, t in enumerate(params)]  # recomputed in backward
         ctx.save_for_backward(x, *stats, *kernels_dropped)
-        ctx.pairs, ctx.dtype, ctx.scales = pairs, dtype, scales  # scales: (out, 1, 1, 1) each, no gradient
+        ctx.steps, ctx.dtype, ctx.scales = steps, dtype, scales  # scales: (out, 1, 1, 1) each, no gradient
         return h
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *saved = ctx.saved_tensors
-        pairs, dtype, n = ctx.pairs, ctx.dtype, len(ctx.pairs)
+        steps, dtype, n = ctx.steps, ctx.dtype, len(ctx.steps)
         stats, params = saved[:2 * n], list(saved[2 * n:])
-        for i, ((_, conv), scale) in enumerate(zip(pairs, ctx.scales)):  # the weights are those of forward
+        for i, ((_, _, conv), scale) in enumerate(zip(steps, ctx.scales)):  # the weights are those of forward
             params[4 * i + 2] = (conv.normalized_weight() if scale is None else conv._masked() * scale).detach()
         need = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * (4 * n)
         with _autocast_off(x.device.type):
-            acts = []  # per pair: its input h, BN output y, Swish output a (recomputed)
+            acts = []  # per step: its input h, BN output y, Swish output a (recomputed)
             h = x
-            for i, (bn, conv) in enumerate(pairs):
+            for i, (bn, swish, conv) in enumerate(steps):
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
                 y = _normalize(h, bn_w, bn_b, *stats[2 * i:2 * i + 2], bn.eps)
-                a = F.silu(y) if isinstance(bn, BNSwish) else y
+                a = F.silu(y) if swish else y
                 acts.append((h, y, a))
                 if i < n - 1:
                     h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
             for i in reversed(range(n)):
-                (bn, conv), (h, y, a) = pairs[i], acts.pop()
+                (bn, swish, conv), (h, y, a) = steps[i], acts.pop()
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
                 mask = (True, need[6 + 4 * i], need[7 + 4 * i] and b is not None)
                 grad_a, grad_w, grad_b = conv.convolve_backward(grad, _cast(a, dtype), _cast(w, dtype), mask)
                 del a
-                grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y) if isinstance(bn, BNSwish) else grad_a
+                grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y) if swish else grad_a
                 del y, grad_a
                 grad, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
                     grad_y, h, bn_w, None, None, *stats[2 * i:2 * i + 2], True, bn.eps,

@@ -306,6 +306,39 @@ def test_checkpoint_recomputation_keeps_no_kernels_for_the_next_step(tiny_rgb: N
     assert not [n for n, m in tiny_rgb.named_modules() if "last_weight" in m.__dict__]
 
 
+def test_sync_batchnorm_conversion_keeps_the_model() -> None:
+    """``trainer.sync_batchnorm``: Lightning converts every BatchNorm module to SyncBatchNorm before
+    fit and back to a plain BatchNorm after. Swish used to be a BatchNorm subclass, so both
+    conversions dropped it from every cell, silently. Converted, reverted or not, the model computes
+    the same loss and gradients (one process: SyncBatchNorm then normalizes with local statistics)."""
+    import copy
+
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+
+    torch.manual_seed(0)
+    model = NVAE(ImageSpec(channels=3, size=16, num_bits=8), tiny_config(num_flows=1))
+    synced = TorchSyncBatchNorm().apply(copy.deepcopy(model))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    reverted = TorchSyncBatchNorm().revert(copy.deepcopy(synced))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in reverted.modules())
+    x = random_images(model.spec)
+
+    def loss_and_grads(m: NVAE, train: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m = copy.deepcopy(m).train(train)
+        torch.manual_seed(1)  # the same posterior noise
+        out = m(x)
+        loss = out.kl.sum() - m.log_likelihood(out.likelihood, x).sum()
+        return loss, list(torch.autograd.grad(loss, list(m.parameters())))
+
+    for train in (True, False):
+        loss, grads = loss_and_grads(model, train)
+        for other in (synced, reverted):
+            other_loss, other_grads = loss_and_grads(other, train)
+            torch.testing.assert_close(other_loss, loss)
+            for (name, _), a, b in zip(model.named_parameters(), other_grads, grads):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("kind", ["decoder", "encoder down"])
 def test_cells_with_fused_steps_are_exact(kind: str) -> None:
     """Encoder and decoder cells (two fused BN-Swish-conv steps each): same output, gradients and
@@ -319,7 +352,13 @@ def test_cells_with_fused_steps_are_exact(kind: str) -> None:
     plain = copy.deepcopy(cell)
     x = torch.randn(3, 4, 8, 8)
     out = cell(x)
-    ref = plain.skip(x) + RESIDUAL_SCALE * plain.branch(x)
+    b, silu = plain.branch, F.silu  # fig. 3, layer by layer
+    if kind == "decoder":  # BN - conv1x1 - BN - Swish - dwconv5x5 - BN - Swish - conv1x1 - BN - SE
+        h = b[6](silu(b[5](b[4](silu(b[3](b[2](b[1](b[0](x)))))))))
+        h = b[8](b[7](h))
+    else:  # BN - Swish - conv3x3 - BN - Swish - conv3x3 - SE
+        h = b[4](b[3](silu(b[2](b[1](silu(b[0](x)))))))
+    ref = plain.skip(x) + RESIDUAL_SCALE * h
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(cell.parameters()), g)

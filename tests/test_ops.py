@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nvae import ops
-from nvae.ops import BNSwish, Conv2d, DepthwiseConv2d, bn_swish_conv
+from nvae.ops import Conv2d, DepthwiseConv2d, Step, batch_norm, bn_swish_conv
 
 CONVS = {
     "3x3 weight-normed, bias": lambda c: Conv2d(c, 6, 3, padding=1),
@@ -18,22 +18,23 @@ CONVS = {
 }
 
 
-Pairs = list[tuple[BNSwish, Conv2d]]
+Pairs = list[Step]
 CHAINS = [[name] for name in CONVS] + [["depthwise 5x5", "1x1 no bias"], ["3x3 stride 2", "3x3 weight-normed, bias"]]
 
 
-def _chain(conv_names: list[str], channels: int = 4) -> Pairs:
-    """(BNSwish, conv) pairs, each conv's output feeding the next pair."""
+def _chain(conv_names: list[str], channels: int = 4, swish: bool = True) -> Pairs:
+    """(BatchNorm, Swish after it, conv) steps, each conv's output feeding the next step; without
+    Swish in the first step when ``swish`` is false (the decoder cell's first step)."""
     torch.manual_seed(0)
     pairs = []
     for name in conv_names:
-        bn = BNSwish(channels)
+        bn = batch_norm(channels)
         with torch.no_grad():  # non-trivial affine parameters and running statistics
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
             bn.running_mean.uniform_(-1, 1)
         conv = CONVS[name](channels)
-        pairs.append((bn.train(), conv.train()))
+        pairs.append((bn.train(), swish or bool(pairs), conv.train()))
         channels = conv.out_channels
     return pairs
 
@@ -44,22 +45,24 @@ def _run(pairs: Pairs, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, list
         out = bn_swish_conv(x, *pairs)
     else:  # layer by layer, plain autograd
         out = x
-        for bn, conv in pairs:
-            out = conv(F.silu(torch.nn.BatchNorm2d.forward(bn, out)))
-    params = [x, *(p for bn, conv in pairs for p in (*bn.parameters(), *conv.parameters()))]
+        for bn, swish, conv in pairs:
+            out = conv(F.silu(bn(out)) if swish else bn(out))
+    params = [x, *(p for bn, _, conv in pairs for p in (*bn.parameters(), *conv.parameters()))]
     grads = torch.autograd.grad(out, params, torch.linspace(-1, 1, out.numel()).view_as(out))
     return out, list(grads)
 
 
 def _buffers(pairs: Pairs) -> list[tuple[str, torch.Tensor]]:
-    return [(f"{i}.{name}", t) for i, (bn, conv) in enumerate(pairs)
+    return [(f"{i}.{name}", t) for i, (bn, _, conv) in enumerate(pairs)
             for name, t in (*bn.named_buffers(), *conv.named_buffers())]
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("conv_names", CHAINS, ids=[" + ".join(c) for c in CHAINS])
-def test_fused_bn_swish_convs_match_plain_autograd(conv_names: list[str], layout: torch.memory_format) -> None:
-    pairs = _chain(conv_names)
+@pytest.mark.parametrize("swish", [True, False], ids=["swish", "first step without swish"])
+def test_fused_bn_swish_convs_match_plain_autograd(conv_names: list[str], layout: torch.memory_format,
+                                                   swish: bool) -> None:
+    pairs = _chain(conv_names, swish=swish)
     ref_pairs = copy.deepcopy(pairs)
     x = (torch.randn(3, 4, 8, 8) * 2 + 1).contiguous(memory_format=layout)
     out, grads = _run(pairs, x, fused=True)
