@@ -140,6 +140,21 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device``, else cuda when there is one; a one-line error for a device this machine lacks."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {name}: MPS is not available here")
+    return device
+
+
 def resolve_precision(requested: Optional[str], cli: NVAECLI, device: torch.device) -> str:
     """The precision to run in: ``requested``, else the preset's trainer.precision, as in PRECISIONS."""
     raw = requested if requested is not None else str(cli.config.get("trainer", {}).get("precision") or "32")
@@ -287,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"params: {params:,}")
         return {"config": config, "params": params}
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     cli = build(args.config, args.channels_last, checkpointing=args.checkpointing, compile=args.compile)
     module: NVAEModule = cli.model
     spec: ImageSpec = cli.datamodule.image_spec
