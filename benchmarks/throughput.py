@@ -54,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or not
 
+from nvae.checkpoint import device_arg, resolve_device  # noqa: E402
 from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
@@ -85,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="images per step (default: the preset's data.batch_size)")
     p.add_argument("--steps", type=int, default=10, help="timed steps; 0 only counts the parameters")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: CPUs in this process's affinity mask)")
     p.add_argument("--precision", default=None, choices=sorted(_PRECISION_ALIASES),
@@ -138,21 +139,6 @@ def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = Fa
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``--device``, else cuda when there is one; a one-line error for a device this machine lacks."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise SystemExit(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {name}: MPS is not available here")
-    return device
 
 
 def resolve_precision(requested: Optional[str], cli: NVAECLI, device: torch.device) -> str:

@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -33,10 +34,28 @@ class LoadedCheckpoint:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    """'auto' -> cuda when available, else cpu; anything else is a torch.device that must exist on
+    this machine (ValueError naming it otherwise, instead of a CUDA initialization traceback later)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here")
+    return resolved
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of ``--device``: checked while parsing, so a missing device is a usage error."""
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:

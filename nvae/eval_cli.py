@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torchvision.utils import make_grid, save_image
 
-from nvae.checkpoint import LoadedCheckpoint, build_datamodule, load_checkpoint, resolve_device
+from nvae.checkpoint import LoadedCheckpoint, build_datamodule, device_arg, load_checkpoint, resolve_device
 from nvae.metrics.likelihood import evaluate_nll
 from nvae.runtime import keep_heap_memory
 from nvae.sample_cli import DEFAULT_BN_STEPS, positive_temperature
@@ -31,7 +31,7 @@ def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> 
                    help="data module to use instead of the checkpoint's (e.g. nvae.data.CIFAR10DataModule)")
     p.add_argument("--data-root", default=None, help="override the data root recorded in the checkpoint")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split to evaluate on")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="random seed (posterior samples, binarization, sampling)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -21,7 +21,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from nvae import latent_cli
-from nvae.checkpoint import load_checkpoint, resolve_device
+from nvae.checkpoint import device_arg, load_checkpoint, resolve_device
 from nvae.runtime import keep_heap_memory
 from nvae.sampling import batchnorm_state, bn_cache_path, load_batchnorm_state, readjust_batchnorm, sample_images
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="png: one grid per temperature; pngs: one file per image; npz: uint8 array 'images' (N, C, H, W)")
     p.add_argument("--decode", choices=["mean", "sample"], default="mean",
                    help="output the likelihood's mean for each latent sample, or a sample from it")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     latent_cli.add_arguments(p)

@@ -69,14 +69,16 @@ def test_one_timed_step_on_cpu(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_a_device_this_machine_lacks_is_a_one_line_error() -> None:
+def test_a_device_this_machine_lacks_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     throughput = _benchmark_module("throughput")
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU ("cuda:0" on a machine without any)
-    with pytest.raises(SystemExit, match=f"--device {missing}: no such CUDA device here"):
-        throughput.resolve_device(missing)
-    with pytest.raises(SystemExit, match="--device 'gpu'"):
-        throughput.resolve_device("gpu")
-    assert throughput.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--config", str(QUICKSTART), "--device", missing])
+    assert f"argument --device: device '{missing}': no such CUDA device here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--config", str(QUICKSTART), "--device", "gpu"])
+    assert "argument --device: device 'gpu'" in capsys.readouterr().err
+    assert throughput.parse_args(["--config", str(QUICKSTART)]).device == "auto"
 
 
 def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:

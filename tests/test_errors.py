@@ -116,6 +116,14 @@ def test_sampling_with_negative_temperature_is_refused(quickstart_checkpoint: Pa
     assert "temperature must be >= 0, got -0.5" in capsys.readouterr().err
 
 
+def test_sampling_on_a_missing_device_is_a_usage_error(quickstart_checkpoint: Path, capsys) -> None:
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(SystemExit):
+        sample_main(["--checkpoint", str(quickstart_checkpoint), "--device", missing])
+    err = capsys.readouterr().err
+    assert f"argument --device: device '{missing}': no such CUDA device here" in err and "Traceback" not in err
+
+
 class SigtermAt(L.Callback):
     """Sends this process SIGTERM (a cluster preemption) at the end of training step ``step``."""
 
