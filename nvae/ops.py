@@ -1,9 +1,9 @@
 """Building blocks of NVAE's cells (paper sec. 3.1, fig. 3; appendix A).
 
-Weight-normalized convolution, fused BatchNorm-Swish-conv steps (sec. 3.1), squeeze-excitation, the down-sampling skip (factorized
-reduce), the up-sampling skip (bilinear x2 + 1x1 conv), the masked convolution used by the
-autoregressive flow cells (sec. 3.2, "normalizing flows") and a cell sequence with optional
-activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
+Weight-normalized convolution, fused BatchNorm-Swish-conv steps (sec. 3.1), squeeze-excitation,
+the down-sampling skip (factorized reduce), the up-sampling skip (bilinear x2 + 1x1 conv), the
+masked convolution used by the autoregressive flow cells (sec. 3.2, "normalizing flows") and a
+cell sequence with optional activation checkpointing (sec. 3.3 discusses NVAE's memory cost).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ Step = tuple[nn.BatchNorm2d, bool, "Conv2d"]  # (BatchNorm, Swish after it?, con
 
 
 def bn_swish_conv(x: torch.Tensor, *steps: Step) -> torch.Tensor:
-    """``conv(swish(bn(x)))`` (Swish where the step says so) for each step in turn, as one autograd node in training.
+    """``conv(swish(bn(x)))`` (Swish where the step says so) for each step, as one autograd node in training.
 
     Swish belongs to the step, not to the BatchNorm module: converting BatchNorm layers to
     SyncBatchNorm (``trainer.sync_batchnorm``) and back replaces the modules and keeps the model.
@@ -241,7 +241,8 @@ class _SpectralToken(torch.autograd.Function):
         return w.view_as(w), w.new_zeros(())
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor | None, grad_token: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, grad: torch.Tensor | None,
+                 grad_token: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
         (w,) = ctx.saved_tensors
         grad, _ = _add_spectral_grad(grad, grad_token, ctx.owner, w)
         return (None if grad is None else strided_like(grad, w)), None
