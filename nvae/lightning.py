@@ -29,6 +29,9 @@ FORMAT_KEY = "nvae_format"  # checkpoint entry: layout version of nvae checkpoin
 FORMAT_VERSION = 1
 
 
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # trainer.precision as Lightning spells it
+
+
 class NVAEModule(L.LightningModule):
     """Trains an :class:`nvae.model.NVAE` by minimizing the regularized negative ELBO."""
 
@@ -187,6 +190,13 @@ class NVAEModule(L.LightningModule):
         check_compatible(checkpoint, dict(self.hparams), FORMAT_VERSION)
         self._ema_to_load = checkpoint.get(EMA_KEY)
         self._rng_to_load = checkpoint.get(RNG_KEY)
+
+    def setup(self, stage: str) -> None:
+        """Refuse precisions the model does not run in, before any work (fit, validate or test)."""
+        precision = str(self.trainer.precision)
+        if precision not in SUPPORTED_PRECISIONS:
+            raise ValueError(f"trainer.precision {precision!r} is not supported: use 32, bf16-mixed or 16-mixed "
+                             "(float32 weights; the KL, likelihood and spectral norms are computed in float32)")
 
     def on_fit_start(self) -> None:
         if self.hparams.ema_decay:

@@ -94,6 +94,13 @@ def test_16_mixed_loss_scale_overflows_are_not_bad_steps() -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_unsupported_precisions_are_refused_before_training(precision: str) -> None:
+    """Half or double weights used to crash mid-step (a conv's dtype mismatch, the power iteration's)."""
+    with pytest.raises(ValueError, match=f"trainer.precision '{precision}' is not supported: use 32, bf16-mixed"):
+        fit(precision, steps=1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_compiled_forward_matches_eager_on_cpu(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
