@@ -22,6 +22,9 @@ BN_EPS = 1e-5
 # "folded" (one forward depthwise conv with the batch folded into the channels) or oneDNN's
 # weight-gradient kernel over blocks of this many channels per call (0: all at once).
 DEPTHWISE_GRAD_METHODS: tuple[str | int, ...] = ("folded", 0, 256, 128)
+# The method under torch.use_deterministic_algorithms (trainer.deterministic): the methods sum in
+# different orders, so a choice by timing could differ between runs in the last bits.
+DETERMINISTIC_WEIGHT_GRAD = "folded"
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -429,6 +432,8 @@ class DepthwiseConv2d(Conv2d):
 
     def _weight_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Weight gradient on CPU in float32, by the fastest of :data:`DEPTHWISE_GRAD_METHODS` for this shape."""
+        if torch.are_deterministic_algorithms_enabled():  # trainer.deterministic: no choice by timing
+            return self.weight_grad_by(grad_out, x, DETERMINISTIC_WEIGHT_GRAD)
         key = (tuple(x.shape), x.dtype, torch.get_num_threads())
         method = _FASTEST_WEIGHT_GRAD.get(key)
         if method is None:

@@ -140,6 +140,23 @@ def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad_x.double(), ref_x, rtol=tol, atol=tol * ref_x.abs().max().item())
 
 
+def test_depthwise_gradient_method_is_fixed_under_deterministic_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.deterministic: no choice by timing (the methods sum in different orders)."""
+    conv = DepthwiseConv2d(8, 5, padding=2)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(x)
+    used = []
+    by = DepthwiseConv2d.weight_grad_by
+    monkeypatch.setattr(DepthwiseConv2d, "weight_grad_by", lambda self, g, x, m: used.append(m) or by(self, g, x, m))
+    ops._FASTEST_WEIGHT_GRAD.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    conv.convolve_backward(grad_out, x, conv.weight, (False, True, False))
+    assert used == [ops.DETERMINISTIC_WEIGHT_GRAD] and not ops._FASTEST_WEIGHT_GRAD
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    conv.convolve_backward(grad_out, x, conv.weight, (False, True, False))
+    assert len(used) > 2 and len(ops._FASTEST_WEIGHT_GRAD) == 1  # timed: every candidate ran
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_weight_norm_gradients(layout: torch.memory_format) -> None:
     """The hand-written weight-norm backward against autograd of w * exp(log g) / (||w|| + eps)."""
