@@ -8,7 +8,7 @@ one OS process per rank, launched by Lightning) in a fresh interpreter, on rando
 preset's shape; the per-process batch is fixed (weak scaling), so the global batch is P x batch.
 A callback on rank 0 times each optimizer step (forward, backward with DDP's gradient all-reduce,
 Adamax, the scalar all-reduce of the logged metrics); the median after ``--warmup`` steps is
-reported. Linear scaling means images/s grows P times: ``efficiency`` is the speed-up over the
+reported, with rank 0's peak resident memory. Linear scaling means images/s grows P times: ``efficiency`` is the speed-up over the
 first setting divided by the ratio of process counts. Use no more processes x threads than idle
 cores, or the numbers measure contention, not scaling.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,8 +79,10 @@ def worker(args: argparse.Namespace, processes: int) -> None:
     trainer.fit(cli.model, DataLoader(images, batch_size=args.batch_size, shuffle=False))
     if trainer.global_rank == 0:
         step = statistics.median(timer.times[args.warmup:])
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # rank 0's peak resident set (Linux: KiB)
         print(json.dumps({"processes": processes, "threads": args.threads, "batch_per_process": args.batch_size,
-                          "step_s": step, "images_per_s": processes * args.batch_size / step}), flush=True)
+                          "step_s": step, "images_per_s": processes * args.batch_size / step,
+                          "peak_mem_mb": peak_mb}), flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -102,13 +105,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f"{rows[-1]['images_per_s']:.1f} images/s", flush=True)
     base = rows[0]
     print(f"{' + '.join(args.config)}, {args.batch_size} images per process, median of {args.steps} steps")
-    print("| processes x threads | global batch | s / step | images/s | speed-up | efficiency |")
-    print("|---|---|---|---|---|---|")
+    print("| processes x threads | global batch | s / step | images/s | speed-up | efficiency | peak memory per process |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = r["images_per_s"] / base["images_per_s"]
         r["efficiency"] = speedup / (r["processes"] / base["processes"])
         print(f"| {r['processes']} x {r['threads']} | {r['processes'] * r['batch_per_process']} | {r['step_s']:.3f} | "
-              f"{r['images_per_s']:.1f} | {speedup:.2f}x | {r['efficiency']:.0%} |")
+              f"{r['images_per_s']:.1f} | {speedup:.2f}x | {r['efficiency']:.0%} | {r['peak_mem_mb'] / 1024:.2f} GiB |")
     print(json.dumps(rows))
 
 

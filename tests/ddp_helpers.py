@@ -41,6 +41,9 @@ class SaveFirstGradients(L.Callback):
         if trainer.global_step == 0 and trainer.is_global_zero:
             grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
             torch.save(grads, Path(self.path))
+            ddp = trainer.strategy.model  # DistributedDataParallel under DDP
+            torch.save({"bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False))},
+                       Path(self.path).with_suffix(".ddp"))
 
 
 class RankInterleaved(torch.utils.data.Sampler):

@@ -141,4 +141,5 @@ def test_ddp_scaling_runs_lightning_ddp_with_two_processes(tmp_path: Path) -> No
     assert [r["processes"] for r in rows] == [1, 2]
     for r in rows:
         assert r["images_per_s"] == pytest.approx(r["processes"] * 2 / r["step_s"])
+        assert 100 < r["peak_mem_mb"] < 20000  # MiB of one process (not KiB or bytes)
     assert rows[0]["efficiency"] == pytest.approx(1.0)

@@ -37,6 +37,7 @@ def test_ddp_gradients_match_single_process_and_resume(tmp_path: Path) -> None:
     fit(tmp_path, devices=1, batch=4, max_steps=1, name="single")  # images 0..3: both ranks' first batches
     ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
     assert ddp.keys() == single.keys() and len(ddp) > 50
+    assert torch.load(tmp_path / "ddp.ddp")["bucket_view"]  # gradients live in DDP's buckets (no second copy)
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
     # resume the 2-process run from its checkpoint for two more steps
