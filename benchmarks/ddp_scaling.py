@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace, processes: int) -> None:
         def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
             self.times.append(time.perf_counter() - self._start)
 
-    cli = build(args.config, channels_last=False)
+    cli = build(args.config, channels_last=None)  # the preset's layout, as train.py runs it
     spec = cli.datamodule.image_spec
     total = args.warmup + args.steps
     images = random_batch(spec, args.batch_size * processes * total, torch.device("cpu"))
