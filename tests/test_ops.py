@@ -140,6 +140,21 @@ def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad_x.double(), ref_x, rtol=tol, atol=tol * ref_x.abs().max().item())
 
 
+@pytest.mark.parametrize("swish", [True, False], ids=["swish", "first step without swish"])
+def test_steps_in_eval_mode_use_running_statistics_and_their_swish(swish: bool) -> None:
+    """Outside training the steps run layer by layer: BatchNorm on its running statistics, Swish where the step says."""
+    chain = _chain(["3x3 weight-normed, bias", "1x1 no bias"], swish=swish)
+    steps = [(bn.eval(), s, conv.eval()) for bn, s, conv in chain]
+    x = torch.randn(3, 4, 8, 8)
+    h = x
+    for bn, s, conv in steps:
+        y = (h - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+        y = y * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+        h = F.conv2d(F.silu(y) if s else y, conv.normalized_weight(), conv.bias, conv.stride, conv.padding)
+    with torch.no_grad():
+        torch.testing.assert_close(bn_swish_conv(x, *steps), h.detach())
+
+
 def test_depthwise_gradient_method_is_fixed_under_deterministic_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.deterministic: no choice by timing (the methods sum in different orders)."""
     conv = DepthwiseConv2d(8, 5, padding=2)
