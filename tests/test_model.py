@@ -113,7 +113,7 @@ def test_training_step_gradients_are_laid_out_as_their_parameters(mode: str) -> 
                         channels_last=True, gradient_checkpointing=mode)
     x = module._prepare(random_images(module.spec))
     module.training_loss(x)[0].backward()
-    plain = [p for m in module.modules() if isinstance(m, Conv2d) and m.log_weight_norm is None for p in [m.weight]]
+    plain = [m.weight for m in module.modules() if isinstance(m, Conv2d) and m.log_weight_norm is None]
     assert plain and all(p.grad is not None for p in plain)
     assert not [(n, p.stride(), p.grad.stride()) for n, p in module.named_parameters()
                 if p.grad is not None and p.grad.stride() != p.stride()]
