@@ -192,7 +192,7 @@ class NVAEModule(L.LightningModule):
         self._rng_to_load = checkpoint.get(RNG_KEY)
 
     def setup(self, stage: str) -> None:
-        """Refuse precisions the model does not run in, before any work (fit, validate or test).
+        """Refuse precisions the model does not run in, and SyncBatchNorm under CPU DDP, before any work.
 
         Under DDP, gradients default to views of DDP's all-reduce buckets (``gradient_as_bucket_view``)
         unless the strategy was given that argument: without it every process holds the gradients
@@ -202,7 +202,12 @@ class NVAEModule(L.LightningModule):
         if precision not in SUPPORTED_PRECISIONS:
             raise ValueError(f"trainer.precision {precision!r} is not supported: use 32, bf16-mixed or 16-mixed "
                              "(float32 weights; the KL, likelihood and spectral norms are computed in float32)")
-        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)  # DDPStrategy's DistributedDataParallel args
+        strategy = self.trainer.strategy
+        if getattr(strategy, "_layer_sync", None) is not None and self.trainer.world_size > 1 \
+                and strategy.root_device.type == "cpu":  # DDP wraps the model after this hook, and fails there
+            raise ValueError("trainer.sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run under CPU DDP "
+                             "(gloo); drop --trainer.sync_batchnorm on CPU (each process then keeps its own statistics)")
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)  # DDPStrategy's DistributedDataParallel args
         if isinstance(ddp_kwargs, dict):
             ddp_kwargs.setdefault("gradient_as_bucket_view", True)
 

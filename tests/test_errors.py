@@ -116,6 +116,23 @@ def test_sampling_with_negative_temperature_is_refused(quickstart_checkpoint: Pa
     assert "temperature must be >= 0, got -0.5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("devices, strategy, refused", [(2, "ddp", True), (1, "auto", False)])
+def test_sync_batchnorm_under_cpu_ddp_is_refused_before_ddp(devices: int, strategy: str, refused: bool) -> None:
+    """PyTorch's SyncBatchNorm does not run under CPU DDP: DDP's wrapper failed with "SyncBatchNorm
+    layers only work with GPU modules", naming no field. One CPU process keeps local statistics and runs."""
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, sync_batchnorm=True, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    module = NVAEModule(arch=tiny_config(), image_spec=ImageSpec(channels=1, size=16, num_bits=1))
+    module.trainer = trainer
+    if not refused:
+        module.setup("fit")
+        return
+    with pytest.raises(ValueError, match="trainer.sync_batchnorm needs GPUs: .* drop --trainer.sync_batchnorm on CPU") \
+            as err:
+        module.setup("fit")
+    one_line(err)
+
+
 def test_sampling_on_a_missing_device_is_a_usage_error(quickstart_checkpoint: Path, capsys) -> None:
     missing = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(SystemExit):
