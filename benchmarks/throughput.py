@@ -50,6 +50,7 @@ from typing import Any, Optional, Sequence
 from unittest import mock
 
 import torch
+from torch.profiler import record_function
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or not
@@ -64,6 +65,7 @@ from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # n
 from nvae.spec import ImageSpec  # noqa: E402
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PHASES = ("nvae::forward", "nvae::backward", "nvae::optimizer")  # forward includes the regularizers' forward
 # Lightning spellings of the precisions above (a preset's trainer.precision may use any of them).
 _PRECISION_ALIASES = {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
                       "16": "16-mixed", "16-mixed": "16-mixed"}
@@ -77,9 +79,9 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The options of a benchmarked step (benchmarks/profile_step.py adds its own to them)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True,
                    help="preset YAML; repeat to add overlays (applied in order, as with train.py)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -102,6 +104,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="build with model.compile=true (torch.compile of the forward pass)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    p = parser or build_parser()
     args = p.parse_args(argv)
     if args.steps < 0 or args.warmup < 0:
         p.error("--steps and --warmup must be >= 0")
@@ -186,17 +194,19 @@ class Stepper:
 
     def forward_backward(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with record_function(PHASES[0]), self._autocast():  # labels for torch.profiler (profile_step.py)
             loss = self.module.training_loss(self.x)[0]
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        with record_function(PHASES[1]):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss
 
     def optimizer_step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        with record_function(PHASES[2]):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
 
     def timed_step(self) -> float:
         """Seconds of one full step (zero_grad, forward, backward, optimizer step), device synchronized."""
@@ -274,6 +284,27 @@ def time_sampling(module: NVAEModule, batch_size: int, steps: int, device: torch
     return median
 
 
+def prepare(args: argparse.Namespace, threads: int, allocator: str) -> tuple[Stepper, dict[str, Any]]:
+    """Build the preset's model on the device, print what runs; return its step and a summary."""
+    device = resolve_device(args.device)
+    cli = build(args.config, args.channels_last, checkpointing=args.checkpointing, compile=args.compile)
+    module: NVAEModule = cli.model
+    spec: ImageSpec = cli.datamodule.image_spec
+    info = {"precision": resolve_precision(args.precision, cli, device), "params": count_params(module),
+            "batch_size": args.batch_size or int(cli.datamodule.batch_size),
+            "channels_last": bool(module.hparams.channels_last)}
+    print(f"config: {' + '.join(args.config)}")
+    print(f"device: {device} ({device_name(device)}), threads: {threads} "
+          f"(of {default_threads()} in the affinity mask), precision: {info['precision']}, "
+          f"channels_last: {info['channels_last']}, allocator: {allocator}")
+    print(f"model: {info['params']:,} parameters; batch: {info['batch_size']} x {spec.channels}x{spec.size}"
+          f"x{spec.size}, {spec.num_bits} bit(s)")
+    module.to(device).train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return Stepper(module, random_batch(spec, info["batch_size"], device), info["precision"]), info
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = " + ".join(args.config)
     threads = args.threads or default_threads()
@@ -288,26 +319,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"params: {params:,}")
         return {"config": config, "params": params}
 
-    device = resolve_device(args.device)
-    cli = build(args.config, args.channels_last, checkpointing=args.checkpointing, compile=args.compile)
-    module: NVAEModule = cli.model
-    spec: ImageSpec = cli.datamodule.image_spec
-    precision = resolve_precision(args.precision, cli, device)
-    batch_size = args.batch_size or int(cli.datamodule.batch_size)
-    params = count_params(module)
-    channels_last = bool(module.hparams.channels_last)
-
-    print(f"config: {config}")
-    print(f"device: {device} ({device_name(device)}), threads: {threads} "
-          f"(of {default_threads()} in the affinity mask), precision: {precision}, channels_last: {channels_last}, "
-          f"allocator: {allocator}")
-    print(f"model: {params:,} parameters; batch: {batch_size} x {spec.channels}x{spec.size}x{spec.size}, "
-          f"{spec.num_bits} bit(s)")
-
-    module.to(device).train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stepper = Stepper(module, random_batch(spec, batch_size, device), precision)
+    stepper, info = prepare(args, threads, allocator)
+    module, device, precision, batch_size = stepper.module, stepper.device, info["precision"], info["batch_size"]
+    params, channels_last = info["params"], info["channels_last"]
 
     for i in range(args.warmup):
         print(f"warm-up {i + 1}/{args.warmup}: {stepper.timed_step():.4f} s", flush=True)

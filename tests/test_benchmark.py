@@ -81,6 +81,38 @@ def test_a_device_this_machine_lacks_is_a_usage_error(capsys: pytest.CaptureFixt
     assert throughput.parse_args(["--config", str(QUICKSTART)]).device == "auto"
 
 
+def test_profile_step_splits_the_step_and_ranks_operators(tmp_path: Path) -> None:
+    """benchmarks/profile_step.py: phases inside the step's wall time, operators ranked by self time."""
+    trace = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--config", str(QUICKSTART),
+                           "--batch-size", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu",
+                           "--top", "40", "--trace", str(trace)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "| `aten::convolution_backward` |" in proc.stdout  # the printed table
+    phases, wall_ms = result["phases_ms"], result["step_s"] * 1e3
+    assert set(phases) == {"forward", "backward", "optimizer"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= wall_ms * 1.02  # nested in the step (zero_grad and the clock outside them)
+    top = result["top"]
+    assert len(top) == 40 and not [r for r in top if r["name"].startswith("nvae::")]
+    assert [r["self_ms"] for r in top] == sorted((r["self_ms"] for r in top), reverse=True)
+    assert all(0 <= r["self_ms"] <= r["total_ms"] + 1e-6 for r in top)
+    assert sum(r["self_ms"] for r in top) <= result["self_total_ms"] + 1e-6 <= wall_ms * 1.02  # one thread
+    names = {r["name"] for r in top}
+    assert {"aten::convolution_backward", "aten::mkldnn_convolution"} <= names
+    assert "traceEvents" in json.loads(trace.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step.json"]  # nothing else written
+
+
+def test_profile_step_refuses_zero_steps(capsys: pytest.CaptureFixture) -> None:
+    profile_step = _benchmark_module("profile_step")
+    with pytest.raises(SystemExit):
+        profile_step.parse(["--config", str(QUICKSTART), "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert profile_step.parse(["--config", str(QUICKSTART)]).steps == 3
+
+
 def test_flop_count_of_a_grouped_conv_backward_is_twice_its_forward() -> None:
     """torch's own formula counts a depthwise conv's weight gradient once per channel; ours does not."""
     from torch.utils.flop_counter import FlopCounterMode
