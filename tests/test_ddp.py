@@ -120,38 +120,60 @@ def test_train_py_with_two_cpu_processes_trains_tests_and_writes_samples_once(tm
     assert "final_t1.png" in grids, grids
 
 
-def test_train_py_under_torchrun_as_two_nodes_exits_cleanly(tmp_path: Path) -> None:
-    """The README's torchrun multi-node command, with 2 "nodes" of 1 CPU process on this machine:
-    both exit 0 and global rank 0 alone reports.
-
-    Run by hand (2 threads each), 5 of 7 such runs failed before train.py destroyed its gloo process
-    group at the end: a process aborted after its last line ("terminate called without an active
-    exception") or hung in torchrun's exit barrier. Here it did not reproduce reliably (3 of 3 passed
-    without the fix); the next test checks the fix itself.
-    """
+def _free_port() -> int:
     import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(tmp: Path, launch: list[list[str]], envs: list[dict[str, str]]) -> list[str]:
+    """Runs train.py (debug overlay, 2 nodes x 1 CPU process) once per node with the given launcher
+    prefix and environment; asserts both exit 0, global rank 0 alone reports; returns the outputs."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(root / "train.py"), "fit", "--config", str(root / "configs" / "quickstart.yaml"),
-               "--config", str(root / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu",
-               "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp",
-               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-               "--trainer.enable_progress_bar", "false"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    args = [str(root / "train.py"), "fit", "--config", str(root / "configs" / "quickstart.yaml"),
+            "--config", str(root / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp",
+            "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
+            "--trainer.enable_progress_bar", "false"]
+    procs = [subprocess.Popen([sys.executable, *prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+             for prefix, env in zip(launch, envs)]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert not [o for o in outputs if "terminate called" in o]
-    assert outputs[0].count("held-out negative ELBO:") == 1 and "held-out" not in outputs[1]  # global rank 0
+    assert outputs[0].count("held-out negative ELBO:") == 1 and "held-out" not in outputs[1]
+    return outputs
+
+
+def test_train_py_under_torchrun_as_two_nodes_exits_cleanly(tmp_path: Path) -> None:
+    """The README's torchrun multi-node command, with 2 "nodes" of 1 CPU process on this machine.
+
+    Run by hand (2 threads each), 5 of 7 such runs failed before train.py destroyed its gloo process
+    group at the end: a process aborted after its last line ("terminate called without an active
+    exception") or hung in torchrun's exit barrier. Here it did not reproduce reliably (3 of 3 passed
+    without the fix); the next tests check the fix itself.
+    """
+    port = str(_free_port())
+    _two_nodes(tmp_path, [["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+                           str(node), "--master_addr", "127.0.0.1", "--master_port", port] for node in range(2)],
+               [{}, {}])
+
+
+def test_train_py_under_slurm_as_two_nodes(tmp_path: Path) -> None:
+    """The README's SLURM command: each process gets the variables srun sets for
+    ``sbatch --nodes 2 --ntasks-per-node 1`` (Lightning's SLURMEnvironment reads them), on this machine."""
+    assert not os.environ.get("SLURM_JOB_ID")  # a test run inside a real SLURM job would mix the two
+    port = str(_free_port())  # else Lightning derives it from SLURM_JOB_ID
+    envs = [{"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "nvae-test", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_NNODES": "2", "SLURM_NODELIST": "127.0.0.1", "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0",
+             "SLURM_NODEID": str(rank), "MASTER_PORT": port} for rank in range(2)]
+    outputs = _two_nodes(tmp_path, [[], []], envs)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
 
 
 def test_train_py_ends_the_process_group_it_ran_in(tmp_path: Path) -> None:
