@@ -14,6 +14,7 @@ from conftest import random_images, tiny_config
 from nvae.lightning import NVAEModule
 from nvae.spec import ImageSpec
 
+ROOT = Path(__file__).resolve().parent.parent
 SPEC = ImageSpec(channels=1, size=16, num_bits=1, pad=2)
 
 
@@ -66,16 +67,27 @@ def test_processes_agree_to_skip_a_step_with_a_bad_loss_on_one_of_them(tmp_path:
     torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
 
 
-def launch_pair(tmp: Path, *args: str) -> list[int]:
-    """Two processes of tests/ddp_preempt_worker.py wired up as torchrun would; their exit codes."""
-    import os
+def _free_port() -> int:
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def _train_py_debug_args(tmp: Path) -> list[str]:
+    """``train.py fit`` arguments: the quickstart with the debug overlay on CPU, writing under ``tmp``."""
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+            "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp),
+            "--trainer.logger.init_args.save_dir", str(tmp)]
+
+
+def launch_pair(tmp: Path, *args: str) -> list[int]:
+    """Two processes of tests/ddp_preempt_worker.py wired up as torchrun would; their exit codes."""
+    import subprocess
+    import sys
+
+    port = _free_port()
     worker = Path(__file__).resolve().parent / "ddp_preempt_worker.py"
     procs = []
     for rank in range(2):
@@ -108,24 +120,13 @@ def test_train_py_with_two_cpu_processes_trains_tests_and_writes_samples_once(tm
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs" / "quickstart.yaml"),
-           "--config", str(root / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path),
-           "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "train.py"), *_train_py_debug_args(tmp_path), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("held-out negative ELBO:") == 1  # rank 0 alone reports
     grids = sorted(p.name for p in tmp_path.rglob("samples/*.png"))
     assert "final_t1.png" in grids, grids
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _two_nodes(tmp: Path, launch: list[list[str]], envs: list[dict[str, str]]) -> list[str]:
@@ -134,12 +135,8 @@ def _two_nodes(tmp: Path, launch: list[list[str]], envs: list[dict[str, str]]) -
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
-    args = [str(root / "train.py"), "fit", "--config", str(root / "configs" / "quickstart.yaml"),
-            "--config", str(root / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp",
-            "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
-            "--trainer.enable_progress_bar", "false"]
+    args = [str(ROOT / "train.py"), *_train_py_debug_args(tmp), "--trainer.devices", "1", "--trainer.num_nodes", "2",
+            "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
     procs = [subprocess.Popen([sys.executable, *prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
              for prefix, env in zip(launch, envs)]
@@ -182,13 +179,9 @@ def test_train_py_ends_the_process_group_it_ran_in(tmp_path: Path) -> None:
 
     from nvae.cli import main
 
-    root = Path(__file__).resolve().parent.parent
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        main(["fit", "--config", str(root / "configs" / "quickstart.yaml"), "--config",
-              str(root / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu", "--trainer.default_root_dir",
-              str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1"])
+        main([*_train_py_debug_args(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1"])
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
