@@ -78,8 +78,8 @@ def _free_port() -> int:
 def _train_py_debug_args(tmp: Path) -> list[str]:
     """``train.py fit`` arguments: the quickstart with the debug overlay on CPU, writing under ``tmp``."""
     return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-            "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp),
-            "--trainer.logger.init_args.save_dir", str(tmp)]
+            "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp)]
 
 
 def launch_pair(tmp: Path, *args: str) -> list[int]:
