@@ -1,25 +1,115 @@
-"""Rebuild a trained NVAE, and the data it was trained on, from a Lightning checkpoint alone.
+"""The nvae checkpoint format in one place: its entries, safe reading, and rebuilding a model from it.
 
-Checkpoints hold the architecture and image spec as plain dicts, the data module's class path and
-arguments (``nvae_data``) and, when EMA was kept, the averaged weights (``nvae_ema``); so they load
-with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+A checkpoint is a Lightning checkpoint whose hyper-parameters hold the architecture and image spec
+as plain dicts, plus nvae's entries: the data module that trained it (``nvae_data``: class path and
+arguments), the EMA weights when kept (``nvae_ema``), every process's RNG states (``nvae_rng``) and
+the format version (``nvae_format``).
+
+A checkpoint cannot run code. ``torch.load(weights_only=True)`` stops pickle from calling anything;
+:func:`check_names` stops the second way, a name in the file that a loader would import and call:
+the data module's class path resolves only to nvae's data modules or classes the user registered
+(:mod:`nvae.data.registry`), Lightning's ``_instantiator`` only to Lightning's own, ``_class_path``
+only to ``NVAEModule`` or a subclass already defined in this process; weight entries must be
+tensors. Every loader (sample.py, evaluate.py, ``--resume``, ``NVAEModule.load_from_checkpoint``)
+checks the file this way before anything named in it is imported or instantiated.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from nvae.lightning import DATA_KEY, EMA_KEY
+from nvae.data.registry import UntrustedName, class_path, datamodule_class
 from nvae.model import NVAE, NVAEConfig
 from nvae.spec import ImageSpec
 
+DATA_KEY = "nvae_data"  # the data module that trained the model: {"class_path": ..., "init_args": {...}}
+EMA_KEY = "nvae_ema"  # exponential moving average of the model weights, if kept (a state dict)
+RNG_KEY = "nvae_rng"  # every process's RNG states (exact resume)
+FORMAT_KEY = "nvae_format"  # layout version of nvae checkpoints
+FORMAT_VERSION = 1
+LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI records
 
+
+# ------------------------------------------------------------------------------------------ safe reading
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of ``path``, then :func:`check_names`; one-line errors.
+    ``mmap`` maps the tensors instead of reading them (a cheap look at the names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise ValueError(f"'{path}' is not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"'{path}' is not an nvae checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    check_names(ckpt, f"checkpoint '{path}'")
+    return ckpt
+
+
+def check_names(ckpt: Mapping[str, Any], source: str) -> None:
+    """Refuse (:class:`UntrustedName`) any entry of ``ckpt`` that names code nvae does not allow.
+
+    Checked without importing anything: ``nvae_data.class_path`` and the ``_class_path`` of
+    ``datamodule_hyper_parameters`` and ``nvae_data.init_args`` (data modules), ``hyper_parameters._class_path``
+    (NVAEModule or a subclass already defined here), ``*._instantiator`` (Lightning's own only), and
+    the EMA entry (a dict of tensors).
+    """
+    data = ckpt.get(DATA_KEY)
+    if data is not None:
+        if not isinstance(data, dict) or not isinstance(data.get("init_args", {}), dict):
+            raise UntrustedName(f"{source}: {DATA_KEY} must be a dict with class_path and init_args")
+        datamodule_class(data.get("class_path"), f"{source}: {DATA_KEY}.class_path")
+    entries = {"hyper_parameters": ckpt.get("hyper_parameters"),
+               "datamodule_hyper_parameters": ckpt.get("datamodule_hyper_parameters"),
+               f"{DATA_KEY}.init_args": (data or {}).get("init_args")}
+    for key, hparams in entries.items():
+        if hparams is None:
+            continue
+        if not isinstance(hparams, dict):
+            raise UntrustedName(f"{source}: {key} must be a dict, got {type(hparams).__name__}")
+        instantiator = hparams.get("_instantiator")
+        if instantiator is not None and instantiator != LIGHTNING_INSTANTIATOR:
+            raise UntrustedName(f"{source}: {key}._instantiator {instantiator!r} is not Lightning's own "
+                                f"({LIGHTNING_INSTANTIATOR}); it was not imported")
+        if "_class_path" in hparams:
+            entry = f"{source}: {key}._class_path"
+            if key != "hyper_parameters":
+                datamodule_class(hparams["_class_path"], entry)
+            else:
+                module_class(hparams["_class_path"], entry)
+    if ckpt.get(EMA_KEY) is not None:
+        check_tensors(ckpt[EMA_KEY], f"{source}: {EMA_KEY}")
+
+
+def module_class(name: object, entry: str) -> type:
+    """``NVAEModule`` or a subclass of it already defined in this process, named by its class path."""
+    from nvae.lightning import NVAEModule
+
+    found, stack = {}, [NVAEModule]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        found[class_path(cls)] = cls
+    if not isinstance(name, str) or name not in found:
+        raise UntrustedName(f"{entry}: {name!r} is not nvae.lightning.NVAEModule or a subclass of it defined "
+                            "in this process; it was not imported")
+    return found[name]
+
+
+def check_tensors(state: object, entry: str) -> dict[str, torch.Tensor]:
+    """``state`` if it is a dict of name -> tensor; :class:`UntrustedName` naming ``entry`` otherwise."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UntrustedName(f"{entry} must be a dict of tensors")
+    return state
+
+
+# ------------------------------------------------------------------------------------------ rebuilding
 @dataclass
 class LoadedCheckpoint:
     """A model in eval mode plus what the checkpoint says about its training."""
@@ -29,7 +119,7 @@ class LoadedCheckpoint:
     """'ema' when the checkpoint's EMA weights were loaded, else 'raw'."""
     hparams: dict[str, Any]
     data: Optional[dict[str, Any]]
-    """{'class_path': ..., 'init_args': {...}} of the training data module, if recorded."""
+    """{'class_path': ..., 'init_args': {...}} of the training data module, if recorded (checked)."""
     path: Path
 
 
@@ -58,19 +148,22 @@ def device_arg(text: str) -> str:
     return text
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
-    """Load ``path`` and rebuild its NVAE (EMA weights when present and ``use_ema``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+def build_model(hparams: Mapping[str, Any], source: str) -> NVAE:
+    """The NVAE that ``hparams`` (a checkpoint's hyper-parameters) describe; one-line ValueError otherwise."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"'{path}' is not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt.get("hyper_parameters", {}):
+        return NVAE(ImageSpec(**hparams["image_spec"]), NVAEConfig(**hparams["arch"]))
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"{source}: hyper_parameters do not describe an NVAE ({err})") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
+    """Read ``path`` safely (:func:`read_checkpoint`) and rebuild its NVAE (EMA weights when present and ``use_ema``)."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters")
+    if "state_dict" not in ckpt or not isinstance(hparams, dict) or "arch" not in hparams:
         raise ValueError(f"'{path}' is not an nvae checkpoint (no model hyper-parameters / state_dict)")
-    hparams = ckpt["hyper_parameters"]
-    model = NVAE(ImageSpec(**hparams["image_spec"]), NVAEConfig(**hparams["arch"]))
+    model = build_model(hparams, f"checkpoint '{path}'")
     weights = "raw"
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if use_ema and ckpt.get(EMA_KEY):
@@ -83,12 +176,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
 
 
 def build_datamodule(data: Optional[dict[str, Any]], **overrides: Any) -> Any:
-    """Instantiate the recorded data module; ``overrides`` (e.g. root, eval_batch_size) win when not None."""
+    """Instantiate a checkpoint's recorded data module (an allowed class only: see :func:`check_names`);
+    ``overrides`` (e.g. root, eval_batch_size) win when not None."""
     if not data:
         raise ValueError("the checkpoint records no data module: name one with --data CLASS_PATH [--data-root DIR]")
-    module_name, _, cls_name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = datamodule_class(data.get("class_path"), f"{DATA_KEY}.class_path")
+    return instantiate_datamodule(cls, data.get("init_args", {}), overrides)
+
+
+def instantiate_datamodule(cls: type, init_args: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
+    """``cls(**init_args, **overrides)``, keeping only the arguments ``cls`` accepts (overrides: when not None)."""
+    import inspect
+
     accepted = inspect.signature(cls.__init__).parameters
-    args = {k: v for k, v in data["init_args"].items() if k in accepted}
+    args = {k: v for k, v in init_args.items() if k in accepted}
     args.update({k: v for k, v in overrides.items() if v is not None and k in accepted})
     return cls(**args)

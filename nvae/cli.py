@@ -10,21 +10,21 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from nvae.data import ImageDataModule
 from nvae.data.base import DataError
 from nvae.guard import TrainingDiverged
 from nvae.lightning import NVAEModule
 from nvae.resilience import find_resume_checkpoint
-from nvae.runtime import keep_heap_memory
+from nvae.checkpoint import read_checkpoint
+from nvae.config_check import check_command_line
+from nvae.presets import describe, resolve_config_args
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs in --help
-
-QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
-
 
 class NVAECLI(LightningCLI):
     """LightningCLI with NVAE's argument links and a held-out evaluation after fit."""
@@ -34,6 +34,20 @@ class NVAECLI(LightningCLI):
         parser.add_argument("--resume", type=Optional[str], default=None,
                             help="'auto': continue from the newest last.ckpt under trainer.default_root_dir "
                                  "(start fresh if there is none); or a checkpoint path")
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (jsonargparse parser, LightningCLI's ArgsType)
+        """Preset names to files, config files checked for names of code (:mod:`nvae.config_check`), and a
+        ``--ckpt_path`` file checked (:func:`nvae.checkpoint.check_names`) before LightningCLI reads its
+        hyper-parameters; then Lightning's parsing."""
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
+        check_command_line(argv)
+        self.config = parser.parse_args(argv)
+        ckpt_path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path") if self.config.get("subcommand") \
+            else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path, mmap=True)
 
     def before_fit(self) -> None:
         """Resolve ``--resume`` into ``ckpt_path`` (fit only)."""
@@ -47,12 +61,13 @@ class NVAECLI(LightningCLI):
             callback = self.trainer.checkpoint_callback
             found = find_resume_checkpoint(getattr(callback, "dirpath", None), self.trainer.default_root_dir)
             if found is None:
-                print(f"--resume auto: no last.ckpt under {self.trainer.default_root_dir}; starting a new run")
+                rank_zero_info(f"--resume auto: no last.ckpt under {self.trainer.default_root_dir}; starting a new run")
                 return
             resume = str(found)
         if not Path(resume).is_file():
             raise SystemExit(f"--resume: checkpoint '{resume}' does not exist")
-        print(f"resuming from {resume}")
+        read_checkpoint(resume, mmap=True)  # refuse a file that names code before any work
+        rank_zero_info(f"resuming from {resume}")
         config["ckpt_path"] = resume
 
     def after_fit(self) -> None:
@@ -68,13 +83,16 @@ class NVAECLI(LightningCLI):
             print(f"checkpoint: {ckpt}\nlogs and samples: {log_dir}")
 
 
-def main(args: Optional[list[str]] = None) -> NVAECLI:
-    """Entry point of train.py; with no arguments, trains the quickstart preset."""
-    if args is None and not sys.argv[1:]:
-        args = ["fit", "--config", str(QUICKSTART)]
-    keep_heap_memory()  # ~20% faster CPU steps (see nvae.runtime)
+def main(args: Optional[list[str]] = None) -> Optional[NVAECLI]:
+    """Entry point of train.py: the quickstart preset with no arguments; ``presets`` lists the presets."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv:
+        argv = ["fit", "--config", "quickstart"]
+    if argv[:1] == ["presets"]:
+        print(describe())
+        return None
     try:
-        return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=args,
+        return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=argv,
                        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
     except (ValueError, FileNotFoundError, DataError, TrainingDiverged, MisconfigurationException) as err:
         if os.environ.get("NVAE_DEBUG"):

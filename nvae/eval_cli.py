@@ -19,9 +19,10 @@ from typing import Any, Optional
 import torch
 from torchvision.utils import make_grid, save_image
 
-from nvae.checkpoint import LoadedCheckpoint, build_datamodule, device_arg, load_checkpoint, resolve_device
+from nvae.checkpoint import (LoadedCheckpoint, build_datamodule, device_arg, instantiate_datamodule, load_checkpoint,
+                             resolve_device)
+from nvae.data.registry import command_line_datamodule
 from nvae.metrics.likelihood import evaluate_nll
-from nvae.runtime import keep_heap_memory
 from nvae.sample_cli import DEFAULT_BN_STEPS, positive_temperature
 
 
@@ -85,8 +86,11 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
 def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: int) -> Any:
     """The recorded data module's loader for ``args.split`` (no shuffling)."""
     try:
-        data = {"class_path": args.data, "init_args": {}} if args.data else loaded.data
-        dm = build_datamodule(data, root=args.data_root, eval_batch_size=batch_size, num_workers=0)
+        overrides = dict(root=args.data_root, eval_batch_size=batch_size, num_workers=0)
+        if args.data:  # named on the command line: the user's choice (may be imported)
+            dm = instantiate_datamodule(command_line_datamodule(args.data), {}, overrides)
+        else:  # named by the checkpoint: nvae's data modules or registered ones only
+            dm = build_datamodule(loaded.data, **overrides)
         dm.setup("test")
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
@@ -149,7 +153,6 @@ def _take(loader: Any, n: int) -> Any:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    keep_heap_memory()
     if args.command == "fid":
         from nvae.fid_cli import run_fid
 

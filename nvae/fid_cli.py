@@ -40,7 +40,8 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
     """Reference statistics: a stats/image file given by --reference, or the checkpoint's data split."""
     if args.reference:
         path = Path(args.reference)
-        if path.suffix == ".npz" and path.is_file() and {"mu", "sigma"} <= set(np.load(path).files):
+        stats_file = path.suffix == ".npz" and path.is_file()
+        if stats_file and {"mu", "sigma"} <= set(np.load(path, allow_pickle=False).files):
             return F.FeatureStats.load(path), str(path)
         try:
             images = F.load_images(path)
@@ -68,12 +69,12 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     if not args.checkpoint and not args.images:
         raise SystemExit("evaluate.py: fid needs --checkpoint CKPT or --images PATH")
+    loaded = load(args, device) if args.checkpoint else None  # a bad checkpoint fails before Inception loads
     try:
         extractor = F.inception_extractor(args.inception_weights, allow_download=args.allow_download)
     except FileNotFoundError as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     extractor = extractor.to(device).eval()
-    loaded = load(args, device) if args.checkpoint else None
     start = time.perf_counter()
     protocol: dict[str, Any] = {}
     if args.images:

@@ -193,6 +193,10 @@ class WeightEMA:
         return {k: self.params.get(k, v).detach().clone() for k, v in module.state_dict().items()}
 
     def load(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
+        """Averages from a checkpoint's EMA entry; ValueError naming the first missing or misshapen weight."""
+        for n, p in module.named_parameters():
+            if not isinstance(state.get(n), torch.Tensor) or state[n].shape != p.shape:
+                raise ValueError(f"checkpoint EMA entry: weight {n!r} is missing or not of shape {tuple(p.shape)}")
         device = next(module.parameters()).device
         self.params = {n: state[n].to(device).clone() for n, _ in module.named_parameters()}
 

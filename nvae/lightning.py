@@ -7,13 +7,16 @@ rebuilds the model (``NVAEModule.load_from_checkpoint(path)``).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
 
+from nvae.checkpoint import DATA_KEY, EMA_KEY, FORMAT_KEY, FORMAT_VERSION, RNG_KEY, check_names, read_checkpoint
 from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
@@ -22,11 +25,6 @@ from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm
 from nvae.resilience import check_compatible, gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
 
-DATA_KEY = "nvae_data"  # checkpoint entry: the data module that trained the model
-EMA_KEY = "nvae_ema"  # checkpoint entry: exponential moving average of the model weights, if kept
-RNG_KEY = "nvae_rng"  # checkpoint entry: every process's RNG states (exact resume)
-FORMAT_KEY = "nvae_format"  # checkpoint entry: layout version of nvae checkpoints
-FORMAT_VERSION = 1
 
 
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # trainer.precision as Lightning spells it
@@ -175,7 +173,8 @@ class NVAEModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "hparams"):
             cls = type(datamodule)
             checkpoint[DATA_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
-                                    "init_args": dict(datamodule.hparams)}
+                                    "init_args": {k: v for k, v in datamodule.hparams.items()
+                                                  if not k.startswith("_")}}  # not LightningCLI's entries
         if self._ema_swapped:  # saved during validation (e.g. preempted): the model holds the averages now
             assert self.ema is not None
             checkpoint["state_dict"].update({f"model.{n}": p.detach().clone() for n, p in self.ema.params.items()})
@@ -185,8 +184,39 @@ class NVAEModule(L.LightningModule):
         if self._trainer is not None:
             checkpoint[RNG_KEY] = gather_rng_states(self.trainer, local_only=self._emergency_save)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Union[str, Path], map_location: Any = None,  # type: ignore[override]
+                             hparams_file: Optional[str] = None, strict: Optional[bool] = None,
+                             weights_only: Optional[bool] = None, **kwargs: Any) -> "NVAEModule":
+        """Lightning's loader, made safe: the file is read with ``weights_only=True`` and its names checked
+        (:func:`nvae.checkpoint.check_names`), and the module is built from its hyper-parameters directly,
+        never through a class or function the file names (Lightning's ``_instantiator``). ``kwargs``
+        override hyper-parameters, as in Lightning."""
+        if hparams_file is not None or weights_only is False:
+            raise ValueError("NVAEModule.load_from_checkpoint: hparams_file and weights_only=False are not supported "
+                             "(nvae checkpoints hold their hyper-parameters and load with weights_only=True)")
+        checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
+        source = f"checkpoint '{checkpoint_path}'"
+        saved = checkpoint.get("hyper_parameters")
+        if "state_dict" not in checkpoint or not isinstance(saved, dict) or "arch" not in saved:
+            raise ValueError(f"{source} is not an nvae checkpoint (no model hyper-parameters / state_dict)")
+        accepted = inspect.signature(cls.__init__).parameters
+        hparams = {k: v for k, v in {**saved, **kwargs}.items() if k in accepted and k != "self"}
+        try:
+            module = cls(**hparams)
+        except TypeError as err:
+            raise ValueError(f"{source}: hyper_parameters do not describe an {cls.__name__} ({err})") from None
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading if strict is None else strict)
+        if isinstance(map_location, (str, torch.device)):
+            module.to(map_location)
+        return module
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture or format (naming what differs); stash EMA and RNG."""
+        """Refuse a checkpoint that names code (:func:`nvae.checkpoint.check_names`), or of another
+        architecture or format (naming what differs); stash EMA and RNG."""
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        check_names(checkpoint, f"checkpoint '{path}'" if path else "checkpoint")
         check_compatible(checkpoint, dict(self.hparams), FORMAT_VERSION)
         self._ema_to_load = checkpoint.get(EMA_KEY)
         self._rng_to_load = checkpoint.get(RNG_KEY)

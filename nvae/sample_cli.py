@@ -22,7 +22,6 @@ from torchvision.utils import make_grid, save_image
 
 from nvae import latent_cli
 from nvae.checkpoint import device_arg, load_checkpoint, resolve_device
-from nvae.runtime import keep_heap_memory
 from nvae.sampling import batchnorm_state, bn_cache_path, load_batchnorm_state, readjust_batchnorm, sample_images
 
 DEFAULT_BN_STEPS = 500
@@ -87,7 +86,6 @@ def write(images: torch.Tensor, path: Path, fmt: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    keep_heap_memory()
     if args.num_samples < 1 or args.batch_size < 1:
         raise SystemExit("sample.py: --num-samples and --batch-size must be >= 1")
     device = resolve_device(args.device)

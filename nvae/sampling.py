@@ -24,7 +24,15 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for buf in ("running_mean", "running_var", "num_batches_tracked")}
 
 
-def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "BatchNorm state") -> None:
+    """Copy BatchNorm statistics into ``model``. Every key must name one of its BatchNorm buffers, with
+    that buffer's shape (a cache file from elsewhere cannot write other tensors); ValueError otherwise."""
+    own = batchnorm_state(model)
+    if not isinstance(state, dict):
+        raise ValueError(f"{source}: not a dict of BatchNorm statistics")
+    for key, value in state.items():
+        if key not in own or not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+            raise ValueError(f"{source}: {key!r} is not a BatchNorm statistic of this model (or has another shape)")
     modules = dict(model.named_modules())
     for key, value in state.items():
         name, _, buf = key.rpartition(".")
@@ -40,7 +48,7 @@ def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_
     that file when it exists (returns True) and saved to it otherwise.
     """
     if cache is not None and cache.is_file():
-        load_batchnorm_state(model, torch.load(cache, map_location="cpu", weights_only=True))
+        load_batchnorm_state(model, torch.load(cache, map_location="cpu", weights_only=True), f"BN cache '{cache}'")
         return True
     was_training = model.training
     model.train()

@@ -10,6 +10,7 @@ from nvae.data.folder import (
     ImageNet32DataModule,
 )
 from nvae.data.mnist import MNISTDataModule
+from nvae.data.registry import register_datamodule
 
 __all__ = [
     "BundledMNISTDataModule",
@@ -25,4 +26,5 @@ __all__ = [
     "Pad",
     "ToGrid",
     "quantize",
+    "register_datamodule",
 ]

@@ -171,6 +171,28 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: object = None,  # type: ignore[override]
+                             hparams_file: Optional[str] = None, **kwargs: object) -> "ImageDataModule":
+        """The data module a checkpoint recorded, rebuilt safely: the file is read with
+        ``weights_only=True`` and its names checked (:func:`nvae.checkpoint.check_names`); the class is
+        ``cls``, or the recorded one (an allowed data module) when called on ``ImageDataModule``.
+        ``kwargs`` override the recorded arguments."""
+        from nvae.checkpoint import DATA_KEY, instantiate_datamodule, read_checkpoint
+        from nvae.data.registry import datamodule_class
+
+        if hparams_file is not None:
+            raise ValueError("ImageDataModule.load_from_checkpoint: hparams_file is not supported")
+        checkpoint = read_checkpoint(checkpoint_path, map_location="cpu")
+        recorded = checkpoint.get(DATA_KEY) or {}
+        saved = checkpoint.get("datamodule_hyper_parameters") or recorded.get("init_args") or {}
+        target = cls
+        if cls is ImageDataModule:
+            target = datamodule_class(recorded.get("class_path") or saved.get("_class_path"),
+                                      f"checkpoint '{checkpoint_path}': {DATA_KEY}.class_path")
+        init_args = {k: v for k, v in saved.items() if not k.startswith("_")}
+        return instantiate_datamodule(target, {**init_args, **kwargs}, {})
+
     # -- to implement ---------------------------------------------------------------------------
     @property
     def image_spec(self) -> ImageSpec:

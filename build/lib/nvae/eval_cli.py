@@ -1,0 +1,163 @@
+"""`evaluate.py`: judge a checkpoint (paper sec. 5): importance-weighted NLL, FID, reconstructions.
+
+    python evaluate.py nll   --checkpoint CKPT [--num-importance-samples K] [--num-images N] [--batch-size B]
+    python evaluate.py fid   --checkpoint CKPT | --images PATH [--num-samples N] [--temperature T]
+                             [--readjust-bn [STEPS]] [--inception-weights FILE] [--reference PATH]
+    python evaluate.py recon --checkpoint CKPT [--output PNG] [--num-images N]
+
+Each prints a one-line summary; the last line of output is one JSON object with the numbers.
+The data set comes from the checkpoint's own data settings (``--data-root`` etc. override them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from nvae.checkpoint import (LoadedCheckpoint, build_datamodule, device_arg, instantiate_datamodule, load_checkpoint,
+                             resolve_device)
+from nvae.data.registry import command_line_datamodule
+from nvae.metrics.likelihood import evaluate_nll
+from nvae.sample_cli import DEFAULT_BN_STEPS, positive_temperature
+
+
+def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    p.add_argument("--checkpoint", required=checkpoint_required, help="Lightning checkpoint written by train.py")
+    p.add_argument("--data", default=None, metavar="CLASS_PATH",
+                   help="data module to use instead of the checkpoint's (e.g. nvae.data.CIFAR10DataModule)")
+    p.add_argument("--data-root", default=None, help="override the data root recorded in the checkpoint")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split to evaluate on")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed (posterior samples, binarization, sampling)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    nll = sub.add_parser("nll", help="importance-weighted NLL and ELBO on a data split", formatter_class=fmt)
+    add_common(nll)
+    nll.add_argument("--num-importance-samples", "-K", type=int, default=1000, help="K (the paper uses 1000)")
+    nll.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
+    nll.add_argument("--batch-size", type=int, default=500, help="images x samples per forward pass (memory bound)")
+
+    fid = sub.add_parser("fid", help="FID of generated images against a data split", formatter_class=fmt)
+    add_common(fid, checkpoint_required=False)
+    fid.add_argument("--images", default=None, help="score these images (.npz or folder) instead of sampling")
+    fid.add_argument("--reference", default=None,
+                     help="reference images (.npz or folder) or statistics (.npz with mu, sigma) instead of the data split")
+    fid.add_argument("--num-samples", type=int, default=50_000, help="generated images (the paper uses 50,000)")
+    fid.add_argument("--num-reference", type=int, default=None, help="reference images to use (default: whole split)")
+    fid.add_argument("--temperature", type=positive_temperature, default=1.0, help="prior temperature of the samples")
+    fid.add_argument("--readjust-bn", type=int, nargs="?", const=DEFAULT_BN_STEPS, default=None, metavar="STEPS",
+                     help="re-estimate BatchNorm statistics at the temperature before sampling")
+    fid.add_argument("--decode", choices=["mean", "sample"], default="mean", help="likelihood mean or sample")
+    fid.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
+    fid.add_argument("--inception-weights", default=None,
+                     help="local pt_inception-2015-12-05 weights file (nothing is downloaded unless --allow-download)")
+    fid.add_argument("--allow-download", action="store_true", help="let torch-fidelity download the Inception weights")
+    fid.add_argument("--stats-cache", default="fid_stats", help="folder caching reference statistics (.npz)")
+    fid.set_defaults(split="train")
+
+    rec = sub.add_parser("recon", help="reconstructions beside their inputs, and per-image NELBO", formatter_class=fmt)
+    add_common(rec)
+    rec.add_argument("--output", default="reconstructions.png", help="PNG grid: input, reconstruction, ...")
+    rec.add_argument("--num-images", type=int, default=32, help="test images to reconstruct")
+    return parser
+
+
+def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
+    try:
+        loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}")
+    return loaded
+
+
+def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: int) -> Any:
+    """The recorded data module's loader for ``args.split`` (no shuffling)."""
+    try:
+        overrides = dict(root=args.data_root, eval_batch_size=batch_size, num_workers=0)
+        if args.data:  # named on the command line: the user's choice (may be imported)
+            dm = instantiate_datamodule(command_line_datamodule(args.data), {}, overrides)
+        else:  # named by the checkpoint: nvae's data modules or registered ones only
+            dm = build_datamodule(loaded.data, **overrides)
+        dm.setup("test")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    if args.split == "train":
+        return torch.utils.data.DataLoader(dm.train_set, batch_size=batch_size, shuffle=False)
+    return dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
+
+
+def run_nll(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    loaded = load(args, device)
+    k = args.num_importance_samples
+    if k < 1 or args.batch_size < 1:
+        raise SystemExit("evaluate.py: --num-importance-samples and --batch-size must be >= 1")
+    torch.manual_seed(args.seed)
+    loader = data_loader(loaded, args, batch_size=max(1, args.batch_size // k))
+    start = time.perf_counter()
+    res = evaluate_nll(loaded.model, loader, k, args.num_images, args.batch_size, device, progress=not args.quiet)
+    unit = "nats" if loaded.model.spec.num_bits == 1 else "bits/dim"
+    headline = f"{res.nll_nats:.2f} nats" if unit == "nats" else f"{res.bpd:.4f} bits/dim"
+    print(f"IW NLL (K={k}, {res.num_images} {args.split} images): {headline} "
+          f"[{res.nll_nats:.2f} nats, {res.bpd:.4f} bpd]; negative ELBO {res.nelbo_nats:.2f} nats, "
+          f"{res.nelbo_bpd:.4f} bpd")
+    return {**res.as_dict(), "split": args.split, "weights": loaded.weights,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+@torch.no_grad()
+def run_recon(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    loaded = load(args, device)
+    model = loaded.model
+    torch.manual_seed(args.seed)
+    x = torch.cat(list(_take(data_loader(loaded, args, batch_size=args.num_images), args.num_images))).to(device)
+    out = model(x)
+    nelbo = (-model.log_likelihood(out.likelihood, x) + out.kl.sum(dim=1)).cpu()
+    recon = out.likelihood.mean()
+    pad = model.spec.pad
+    pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2N, C, H, W): input, reconstruction, ...
+    if pad:
+        pairs = pairs[..., pad:-pad, pad:-pad]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(pairs.float().cpu(), nrow=16, padding=2, pad_value=0.5), args.output)
+    print(f"{x.shape[0]} reconstructions -> {args.output} (columns: input, reconstruction); "
+          f"negative ELBO {nelbo.mean():.2f} nats per image")
+    return {"nelbo_nats_mean": nelbo.mean().item(), "nelbo_nats": [round(v, 3) for v in nelbo.tolist()],
+            "num_images": x.shape[0], "output": args.output, "weights": loaded.weights}
+
+
+def _take(loader: Any, n: int) -> Any:
+    """The first ``n`` images of a loader, batch by batch."""
+    count = 0
+    for x in loader:
+        x = x[0] if isinstance(x, (list, tuple)) else x
+        yield x[: n - count]
+        count += x.shape[0]
+        if count >= n:
+            return
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.command == "fid":
+        from nvae.fid_cli import run_fid
+
+        result = run_fid(args)
+    else:
+        result = {"nll": run_nll, "recon": run_recon}[args.command](args)
+    print(json.dumps(result))
+    return result

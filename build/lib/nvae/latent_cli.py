@@ -1,0 +1,112 @@
+"""The latent API on the command line (used by ``sample.py``): reconstruct, interpolate, encode.
+
+    sample.py --checkpoint CKPT --reconstruct DIR_OR_FILES... [--keep-groups K ...] [--output F.png]
+    sample.py --checkpoint CKPT --interpolate A.png B.png [--steps N] [--output F.png]
+    sample.py --checkpoint CKPT --encode DIR_OR_FILES... [--output latents.pt]
+
+Images are read as the model was trained: converted to gray or RGB, center-cropped to a square,
+resized to the image interior, put on the model's n-bit grid (1 bit: threshold at mid-gray) and
+padded like the training data.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor, resize
+from torchvision.utils import make_grid, save_image
+
+from nvae.data.base import quantize
+from nvae.data.folder import IMAGE_EXTENSIONS, CenterSquare
+from nvae.model import NVAE
+
+
+def image_files(paths: Sequence[str]) -> list[Path]:
+    """Expand folders (sorted images inside) and check that every file exists."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{p}'")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"image '{p}' does not exist")
+    return files
+
+
+def load_for_model(files: Sequence[Path], model: NVAE) -> torch.Tensor:
+    """(N, C, H, W) float images on the model's grid, padded as in training."""
+    spec = model.spec
+    inner = spec.size - 2 * spec.pad
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img = img.convert("L" if spec.channels == 1 else "RGB")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read image '{f}': {err}") from None
+        x = resize(pil_to_tensor(CenterSquare()(img)), [inner, inner], antialias=True)  # uint8 (C, inner, inner)
+        out.append(torch.nn.functional.pad(quantize(x, spec.num_bits), [spec.pad] * 4))
+    return torch.stack(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latent API (instead of sampling)")
+    g.add_argument("--reconstruct", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="write the images above their reconstructions (default output reconstructions.png)")
+    g.add_argument("--keep-groups", type=int, nargs="+", default=None, metavar="K",
+                   help="with --reconstruct: take the top K groups from the posterior and sample the rest from "
+                        "the prior at --temperature; one row per K (default: all groups)")
+    g.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                   help="decode points on the line between the latents of two images (default interpolation.png)")
+    g.add_argument("--steps", type=int, default=8, help="with --interpolate: images from A to B")
+    g.add_argument("--encode", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="save every group's posterior mean, std and latent to a .pt file (default latents.pt)")
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    return bool(args.reconstruct or args.interpolate or args.encode)
+
+
+@torch.no_grad()
+def run(args: argparse.Namespace, model: NVAE, device: torch.device) -> dict[str, Any]:
+    """Do the one latent task asked for; returns what was written."""
+    chosen = [name for name in ("reconstruct", "interpolate", "encode") if getattr(args, name)]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one of --{', --'.join(chosen)}")
+    torch.manual_seed(args.seed)
+    t = args.temperature[0]
+    if args.reconstruct:
+        x = load_for_model(image_files(args.reconstruct), model).to(device)
+        keeps = args.keep_groups or [model.num_groups]
+        rows = [x] + [model.reconstruct(x, k, t) for k in keeps]
+        path = Path(args.output or "reconstructions.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(torch.cat(rows).float().cpu(), nrow=x.shape[0], padding=2, pad_value=0.5), path)
+        print(f"{x.shape[0]} images and their reconstructions (rows: input, keep_groups {keeps}) -> {path}")
+        return {"task": "reconstruct", "path": str(path), "num_images": x.shape[0], "keep_groups": keeps,
+                "num_groups": model.num_groups}
+    if args.interpolate:
+        if args.steps < 2:
+            raise ValueError(f"--steps must be >= 2, got {args.steps}")
+        a, b = load_for_model(image_files(args.interpolate), model).to(device).split(1)
+        frames = model.interpolate(a, b, args.steps)[:, 0]  # (steps, C, H, W)
+        path = Path(args.output or "interpolation.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(frames.float().cpu(), nrow=args.steps, padding=2, pad_value=0.5), path)
+        print(f"{args.steps} images from {args.interpolate[0]} to {args.interpolate[1]} -> {path}")
+        return {"task": "interpolate", "path": str(path), "steps": args.steps}
+    files = image_files(args.encode)
+    groups = model.encode(load_for_model(files, model).to(device))
+    path = Path(args.output or "latents.pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"files": [str(f) for f in files], "mean": [g.mean.cpu() for g in groups],
+                "std": [g.std.cpu() for g in groups], "z": [g.z.cpu() for g in groups]}, path)
+    print(f"latents of {len(files)} images ({len(groups)} groups, top first) -> {path}")
+    return {"task": "encode", "path": str(path), "num_images": len(files), "num_groups": len(groups)}

@@ -1,0 +1,358 @@
+"""Frechet Inception Distance (FID) for NVAE samples (paper sec. 5, Table 3: FID with 50k samples).
+
+FID (Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+Equilibrium", NeurIPS 2017) fits a Gaussian to Inception-v3 pool features (2048-D) of two image
+sets and reports the Frechet distance between the Gaussians:
+
+    FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}).
+
+Pieces, top to bottom: the maths (:func:`frechet_distance`), running feature statistics
+(:class:`FeatureStats`, saved as ``.npz``), the feature extractor (:func:`inception_extractor`,
+torch-fidelity's InceptionV3 with the ``pt_inception-2015-12-05`` weights, the network
+torchmetrics' FID uses), the pipeline (:func:`compute_stats`, cached :func:`reference_stats`) and
+image loading (:func:`load_images`). Any ``nn.Module`` mapping uint8 (N, C, H, W) to (N, D) can
+stand in for Inception (tests use a small random conv net). Nothing here downloads by default.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+ArrayLike = Union[np.ndarray, Tensor]
+INCEPTION_FEATURES = 2048
+# torch-fidelity caches the weights under this name; pytorch-fid's copy of the same file (same
+# sha256 prefix) is named pt_inception-...; either one in torch hub's cache is accepted.
+INCEPTION_WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Maths
+# ----------------------------------------------------------------------------------------------
+def _as_float64(x: ArrayLike) -> Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().to("cpu", torch.float64)
+
+
+def _sqrt_psd(s: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix by eigh; round-off negative eigenvalues -> 0."""
+    w, v = torch.linalg.eigh((s + s.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), float64.
+
+    ``Tr((S1 S2)^{1/2})`` is computed as ``sum sqrt(eig(S1^{1/2} S2 S1^{1/2}))``: the matrix is
+    symmetric PSD and similar to ``S1 S2``, so two symmetric eigendecompositions replace
+    scipy's ``sqrtm`` (faster, no complex round-off); negative round-off eigenvalues are clipped.
+    Accepts numpy arrays or tensors: mu (D,), sigma (D, D). Runs on the CPU (torch.linalg).
+    """
+    m1, m2, s1, s2 = (_as_float64(a) for a in (mu1, mu2, sigma1, sigma2))
+    d = m1.shape[0]
+    if m1.shape != (d,) or m2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu {tuple(m1.shape)} {tuple(m2.shape)}, "
+                         f"sigma {tuple(s1.shape)} {tuple(s2.shape)}")
+    if not all(torch.isfinite(a).all() for a in (m1, m2, s1, s2)):
+        raise ValueError("non-finite values in the feature statistics")
+    root1 = _sqrt_psd(s1)
+    inner = root1 @ s2 @ root1  # (D, D), symmetric PSD up to round-off
+    eig = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = eig.clamp(min=0).sqrt().sum()
+    diff = m1 - m2
+    return float(diff @ diff + s1.trace() + s2.trace() - 2.0 * tr_covmean)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running statistics
+# ----------------------------------------------------------------------------------------------
+class FeatureStats:
+    """Running mean and unbiased covariance of feature vectors, accumulated in float64.
+
+    Sums are taken around a shift (the first batch's mean) so the covariance does not lose
+    precision when the mean is large compared with the spread. ``key`` names what the statistics
+    describe (data set, split, number of images, extractor); it is saved with them.
+    """
+
+    def __init__(self, key: str = "") -> None:
+        self.key = key
+        self._count = 0
+        self._shift: Optional[Tensor] = None  # (D,)
+        self._sum: Optional[Tensor] = None  # (D,)  sum of (x - shift)
+        self._outer: Optional[Tensor] = None  # (D, D)  sum of (x - shift)(x - shift)^T
+
+    def update(self, features: ArrayLike) -> None:
+        """Add a batch of features (N, D)."""
+        x = torch.as_tensor(features).detach()
+        if x.dim() != 2:
+            raise ValueError(f"features must be (N, D), got {tuple(x.shape)}")
+        if x.device.type == "mps":  # no float64 there
+            x = x.cpu()
+        x = x.to(torch.float64)
+        if self._shift is None:
+            empty = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self._shift = x.mean(0) if x.shape[0] else empty
+            self._sum = torch.zeros_like(self._shift)
+            self._outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        elif x.shape[1] != self._shift.shape[0]:
+            raise ValueError(f"expected {self._shift.shape[0]} features, got {x.shape[1]}")
+        x = x.to(self._shift.device) - self._shift  # (N, D)
+        self._sum += x.sum(0)
+        self._outer += x.T @ x
+        self._count += x.shape[0]
+
+    @property
+    def count(self) -> int:
+        """Number of feature vectors seen."""
+        return self._count
+
+    @property
+    def num_features(self) -> int:
+        """Feature dimension D (0 before the first update)."""
+        return 0 if self._shift is None else int(self._shift.shape[0])
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean (D,), float64 on the CPU."""
+        if self._count < 1:
+            raise ValueError("no features accumulated")
+        return (self._shift + self._sum / self._count).cpu()
+
+    @property
+    def cov(self) -> Tensor:
+        """Unbiased covariance (D, D) (divides by N - 1), float64 on the CPU."""
+        if self._count < 2:
+            raise ValueError(f"covariance needs at least 2 feature vectors, got {self._count}")
+        s = self._sum
+        return ((self._outer - torch.outer(s, s) / self._count) / (self._count - 1)).cpu()
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write mu, sigma, count and key to an ``.npz``, atomically (temporary file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, mu=self.mean.numpy(), sigma=self.cov.numpy(), count=np.int64(self._count),
+                         key=np.array(self.key))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "FeatureStats":
+        """Read statistics written by :meth:`save` (further updates continue from them)."""
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            count, key = int(data["count"]), str(data["key"])
+        stats = cls(key=key)
+        stats._count = count
+        stats._shift = torch.from_numpy(mu)
+        stats._sum = torch.zeros_like(stats._shift)
+        stats._outer = torch.from_numpy(sigma) * (count - 1)
+        return stats
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two sets of feature statistics (paper sec. 5; Heusel et al. 2017)."""
+    if a.num_features != b.num_features:
+        raise ValueError(f"feature dimensions differ: {a.num_features} vs {b.num_features}")
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extractor
+# ----------------------------------------------------------------------------------------------
+class InceptionFeatures(nn.Module):
+    """uint8 (N, 1 or 3, H, W) -> (N, 2048) float32 Inception-v3 pool features.
+
+    Wraps torch-fidelity's ``FeatureExtractorInceptionV3`` (which resizes to 299x299 like
+    TensorFlow 1.x and scales to [-1, 1]); gray images are repeated to 3 channels.
+    """
+
+    num_features = INCEPTION_FEATURES
+
+    def __init__(self, net: nn.Module, extractor_id: str) -> None:
+        super().__init__()
+        self.net = net
+        self.extractor_id = extractor_id
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(x.shape)}")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # (N, 3, H, W)
+        (features,) = self.net(x.to(torch.uint8))
+        return features  # (N, 2048)
+
+
+def _cached_inception_weights() -> Optional[Path]:
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in INCEPTION_WEIGHT_FILES:
+        if (checkpoints / name).is_file():
+            return checkpoints / name
+    return None
+
+
+def inception_extractor(weights_path: Optional[str] = None, allow_download: bool = False) -> nn.Module:
+    """The FID network: torch-fidelity's InceptionV3 ("inception-v3-compat", 2048-D pool features).
+
+    Same network and weights (``pt_inception-2015-12-05``) as torchmetrics' FID (paper sec. 5).
+    ``weights_path`` is the local weights file; when None, torch hub's cache
+    (``$TORCH_HOME/hub/checkpoints``) is searched, and torch-fidelity's own download is used only
+    if ``allow_download`` is True. Otherwise a FileNotFoundError says how to supply the file.
+    """
+    if weights_path is not None:
+        path: Optional[Path] = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights file not found: '{path}'")
+    else:
+        path = _cached_inception_weights()
+        if path is None and not allow_download:
+            raise FileNotFoundError(
+                "Inception-v3 weights for FID not found: pass --inception-weights FILE "
+                f"(pt_inception-2015-12-05-6726825d.pth) or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    net = FeatureExtractorInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
+                                      feature_extractor_weights_path=None if path is None else str(path))
+    return InceptionFeatures(net, extractor_id="inception-v3-compat-2015-12-05-pool2048")
+
+
+def extractor_id(extractor: nn.Module) -> str:
+    """A string naming the extractor, for cache keys (``extractor_id`` attribute or class name)."""
+    return str(getattr(extractor, "extractor_id", type(extractor).__name__))
+
+
+def stats_key(dataset: str, split: str, num_images: Optional[int], extractor: nn.Module) -> str:
+    """Cache key for reference statistics: data set (class and arguments), split, count, extractor."""
+    return f"dataset={dataset}|split={split}|num_images={num_images or 'all'}|extractor={extractor_id(extractor)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------
+def to_uint8(batch: Union[Tensor, tuple, list]) -> Tensor:
+    """A loader batch -> uint8 (B, C, H, W): takes the first element of (x, y) tuples; float
+    images in [0, 1] (the data modules' n-bit grid) are mapped to round(255 x)."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"expected an image batch (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+    if x.dtype == torch.uint8:
+        return x
+    if x.is_floating_point():
+        return (x.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"expected uint8 or float images in [0, 1], got {x.dtype}")
+
+
+@torch.no_grad()
+def compute_stats(images: Iterable[Tensor], extractor: nn.Module, device: Union[str, torch.device] = "cpu",
+                  progress: bool = True, max_images: Optional[int] = None) -> FeatureStats:
+    """Feature statistics of image batches (uint8 (B, C, H, W), or float in [0, 1]).
+
+    Stops after ``max_images`` (the paper uses 50k samples, sec. 5). The extractor is moved to
+    ``device`` and put in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    extractor = extractor.to(device).eval()
+    stats = FeatureStats()
+    with tqdm(total=max_images, unit="img", desc="FID features", disable=not progress) as bar:
+        for batch in images:
+            x = to_uint8(batch)
+            if max_images is not None:
+                x = x[: max_images - stats.count]
+            if x.shape[0] == 0:
+                continue
+            features = extractor(x.to(device))
+            if isinstance(features, (tuple, list)):
+                features = features[0]
+            stats.update(features.reshape(x.shape[0], -1))  # (B, D)
+            bar.update(x.shape[0])
+            if max_images is not None and stats.count >= max_images:
+                break
+    if stats.count < 2:
+        raise ValueError(f"FID needs at least 2 images, got {stats.count}")
+    return stats
+
+
+def reference_stats(loader_or_iterable: Iterable[Tensor], extractor: nn.Module, cache_path: Union[str, Path],
+                    key: str, device: Union[str, torch.device] = "cpu",
+                    max_images: Optional[int] = None) -> FeatureStats:
+    """Data-set statistics, computed once and cached in ``cache_path`` (.npz).
+
+    The cache is reused only if its stored ``key`` equals ``key`` (see :func:`stats_key`);
+    otherwise, or if the file is unreadable, the statistics are recomputed and overwritten.
+    """
+    cache_path = Path(cache_path)
+    if cache_path.is_file():
+        try:
+            cached = FeatureStats.load(cache_path)
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("ignoring unreadable FID cache %s: %s", cache_path, err)
+        else:
+            if cached.key == key:
+                return cached
+            log.info("FID cache %s has key %r, need %r: recomputing", cache_path, cached.key, key)
+    stats = compute_stats(loader_or_iterable, extractor, device, max_images=max_images)
+    stats.key = key
+    stats.save(cache_path)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Images from disk
+# ----------------------------------------------------------------------------------------------
+def _array_to_nchw(a: np.ndarray, source: str) -> Tensor:
+    if a.ndim == 3:
+        a = a[:, None]  # (N, H, W) -> (N, 1, H, W)
+    if a.ndim != 4:
+        raise ValueError(f"{source}: expected images (N, H, W, C) or (N, C, H, W), got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"{source}: expected uint8 images (or float in [0, 1]), got {a.dtype}")
+        a = np.round(a * 255.0).astype(np.uint8)
+    if a.shape[1] in (1, 3):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    if a.shape[-1] in (1, 3):
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
+    raise ValueError(f"{source}: cannot find a channel axis of size 1 or 3 in shape {a.shape}")
+
+
+def load_images(path: Union[str, Path]) -> Tensor:
+    """Images as uint8 (N, C, H, W) from an ``.npz`` (key 'images', else its first array; NHWC or
+    NCHW) or from a folder of PNG/JPG files (sorted by name, all the same size)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if not data.files:
+                raise ValueError(f"{path}: no arrays in the file")
+            return _array_to_nchw(data["images" if "images" in data.files else data.files[0]], str(path))
+    if not path.is_dir():
+        raise FileNotFoundError(f"no .npz file or image folder at '{path}'")
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPG images in '{path}'")
+    arrays: list[np.ndarray] = []
+    for f in files:
+        with Image.open(f) as img:
+            a = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB"))
+        a = a[:, :, None] if a.ndim == 2 else a  # (H, W, C)
+        if arrays and a.shape[:2] != arrays[0].shape[:2]:
+            raise ValueError(f"image size mismatch: {f} is {a.shape[0]}x{a.shape[1]}, "
+                             f"expected {arrays[0].shape[0]}x{arrays[0].shape[1]} (as {files[0].name})")
+        arrays.append(a)
+    if len({a.shape[2] for a in arrays}) > 1:  # mixed gray and colour: promote gray to RGB
+        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, H, W, C) -> (N, C, H, W)

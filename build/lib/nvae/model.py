@@ -1,0 +1,397 @@
+"""NVAE: a deep hierarchical VAE (Vahdat & Kautz, NeurIPS 2020, sec. 3).
+
+Bottom-up encoder (stem, preprocessing, one tower over the latent scales, finest first) and a
+top-down decoder (learned constant h0, one :class:`LatentGroup` per group, coarsest first, then
+postprocessing and the likelihood head). A single top-down traversal, :meth:`NVAE._top_down`,
+serves training (posterior samples), sampling (prior samples at a temperature) and importance-
+weighted evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
+from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
+from nvae.ops import ELU, CellStack, Conv2d, once_then_frozen
+from nvae.spec import ImageSpec
+
+Likelihood = Union[Bernoulli, DiscMixLogistic]
+CHECKPOINT_MODES = ("none", "cell", "group")
+
+
+@dataclass
+class NVAEConfig:
+    """Architecture of an NVAE (paper sec. 3 and table 6); the data shape comes from ImageSpec."""
+
+    num_channels: int = 32
+    """Channels of the first encoder cells ("ch"); doubled at every downsampling."""
+    num_preprocess_blocks: int = 1
+    """Encoder blocks before the latent scales, each halving the resolution."""
+    num_preprocess_cells: int = 2
+    """Cells per preprocessing block (the last one downsamples)."""
+    num_postprocess_blocks: int = 1
+    """Decoder blocks after the latent scales, each doubling the resolution."""
+    num_postprocess_cells: int = 2
+    """Cells per postprocessing block (the first one upsamples)."""
+    num_latent_scales: int = 2
+    """Spatial scales holding latent groups."""
+    num_groups_per_scale: int = 10
+    """Latent groups at the finest latent scale."""
+    groups_halving: bool = False
+    """Halve the number of groups at each coarser scale (the paper's 'adaptive' groups)."""
+    min_groups_per_scale: int = 1
+    """Lower bound on the groups of a scale when halving."""
+    num_latent_per_group: int = 20
+    """Latent channels per group."""
+    num_cell_per_cond_enc: int = 2
+    """Encoder cells per latent group."""
+    num_cell_per_cond_dec: int = 2
+    """Decoder cells per latent group."""
+    num_flows: int = 0
+    """Inverse autoregressive flow pairs on each group's posterior sample (0 = none)."""
+    num_mixtures: int = 10
+    """Logistic mixture components of the likelihood (multi-bit data)."""
+    use_se: bool = True
+    """Squeeze-and-excitation at the end of every cell."""
+    residual_posterior: bool = True
+    """Parameterize q relative to the prior: N(mu_p + dmu, sigma_p * dsigma) (sec. 3.2)."""
+    decoder_expand: int = 6
+    """Channel expansion inside decoder cells."""
+    postprocess_expand: int = 3
+    """Channel expansion inside postprocessing cells."""
+
+    def __post_init__(self) -> None:
+        at_least = {1: ("num_channels", "num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks",
+                        "num_postprocess_cells", "num_latent_scales", "num_groups_per_scale", "min_groups_per_scale",
+                        "num_latent_per_group", "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_mixtures",
+                        "decoder_expand", "postprocess_expand"),
+                    0: ("num_flows",)}
+        for low, names in at_least.items():
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ValueError(f"model.arch.{name} must be an integer >= {low}, got {value!r}")
+        if self.num_preprocess_blocks != self.num_postprocess_blocks:
+            raise ValueError(f"model.arch.num_postprocess_blocks ({self.num_postprocess_blocks}) must equal "
+                             f"num_preprocess_blocks ({self.num_preprocess_blocks}): each upsamples what one downsampled")
+        if self.min_groups_per_scale > self.num_groups_per_scale:
+            raise ValueError(f"model.arch.min_groups_per_scale ({self.min_groups_per_scale}) must not exceed "
+                             f"num_groups_per_scale ({self.num_groups_per_scale})")
+
+    def groups_per_scale(self) -> list[int]:
+        """Groups of each latent scale, finest first (halved per coarser scale when asked)."""
+        groups, n = [], self.num_groups_per_scale
+        for _ in range(self.num_latent_scales):
+            groups.append(n)
+            if self.groups_halving:
+                n = max(self.min_groups_per_scale, n // 2)
+        return groups
+
+    @property
+    def downsampling(self) -> int:
+        """Total spatial reduction between the image and the coarsest latent scale."""
+        return 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+
+
+@dataclass
+class NVAEOutput:
+    """What one pass through the model returns."""
+
+    likelihood: Likelihood
+    """p(x | z): the decoder's distribution over images."""
+    kl: torch.Tensor
+    """(B, G) KL of each latent group (analytic, or one-sample log q - log p with flows)."""
+    log_q: torch.Tensor
+    """(B,) log q(z | x) of the sampled latents, summed over groups (0 when sampling the prior)."""
+    log_p: torch.Tensor
+    """(B,) log p(z) of the sampled latents under the hierarchical prior."""
+    kl_channels: torch.Tensor
+    """(G, L) KL of each latent channel of each group, summed over positions, batch mean (diagnostics)."""
+
+
+@dataclass
+class GroupLatent:
+    """One latent group of an encoded batch (see :meth:`NVAE.encode`)."""
+
+    mean: torch.Tensor
+    """(B, L, h, w) posterior mean (before the flows, if any)."""
+    std: torch.Tensor
+    """(B, L, h, w) posterior standard deviation."""
+    z: torch.Tensor
+    """(B, L, h, w) the latent passed down: the mean (or a sample) pushed through the flows."""
+
+
+class LatentGroup(nn.Module):
+    """One latent group of the top-down path: decoder cells, prior, posterior, flows, combiner.
+
+    ``first`` marks the top group: no decoder cells before it, a fixed N(0, I) prior and a
+    posterior read straight from the top of the encoder.
+    """
+
+    def __init__(self, cfg: NVAEConfig, enc_channels: int, dec_channels: int, first: bool) -> None:
+        super().__init__()
+        latent = cfg.num_latent_per_group
+        cells = 0 if first else cfg.num_cell_per_cond_dec
+        self.cells = CellStack(*[DecoderCell(dec_channels, dec_channels, cfg.decoder_expand, use_se=cfg.use_se)
+                                 for _ in range(cells)])
+        self.prior = None if first else nn.Sequential(ELU(), Conv2d(dec_channels, 2 * latent, 1))
+        self.enc_combiner = None if first else EncoderCombiner(enc_channels, dec_channels)
+        self.posterior = Conv2d(enc_channels, 2 * latent, 3, padding=1)
+        self.flows = nn.Sequential(*[FlowPair(latent) for _ in range(cfg.num_flows)])
+        self.dec_combiner = DecoderCombiner(dec_channels, latent)
+        self.residual = cfg.residual_posterior
+        self.latent_channels = latent
+        self.checkpoint = False  # see forward
+
+    def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float,
+                z_shape: tuple[int, ...], z: torch.Tensor | None = None, use_mean: bool = False,
+                trace: list[GroupLatent] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (new decoder state, KL map, log q map, log p map), maps of shape (B, L, h, w).
+
+        A given ``z`` is used as it is. Otherwise, with ``enc`` (the group's encoder feature) z
+        comes from the posterior (its mean when ``use_mean``; the posterior is appended to
+        ``trace`` if given); without, from the prior at ``temperature``. log q and KL are zero
+        unless z came from the posterior. With ``checkpoint`` set (and gradients on), the whole
+        group is recomputed in backward and only its inputs are kept; the recomputation draws the
+        same noise (the RNG state is restored) and leaves BatchNorm running statistics alone.
+        """
+        if self.checkpoint and torch.is_grad_enabled() and trace is None:
+            return checkpoint(once_then_frozen(self._forward, self), h, enc, temperature, z_shape, z, use_mean,
+                              use_reentrant=False)
+        return self._forward(h, enc, temperature, z_shape, z, use_mean, trace)
+
+    def _forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float, z_shape: tuple[int, ...],
+                 z: torch.Tensor | None, use_mean: bool, trace: list[GroupLatent] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.cells(h)
+        # distributions in float32 even under autocast: KL and log-densities need the precision
+        prior_params = self.prior(h).float() if self.prior is not None else None
+        prior = Normal.from_params(prior_params) if prior_params is not None else \
+            Normal.standard(torch.zeros(z_shape, device=h.device))
+        if enc is None or z is not None:
+            z = prior.sample(temperature) if z is None else z.to(h.device, torch.float32)
+            zero = torch.zeros_like(z)
+            return self.dec_combiner(h, z), zero, zero, prior.log_prob(z)
+        if self.enc_combiner is not None:
+            enc = self.enc_combiner(enc, h)
+        delta = self.posterior(enc).float()
+        q = Normal.residual(prior_params, delta) if (self.residual and prior_params is not None) \
+            else Normal.from_params(delta)
+        z0 = q.mu if use_mean else q.sample()
+        log_q = q.log_prob(z0)
+        z = self.flows(z0)  # volume preserving: log q(z) = log q(z0)
+        if trace is not None:
+            trace.append(GroupLatent(q.mu, q.sigma, z))
+        log_p = prior.log_prob(z)
+        kl = log_q - log_p if len(self.flows) > 0 else q.kl(prior)
+        return self.dec_combiner(h, z), kl, log_q, log_p
+
+
+class NVAE(nn.Module):
+    """The NVAE generative model and its encoder (sec. 3)."""
+
+    def __init__(self, spec: ImageSpec, cfg: NVAEConfig) -> None:
+        super().__init__()
+        if spec.size % cfg.downsampling:
+            raise ValueError(
+                f"image size {spec.size} is not divisible by {cfg.downsampling}, the model's total downsampling "
+                f"(2^(num_preprocess_blocks + num_latent_scales - 1)); pad or resize the images (data.image_size) "
+                f"or change model.arch")
+        self.spec, self.cfg = spec, cfg
+        ch = cfg.num_channels
+        self.stem = Conv2d(spec.channels, ch, 3, padding=1)
+
+        pre: list[nn.Module] = []
+        for _ in range(cfg.num_preprocess_blocks):
+            for c in range(cfg.num_preprocess_cells):
+                down = c == cfg.num_preprocess_cells - 1
+                pre.append(EncoderCell(ch, 2 * ch if down else ch, down=down, use_se=cfg.use_se))
+                ch = 2 * ch if down else ch
+        self.preprocess = CellStack(*pre)
+
+        # Encoder tower, finest scale first: per group its cells; a down cell between scales.
+        groups = cfg.groups_per_scale()
+        self.enc_groups = nn.ModuleList()
+        self.enc_down = nn.ModuleList()
+        scale_channels = []
+        for s, n in enumerate(groups):
+            scale_channels.append(ch)
+            for _ in range(n):
+                self.enc_groups.append(CellStack(*[EncoderCell(ch, ch, use_se=cfg.use_se)
+                                                   for _ in range(cfg.num_cell_per_cond_enc)]))
+            if s < len(groups) - 1:
+                self.enc_down.append(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se))
+                ch *= 2
+        self.enc_top = nn.Sequential(ELU(), Conv2d(ch, ch, 1), ELU())
+
+        # Decoder, coarsest scale first: learned h0, latent groups, an up cell between scales.
+        top = spec.size // cfg.downsampling
+        self.h0 = nn.Parameter(torch.rand(ch, top, top))
+        self.dec_groups = nn.ModuleList()
+        self.dec_up = nn.ModuleList()
+        self.group_scale: list[int] = []  # scale index (0 = coarsest) of each decoder group
+        for s, n in enumerate(reversed(groups)):
+            for g in range(n):
+                self.dec_groups.append(LatentGroup(cfg, ch, ch, first=(s == 0 and g == 0)))
+                self.group_scale.append(s)
+            if s < len(groups) - 1:
+                self.dec_up.append(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se))
+                ch //= 2
+
+        post: list[nn.Module] = []
+        for _ in range(cfg.num_postprocess_blocks):
+            for c in range(cfg.num_postprocess_cells):
+                up = c == 0
+                post.append(DecoderCell(ch, ch // 2 if up else ch, cfg.postprocess_expand, up=up, use_se=cfg.use_se))
+                ch = ch // 2 if up else ch
+        self.postprocess = CellStack(*post)
+        out = spec.channels if spec.likelihood == "bernoulli" else dmol_channels(spec.channels, cfg.num_mixtures)
+        self.head = nn.Sequential(ELU(), Conv2d(ch, out, 3, padding=1))
+        self.groups_per_scale = groups
+
+    def set_checkpointing(self, mode: bool | str) -> None:
+        """Activation checkpointing: recompute activations in backward instead of storing them.
+
+        ``"cell"``: per cell (every cell's input is kept). ``"group"`` (or True): per latent group
+        and per cell stack: each decoder group (cells, prior, posterior, flows, combiners), each
+        encoder group and the pre-/postprocessing stacks are recomputed as one unit, so only their
+        inputs are kept. ``"none"`` (or False): off. Under either mode decoder cells also recompute
+        their expanded maps when they run backward (``DecoderCell.recompute_expanded``).
+        """
+        if isinstance(mode, bool):
+            mode = "group" if mode else "none"
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"model.gradient_checkpointing must be one of {', '.join(CHECKPOINT_MODES)} or a "
+                             f"boolean, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, CellStack):
+                m.checkpoint = {"none": "none", "cell": "cell", "group": "stack"}[mode]
+            elif isinstance(m, DecoderCell):
+                m.recompute_expanded = mode != "none"
+        for group in self.dec_groups:
+            group.checkpoint = mode == "group"
+            if mode == "group":
+                group.cells.checkpoint = "none"  # recomputed with the group
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.dec_groups)
+
+    def _latent_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """(B, L, h, w) of every group's latent, coarsest first."""
+        top = self.spec.size // self.cfg.downsampling
+        return [(batch, self.cfg.num_latent_per_group, top * 2 ** s, top * 2 ** s) for s in self.group_scale]
+
+    def encode_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Bottom-up pass: one feature map per latent group, coarsest (top) group first."""
+        h = self.preprocess(self.stem(2.0 * x - 1.0))
+        feats, g = [], 0
+        for s, n in enumerate(self.groups_per_scale):
+            for _ in range(n):
+                h = self.enc_groups[g](h)
+                feats.append(h)
+                g += 1
+            if s < len(self.enc_down):
+                h = self.enc_down[s](h)
+        feats.reverse()
+        feats[0] = self.enc_top(feats[0])
+        return feats
+
+    def _top_down(self, batch: int, feats: list[torch.Tensor] | None, temperature: float = 1.0,
+                  latents: Sequence[torch.Tensor | None] = (), use_mean: bool = False,
+                  trace: list[GroupLatent] | None = None) -> NVAEOutput:
+        """The one top-down traversal: posterior samples when ``feats`` is given, prior samples otherwise.
+
+        ``latents[i]``, when given and not None, fixes group i's z; ``use_mean`` takes posterior
+        means instead of samples; ``trace`` collects each posterior (see :meth:`encode`).
+        """
+        if len(latents) > self.num_groups:
+            raise ValueError(f"{len(latents)} latents given, the model has {self.num_groups} groups")
+        h = self.h0.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, C, h, w)
+        kls, kl_channels, log_q, log_p = [], [], 0.0, 0.0
+        up = iter(self.dec_up)
+        for i, (group, shape) in enumerate(zip(self.dec_groups, self._latent_shapes(batch))):
+            if i > 0 and self.group_scale[i] != self.group_scale[i - 1]:
+                h = next(up)(h)
+            z = latents[i] if i < len(latents) else None
+            if z is not None and tuple(z.shape) != shape:
+                raise ValueError(f"latent of group {i} has shape {tuple(z.shape)}, expected {shape}")
+            h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape, z, use_mean, trace)
+            per_channel = kl.sum(dim=(2, 3))  # (B, L)
+            kls.append(per_channel.sum(dim=1))
+            kl_channels.append(per_channel.detach().mean(dim=0))
+            log_q = log_q + lq.sum(dim=(1, 2, 3))
+            log_p = log_p + lp.sum(dim=(1, 2, 3))
+        params = self.head(self.postprocess(h))
+        return NVAEOutput(self._likelihood(params), torch.stack(kls, dim=1), log_q, log_p, torch.stack(kl_channels))
+
+    def _likelihood(self, params: torch.Tensor) -> Likelihood:
+        params = params.float()  # the likelihood is evaluated in float32 under mixed precision
+        if self.spec.likelihood == "bernoulli":
+            return Bernoulli(params)
+        return DiscMixLogistic(params, self.spec.channels, self.spec.num_bits, self.cfg.num_mixtures)
+
+    def forward(self, x: torch.Tensor) -> NVAEOutput:
+        """Encode x (B, C, H, W) in [0, 1], sample the posterior, decode."""
+        return self._top_down(x.shape[0], self.encode_features(x))
+
+    def log_likelihood(self, likelihood: Likelihood, x: torch.Tensor) -> torch.Tensor:
+        """(B,) log p(x | z) over the image interior (the data's padding is not modelled)."""
+        logp = likelihood.log_prob(x)  # (B, C, H, W) or (B, H, W)
+        p = self.spec.pad
+        if p > 0:
+            logp = logp[..., p:-p, p:-p]
+        return logp.flatten(1).sum(dim=1)
+
+    @torch.no_grad()
+    def sample(self, num: int, temperature: float = 1.0, mean: bool = True) -> torch.Tensor:
+        """Images (num, C, H, W) in [0, 1] from the prior at ``temperature`` (sec. 4, sampling).
+
+        ``mean`` returns the likelihood's mean instead of a sample from it.
+        """
+        out = self._top_down(num, None, temperature)
+        return out.likelihood.mean() if mean else out.likelihood.sample()
+
+    # ------------------------------------------------------------------------------- latent API
+    def encode(self, x: torch.Tensor, use_mean: bool = True) -> list[GroupLatent]:
+        """Per-group posteriors of images x (B, C, H, W) in [0, 1], top (coarsest) group first.
+
+        The hierarchy is conditional: group i's posterior depends on the latents chosen above it,
+        here their means (``use_mean``, deterministic) or samples. ``decode([g.z for g in ...])``
+        retraces the same path.
+        """
+        trace: list[GroupLatent] = []
+        self._top_down(x.shape[0], self.encode_features(x), use_mean=use_mean, trace=trace)
+        return trace
+
+    def decode(self, latents: Sequence[torch.Tensor | None], temperature: float = 1.0,
+               mean: bool = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] from fixed latents; groups left out (None, or past the
+        end of the list) are drawn from the prior at ``temperature``."""
+        given = [z for z in latents if z is not None]
+        if not given:
+            raise ValueError("decode needs at least one latent; use sample() to draw every group from the prior")
+        out = self._top_down(given[0].shape[0], None, temperature, latents=latents)
+        return out.likelihood.mean() if mean else out.likelihood.sample()
+
+    def reconstruct(self, x: torch.Tensor, keep_groups: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Decode x's posterior means for the top ``keep_groups`` groups (all when None), prior below."""
+        keep = self.num_groups if keep_groups is None else keep_groups
+        if not 0 <= keep <= self.num_groups:
+            raise ValueError(f"keep_groups must be in 0..{self.num_groups}, got {keep_groups}")
+        if keep == 0:
+            return self.sample(x.shape[0], temperature)
+        latents = [g.z for g in self.encode(x)]
+        return self.decode(latents[:keep], temperature)
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """(steps, B, C, H, W): decodes of the latents on the line between the posteriors of a and b."""
+        za, zb = [g.z for g in self.encode(a)], [g.z for g in self.encode(b)]
+        frames = [self.decode([(1 - t) * u + t * v for u, v in zip(za, zb)])
+                  for t in torch.linspace(0.0, 1.0, steps).tolist()]
+        return torch.stack(frames)

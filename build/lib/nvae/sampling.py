@@ -1,0 +1,94 @@
+"""Sampling from a trained NVAE (paper sec. 4 and 5.2): temperature and BatchNorm readjustment.
+
+At temperature t < 1 the prior's standard deviations are scaled by t. Samples at reduced
+temperature look better when BatchNorm statistics are re-estimated for that temperature: run the
+generator in train mode on its own samples for a few hundred batches (momentum 0.05), then go back
+to eval mode. Readjusted statistics can be cached to a file per (checkpoint, temperature).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nvae.model import NVAE
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Running statistics of every BatchNorm layer (name -> tensor, cloned)."""
+    return {f"{name}.{buf}": getattr(m, buf).detach().clone()
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for buf in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "BatchNorm state") -> None:
+    """Copy BatchNorm statistics into ``model``. Every key must name one of its BatchNorm buffers, with
+    that buffer's shape (a cache file from elsewhere cannot write other tensors); ValueError otherwise."""
+    own = batchnorm_state(model)
+    if not isinstance(state, dict):
+        raise ValueError(f"{source}: not a dict of BatchNorm statistics")
+    for key, value in state.items():
+        if key not in own or not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+            raise ValueError(f"{source}: {key!r} is not a BatchNorm statistic of this model (or has another shape)")
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        name, _, buf = key.rpartition(".")
+        getattr(modules[name], buf).copy_(value)
+
+
+@torch.no_grad()
+def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_size: int = 100,
+                       cache: Optional[Path] = None, progress: bool = True) -> bool:
+    """Re-estimate BatchNorm statistics on samples at ``temperature`` (sec. 5.2, BN readjustment).
+
+    The model's train/eval mode is restored afterwards. With ``cache``, statistics are loaded from
+    that file when it exists (returns True) and saved to it otherwise.
+    """
+    if cache is not None and cache.is_file():
+        load_batchnorm_state(model, torch.load(cache, map_location="cpu", weights_only=True), f"BN cache '{cache}'")
+        return True
+    was_training = model.training
+    model.train()
+    for _ in tqdm(range(steps), desc=f"BN readjustment t={temperature:g}", disable=not progress, leave=False):
+        model.sample(batch_size, temperature)
+    model.train(was_training)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({k: v.cpu() for k, v in batchnorm_state(model).items()}, tmp)
+        tmp.replace(cache)
+    return False
+
+
+def bn_cache_path(checkpoint: Path, temperature: float, steps: int, batch_size: int) -> Path:
+    """Cache file beside the checkpoint, keyed by its size and mtime, temperature, steps and batch."""
+    stat = checkpoint.stat()
+    key = f"{checkpoint.stem}-{stat.st_size}-{int(stat.st_mtime)}-t{temperature:g}-s{steps}-b{batch_size}"
+    return checkpoint.parent / "bn_cache" / f"{key}.pt"
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats on the n-bit grid -> uint8 0..255."""
+    return (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_images(model: NVAE, num: int, temperature: float = 1.0, batch_size: int = 100, seed: int = 0,
+                  mean: bool = True, progress: bool = True) -> torch.Tensor:
+    """``num`` images as uint8 (num, C, H, W), the data's padding cropped; same seed -> same images.
+
+    ``mean`` decodes each latent sample to the likelihood's mean (else a sample from it).
+    """
+    torch.manual_seed(seed)
+    pad = model.spec.pad
+    chunks = []
+    for start in tqdm(range(0, num, batch_size), desc=f"sampling t={temperature:g}", disable=not progress,
+                      leave=False):
+        images = model.sample(min(batch_size, num - start), temperature, mean=mean)
+        if pad:
+            images = images[..., pad:-pad, pad:-pad]
+        chunks.append(to_uint8(images).cpu())
+    return torch.cat(chunks)
