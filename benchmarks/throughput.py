@@ -259,7 +259,7 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return platform.processor() or platform.machine()
+    return f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 @torch.no_grad()
@@ -339,7 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "step_s": median, "step_s_all": times, "train_images_per_s": batch_size / median,
               "peak_mem_mb": peak, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12,
               "checkpointing": args.checkpointing, "compile": args.compile, "allocator": allocator,
-              "sample_images_per_s": batch_size / sample_s if sample_s else None}
+              "sample_images_per_s": batch_size / sample_s if sample_s else None,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(f"median step: {median:.4f} s, {batch_size / median:.1f} images/s, peak memory {peak:.0f} MB, "
           f"{flops / 1e9:.2f} GFLOP/step, {flops / median / 1e12:.4f} TFLOP/s")
     return result

@@ -15,8 +15,11 @@ from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nvae.checkpoint import DATA_KEY, EMA_KEY, FORMAT_KEY, FORMAT_VERSION, RNG_KEY, check_names, read_checkpoint
+from nvae.compat import (cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
+                          writes_logs_this_step)
 from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
@@ -233,13 +236,17 @@ class NVAEModule(L.LightningModule):
             raise ValueError(f"trainer.precision {precision!r} is not supported: use 32, bf16-mixed or 16-mixed "
                              "(float32 weights; the KL, likelihood and spectral norms are computed in float32)")
         strategy = self.trainer.strategy
-        if getattr(strategy, "_layer_sync", None) is not None and self.trainer.world_size > 1 \
+        if sync_batchnorm_requested(strategy) and self.trainer.world_size > 1 \
                 and strategy.root_device.type == "cpu":  # DDP wraps the model after this hook, and fails there
             raise ValueError("trainer.sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run under CPU DDP "
                              "(gloo); drop --trainer.sync_batchnorm on CPU (each process then keeps its own statistics)")
-        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)  # DDPStrategy's DistributedDataParallel args
-        if isinstance(ddp_kwargs, dict):
-            ddp_kwargs.setdefault("gradient_as_bucket_view", True)
+        ddp_args = ddp_kwargs(strategy)  # DDPStrategy's DistributedDataParallel args
+        if ddp_args is not None:
+            ddp_args.setdefault("gradient_as_bucket_view", True)
+        on_cpu = strategy.root_device.type == "cpu"
+        if stage == "fit" and precision in ("bf16-mixed", "16-mixed") and on_cpu and not cpu_has_bf16():  # once a run
+            rank_zero_warn(f"trainer.precision {precision} on a CPU without bf16 instructions (capability "
+                           f"{cpu_capability()}): bf16 runs ~10x slower than float32 here; use --trainer.precision 32")
 
     def on_fit_start(self) -> None:
         if self.hparams.ema_decay:
@@ -287,9 +294,9 @@ class NVAEModule(L.LightningModule):
             self.guard.roll_back(self, optimizer)
             if self.ema is not None:
                 self.ema = WeightEMA(self.model, self.ema.decay)
-            print(f"nvae: step {self.global_step}: {self.hparams.rollback_after} bad steps in a row, rolled back to "
-                  f"the last good weights; learning rate x{float(self.guard.lr_scale):g} "
-                  f"(rollback {int(self.guard.rollbacks)} of at most {self.hparams.max_rollbacks})", flush=True)
+            rank_zero_info(f"nvae: step {self.global_step}: {self.hparams.rollback_after} bad steps in a row, "
+                           f"rolled back to the last good weights; learning rate x{float(self.guard.lr_scale):g} "
+                           f"(rollback {int(self.guard.rollbacks)} of at most {self.hparams.max_rollbacks})")
 
     def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:
         """Lightning's gradient scaler under 16-mixed (it unscales the gradients before the hook above)."""
@@ -372,8 +379,7 @@ class NVAEModule(L.LightningModule):
         """True on the steps Lightning writes to the logger (every trainer.log_every_n_steps)."""
         if self._trainer is None:
             return True
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", self.global_step % 50 == 0))
+        return writes_logs_this_step(self.trainer)
 
     def _mean_over_processes(self, log: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Detached scalars averaged over all processes in one collective (no-op on one process)."""

@@ -24,6 +24,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nvae.compat import dump_checkpoint, request_stop
 from nvae.guard import nonfinite_entries
 
 LAST = "last.ckpt"
@@ -153,7 +154,7 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def request_stop(signum: int, frame: Any) -> None:
             rank_zero_info("\nnvae: stopping after this step and writing a checkpoint (Ctrl+C again to abort)")
-            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+            request_stop(trainer)  # what Lightning's SIGTERM handler does
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
         try:
@@ -188,7 +189,7 @@ class PreemptionCheckpoint(L.Callback):
             pl_module._emergency_save = True
             try:
                 if trainer.is_global_zero:
-                    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                    checkpoint = dump_checkpoint(trainer)
                     trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
             finally:
                 pl_module._emergency_save = False

@@ -64,6 +64,7 @@ def test_one_timed_step_on_cpu(tmp_path: Path) -> None:
     assert result["step_s"] > 0 and result["step_s_all"] == [result["step_s"]]
     assert result["train_images_per_s"] == pytest.approx(2 / result["step_s"])
     assert result["peak_mem_mb"] > 0
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # every figure says which CPU
     assert result["flops_per_step"] > 0
     assert result["achieved_tflops"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e12)
     assert not any(tmp_path.iterdir())

@@ -140,3 +140,21 @@ def test_compiled_forward_matches_eager_on_cpu(monkeypatch: pytest.MonkeyPatch, 
     scale = max(g.abs().max().item() for g in grads[0].values())
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
+    import nvae.lightning as nvae_lightning
+
+    monkeypatch.setattr(nvae_lightning, "cpu_has_bf16", lambda: has_bf16)
+    module = NVAEModule(arch=tiny_config(), image_spec=ImageSpec(channels=1, size=16, num_bits=1, pad=2))
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.setup("fit")
+        module.setup("test")  # the test pass after fit does not warn again
+    lines = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
+    assert len(lines) == (0 if has_bf16 else 1)
+    if lines:
+        assert torch.backends.cpu.get_cpu_capability() in lines[0] and "--trainer.precision 32" in lines[0]

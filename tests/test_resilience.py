@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import random_images, tiny_config
+from nvae.data import register_datamodule
 from nvae.data.base import ImageDataModule
 from nvae.guard import StepGuard, TrainingDiverged
 from nvae.lightning import EMA_KEY, RNG_KEY, NVAEModule
@@ -22,6 +23,7 @@ from nvae.spec import ImageSpec
 SPEC = ImageSpec(channels=1, size=16, num_bits=1, pad=2)
 
 
+@register_datamodule  # its checkpoints name it: resuming checks that the name is allowed
 class RandomBinary(ImageDataModule):
     """24 fixed random binary images (6 batches of 4 per epoch), 8 held out."""
 

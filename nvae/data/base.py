@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.functional import pil_to_tensor
 
+from nvae.compat import completed_batches
 from nvae.spec import ImageSpec
 
 Transform = Callable[[Tensor], Tensor]
@@ -215,7 +216,7 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableSampler(dataset, world, rank, seed=shuffle_seed())
         if trainer is not None:
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # restored from a checkpoint
+            done = completed_batches(trainer)  # restored from a checkpoint
             if done > 0:
                 sampler.resume_at(trainer.current_epoch, done * self.batch_size)
         return sampler

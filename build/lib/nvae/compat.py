@@ -1,0 +1,77 @@
+"""The private parts of Lightning and torch that nvae reads, in one place.
+
+nvae relies on a few attributes that are not public API. Each is reached through one function here.
+After an upgrade that removes one, the failure happens here, with a message naming the attribute and
+the installed version, not deep inside a training step. tests/test_compat.py checks each one
+against the installed versions.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+class IncompatibleVersion(RuntimeError):
+    """A private attribute nvae needs is missing from the installed Lightning or torch."""
+
+
+def _need(obj: Any, attr: str, owner: str) -> Any:
+    if not hasattr(obj, attr):
+        import lightning
+
+        raise IncompatibleVersion(f"nvae needs {owner}.{attr}, which this install lacks (torch {torch.__version__}, "
+                                  f"lightning {lightning.__version__}); install the versions pyproject.toml allows")
+    return getattr(obj, attr)
+
+
+# ------------------------------------------------------------------------------------------ Lightning
+def request_stop(trainer: Any) -> None:
+    """Ask the trainer to stop after this step, as Lightning's own SIGTERM handler does."""
+    _need(_need(trainer, "_signal_connector", "Trainer"), "received_sigterm", "Trainer._signal_connector")
+    trainer._signal_connector.received_sigterm = True
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The checkpoint dict the trainer would save now (no collective: used for emergency saves)."""
+    connector = _need(trainer, "_checkpoint_connector", "Trainer")
+    return _need(connector, "dump_checkpoint", "Trainer._checkpoint_connector")(weights_only=False)
+
+
+def sync_batchnorm_requested(strategy: Any) -> bool:
+    """True if ``trainer.sync_batchnorm`` asked the strategy to convert BatchNorm layers."""
+    return getattr(strategy, "_layer_sync", None) is not None  # strategies without it never sync
+
+
+def ddp_kwargs(strategy: Any) -> Optional[dict[str, Any]]:
+    """The DistributedDataParallel arguments of a DDP strategy (a live dict), or None for other strategies."""
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    return kwargs if isinstance(kwargs, dict) else None
+
+
+def writes_logs_this_step(trainer: Any) -> bool:
+    """True on the steps Lightning writes to the logger (every ``trainer.log_every_n_steps``)."""
+    connector = _need(trainer, "_logger_connector", "Trainer")
+    return bool(_need(connector, "should_update_logs", "Trainer._logger_connector"))
+
+
+def completed_batches(trainer: Any) -> int:
+    """Training batches of the current epoch already done (restored from a checkpoint on resume)."""
+    progress = _need(_need(trainer.fit_loop, "epoch_loop", "Trainer.fit_loop"), "batch_progress",
+                     "Trainer.fit_loop.epoch_loop")
+    return int(progress.current.completed)
+
+
+# ------------------------------------------------------------------------------------------ torch
+def cpu_has_bf16() -> bool:
+    """True if this CPU has bfloat16 instructions (AVX-512 BF16 or AMX); bf16 is ~10x slower without them."""
+    cpu = torch.cpu
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(checks):
+        raise IncompatibleVersion(f"torch {torch.__version__} has no torch.cpu._is_avx512_bf16_supported")
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def cpu_capability() -> str:
+    """``torch.backends.cpu.get_cpu_capability()`` (e.g. 'AVX2', 'AVX512'), printed with every timing."""
+    return str(torch.backends.cpu.get_cpu_capability())
