@@ -157,7 +157,8 @@ def build_model(hparams: Mapping[str, Any], source: str) -> NVAE:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
-    """Read ``path`` safely (:func:`read_checkpoint`) and rebuild its NVAE (EMA weights when present and ``use_ema``)."""
+    """Read ``path`` safely (:func:`read_checkpoint`) and rebuild its NVAE (EMA weights when present and
+    ``use_ema``)."""
     path = Path(path)
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters")

@@ -152,13 +152,13 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        def request_stop(signum: int, frame: Any) -> None:
+        def on_interrupt(signum: int, frame: Any) -> None:
             rank_zero_info("\nnvae: stopping after this step and writing a checkpoint (Ctrl+C again to abort)")
             request_stop(trainer)  # what Lightning's SIGTERM handler does
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
         try:
-            self._previous = signal.signal(signal.SIGINT, request_stop)
+            self._previous = signal.signal(signal.SIGINT, on_interrupt)
         except ValueError:  # not the main thread (e.g. a notebook's worker): keep the default
             self._previous = None
 

@@ -78,7 +78,8 @@ def craft(clean: dict, entry: str, name: str, folder: Path) -> tuple[Path, Path]
     """A copy of the clean checkpoint with ``entry`` naming ``name``; (checkpoint, marker it would create)."""
     marker = folder / "pwned.txt"
     ck = {k: (dict(v) if isinstance(v, dict) else v) for k, v in clean.items()}
-    ck["nvae_data"] = {"class_path": clean["nvae_data"]["class_path"], "init_args": dict(clean["nvae_data"]["init_args"])}
+    data = clean["nvae_data"]
+    ck["nvae_data"] = {"class_path": data["class_path"], "init_args": dict(data["init_args"])}
     ENTRIES[entry](ck, name, NAMES[name](marker))
     path = folder / "last.ckpt"
     torch.save(ck, path)
@@ -198,8 +199,8 @@ def test_every_shipped_config_passes_the_check() -> None:
 
 CRAFTED_CONFIGS = {
     "data.class_path": "data:\n  class_path: subprocess.Popen\n  init_args: {{args: 'touch {marker}', shell: true}}\n",
-    "trainer.callbacks[0].class_path": "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.LambdaCallback"
-                                       "\n      init_args: {{on_fit_start: os.system}}\n",
+    "trainer.callbacks[0].class_path": "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks."
+                                       "LambdaCallback\n      init_args: {{on_fit_start: os.system}}\n",
     "trainer.strategy.init_args.ddp_comm_hook": "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies."
                                                 "DDPStrategy\n    init_args: {{ddp_comm_hook: os.system}}\n",
 }
