@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or not
 
 from nvae.checkpoint import device_arg, resolve_device  # noqa: E402
+from nvae.compat import conv_backward  # noqa: E402
 from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
@@ -221,7 +222,7 @@ class Stepper:
         """FLOPs of one forward + backward pass (an extra, untimed step)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        mapping = {torch.ops.aten.convolution_backward: conv_backward_flops}
+        mapping = {conv_backward: conv_backward_flops}
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             self.forward_backward()
         self.optimizer_step()

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from nvae.compat import foreach_lerp_, foreach_norm
+
 
 MIN_LOSS_SCALE = 1.0  # below it a float16 overflow is the gradient's own, not the loss scale's
 
@@ -160,7 +162,7 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
+    return torch.linalg.vector_norm(torch.stack(foreach_norm([g.float() for g in grads])))
 
 
 class WeightEMA:
@@ -183,7 +185,7 @@ class WeightEMA:
         if avg[0].device != live[0].device:
             self.to(live[0].device)
             avg = [self.params[n] for n in names]
-        torch._foreach_lerp_(avg, live, 1.0 - self.decay)
+        foreach_lerp_(avg, live, 1.0 - self.decay)
 
     def to(self, device: torch.device) -> None:
         self.params = {n: p.to(device) for n, p in self.params.items()}

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nvae.compat import BatchNormBase, batch_norm_backward, conv_backward, silu_backward
+
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 # Ways to take the depthwise weight gradient on CPU, tried once per map shape (see DepthwiseConv2d):
@@ -154,9 +156,9 @@ class _BNSwishConvs(torch.autograd.Function):
                 mask = (True, need[6 + 4 * i], need[7 + 4 * i] and b is not None)
                 grad_a, grad_w, grad_b = conv.convolve_backward(grad, _cast(a, dtype), _cast(w, dtype), mask)
                 del a
-                grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y) if swish else grad_a
+                grad_y = silu_backward(grad_a.to(y.dtype), y) if swish else grad_a
                 del y, grad_a
-                grad, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
+                grad, grad_bn_w, grad_bn_b = batch_norm_backward(
                     grad_y, h, bn_w, None, None, *stats[2 * i:2 * i + 2], True, bn.eps,
                     [i > 0 or need[0], need[4 + 4 * i], need[5 + 4 * i]])
                 del grad_y, h
@@ -372,7 +374,7 @@ class Conv2d(nn.Conv2d):
                           mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
         """Gradients (input, weight, bias; those selected by ``mask``) of :meth:`convolve` at ``x``."""
         bias_sizes = [self.out_channels] if mask[2] else None
-        return torch.ops.aten.convolution_backward(grad_out, x, weight, bias_sizes, self.stride, self.padding,
+        return conv_backward(grad_out, x, weight, bias_sizes, self.stride, self.padding,
                                                    self.dilation, False, [0, 0], self.groups, list(mask))
 
     def take_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -464,7 +466,7 @@ class DepthwiseConv2d(Conv2d):
             stop = min(start + block, self.in_channels)
             x_block = x[:, start:stop].to(torch.float32, memory_format=torch.channels_last)  # (B, block, H, W)
             g_block = grad_out[:, start:stop].to(torch.float32, memory_format=torch.channels_last)
-            pieces.append(torch.ops.aten.convolution_backward(
+            pieces.append(conv_backward(
                 g_block, x_block, self.weight[start:stop].float(), None, self.stride, self.padding, self.dilation,
                 False, [0, 0], stop - start, [False, True, False])[1])
         return torch.cat(pieces).to(self.weight.dtype)  # (channels, 1, k, k)
@@ -612,7 +614,7 @@ def _recomputation() -> Iterator[None]:
 @contextmanager
 def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers of ``module`` normalize with batch statistics but leave running stats alone."""
-    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in module.modules() if isinstance(m, BatchNormBase)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
     for m in layers:
         m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch

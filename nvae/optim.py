@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from nvae.compat import flatten_dense_tensors, foreach_add_, unflatten_dense_tensors
 
 SMALL_NUMEL = 1 << 16  # parameters below this many elements are updated through the flat buffers
 BUCKET_NUMEL = 1 << 20  # elements per flat buffer: its scratch copy of the gradients stays at 4 MB (float32)
@@ -134,13 +135,13 @@ class Adamax(torch.optim.Adamax):
         def gathered(name: str) -> Tensor:
             if not any(name in self.state[p] for p in params):  # the first step: no copies
                 return params[0].new_zeros(sum(p.numel() for p in params))
-            return _flatten_dense_tensors([self.state[p][name] if name in self.state[p] else torch.zeros_like(p)
+            return flatten_dense_tensors([self.state[p][name] if name in self.state[p] else torch.zeros_like(p)
                                            for p in params])
 
         steps = torch.stack([self.state[p]["step"].float() if "step" in self.state[p] else
                              torch.zeros((), dtype=torch.float32) for p in params])
         exp_avg, exp_inf = gathered("exp_avg"), gathered("exp_inf")
-        views = {name: list(_unflatten_dense_tensors(flat, params)) for name, flat in (("exp_avg", exp_avg),
+        views = {name: list(unflatten_dense_tensors(flat, params)) for name, flat in (("exp_avg", exp_avg),
                                                                                       ("exp_inf", exp_inf))}
         for i, p in enumerate(params):
             self.state[p] = {"step": steps[i], "exp_avg": views["exp_avg"][i], "exp_inf": views["exp_inf"][i]}
@@ -156,11 +157,11 @@ class Adamax(torch.optim.Adamax):
         with activation checkpointing the optimizer step is where the peak memory is reached.
         """
         beta1, beta2 = group["betas"]
-        buffer = _flatten_dense_tensors([p.grad for p in b.params])  # (numel,)
+        buffer = flatten_dense_tensors([p.grad for p in b.params])  # (numel,)
         if len(b.params) == 1:  # then the flat vector is the gradient itself, which must stay as it is
             buffer = buffer.clone()
         if group["weight_decay"] != 0:
-            torch._foreach_add_(_unflatten_dense_tensors(buffer, b.params), b.params, alpha=group["weight_decay"])
+            foreach_add_(unflatten_dense_tensors(buffer, b.params), b.params, alpha=group["weight_decay"])
         b.steps += 1
         b.exp_avg.lerp_(buffer, 1 - beta1)
         torch.maximum(b.exp_inf.mul_(beta2), buffer.abs_().add_(group["eps"]), out=b.exp_inf)
@@ -172,4 +173,4 @@ class Adamax(torch.optim.Adamax):
             clr = -float(group["lr"]) / (1 - beta1 ** b.steps)
             sizes = torch.tensor([p.numel() for p in b.params], device=update.device)
             update.mul_(clr.to(update.device, update.dtype).repeat_interleave(sizes))
-        torch._foreach_add_(b.params, _unflatten_dense_tensors(update, b.params))
+        foreach_add_(b.params, unflatten_dense_tensors(update, b.params))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvae.compat import BatchNormBase, foreach_norm
 from nvae.ops import Conv2d, kernel_matrix
 
 
@@ -123,7 +124,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def batchnorm_gammas(model: nn.Module) -> list[nn.Parameter]:
     """The scale parameters (gamma) of every affine BatchNorm layer of ``model``."""
-    return [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    return [m.weight for m in model.modules() if isinstance(m, BatchNormBase) and m.affine]
 
 
 def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -136,4 +137,4 @@ def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor
     gammas = batchnorm_gammas(model) if isinstance(model, nn.Module) else list(model)
     if not gammas:
         return torch.zeros(())
-    return torch.stack(torch._foreach_norm(gammas, float("inf"))).sum()
+    return torch.stack(foreach_norm(gammas, float("inf"))).sum()

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nvae.compat import BatchNormBase
 from nvae.model import NVAE
 
 
 def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Running statistics of every BatchNorm layer (name -> tensor, cloned)."""
     return {f"{name}.{buf}": getattr(m, buf).detach().clone()
-            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for name, m in model.named_modules() if isinstance(m, BatchNormBase)
             for buf in ("running_mean", "running_var", "num_batches_tracked")}
 
 

@@ -67,3 +67,48 @@ def test_cpu_bf16_detection_agrees_with_the_capability() -> None:
 def test_a_missing_attribute_fails_in_one_place_naming_it() -> None:
     with pytest.raises(compat.IncompatibleVersion, match="Trainer._signal_connector"):
         compat.request_stop(object())
+
+
+def test_torch_kernels_compute_what_their_public_forms_compute() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)], [torch.randn(3, 4, generator=g),
+                                                                           torch.randn(5, generator=g)]
+    for ord_ in (2.0, float("inf")):
+        expect = [torch.linalg.vector_norm(t, ord_) for t in a]
+        torch.testing.assert_close(list(compat.foreach_norm(a, ord_)), expect)
+    flat = compat.flatten_dense_tensors(a)
+    assert flat.shape == (17,)
+    for view, t in zip(compat.unflatten_dense_tensors(flat, a), a):
+        torch.testing.assert_close(view, t, rtol=0, atol=0)
+    c = [t.clone() for t in a]
+    compat.foreach_add_(c, b, alpha=0.5)
+    compat.foreach_lerp_(c, b, 0.25)
+    for ci, ai, bi in zip(c, a, b):
+        torch.testing.assert_close(ci, torch.lerp(ai + 0.5 * bi, bi, 0.25))
+    assert issubclass(torch.nn.BatchNorm2d, compat.BatchNormBase) and issubclass(torch.nn.SyncBatchNorm,
+                                                                                 compat.BatchNormBase)
+
+
+def test_aten_backward_kernels_match_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, w, padding=1)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    ox, ow, _ = compat.conv_backward(grad, x.detach(), w.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                     [True, True, False])
+    torch.testing.assert_close(ox, gx)
+    torch.testing.assert_close(ow, gw)
+    s = torch.nn.functional.silu(x)
+    torch.testing.assert_close(compat.silu_backward(torch.ones_like(x), x.detach()),
+                               torch.autograd.grad(s.sum(), x)[0])
+    weight = torch.ones(3, requires_grad=True)
+    bn = torch.nn.functional.batch_norm(x, None, None, weight, None, training=True, eps=1e-5)
+    grad_bn = grad[:, :3].contiguous()  # (2, 3, 5, 5), the shape of bn
+    gbx, gbw = torch.autograd.grad(bn, (x, weight), grad_bn)
+    mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
+    ref = compat.batch_norm_backward(grad_bn, x.detach(), weight.detach(), None, None, mean,
+                                     1 / torch.sqrt(var + 1e-5), True, 1e-5, [True, True, False])
+    torch.testing.assert_close(ref[0], gbx)
+    torch.testing.assert_close(ref[1], gbw)
