@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from nvae.data.registry import UntrustedName, class_path, datamodule_class
+from nvae.data.registry import UntrustedName, class_path, datamodule_class, subclasses
 from nvae.model import NVAE, NVAEConfig
 from nvae.spec import ImageSpec
 
@@ -90,11 +90,7 @@ def module_class(name: object, entry: str) -> type:
     """``NVAEModule`` or a subclass of it already defined in this process, named by its class path."""
     from nvae.lightning import NVAEModule
 
-    found, stack = {}, [NVAEModule]
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        found[class_path(cls)] = cls
+    found = {class_path(cls): cls for cls in [NVAEModule, *subclasses(NVAEModule)]}
     if not isinstance(name, str) or name not in found:
         raise UntrustedName(f"{entry}: {name!r} is not nvae.lightning.NVAEModule or a subclass of it defined "
                             "in this process; it was not imported")
@@ -148,6 +144,14 @@ def device_arg(text: str) -> str:
     return text
 
 
+def model_hparams(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The model hyper-parameters of an nvae checkpoint; ValueError if it has none or no state dict."""
+    hparams = ckpt.get("hyper_parameters")
+    if "state_dict" not in ckpt or not isinstance(hparams, dict) or "arch" not in hparams:
+        raise ValueError(f"{source} is not an nvae checkpoint (no model hyper-parameters / state_dict)")
+    return hparams
+
+
 def build_model(hparams: Mapping[str, Any], source: str) -> NVAE:
     """The NVAE that ``hparams`` (a checkpoint's hyper-parameters) describe; one-line ValueError otherwise."""
     try:
@@ -161,9 +165,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     ``use_ema``)."""
     path = Path(path)
     ckpt = read_checkpoint(path)
-    hparams = ckpt.get("hyper_parameters")
-    if "state_dict" not in ckpt or not isinstance(hparams, dict) or "arch" not in hparams:
-        raise ValueError(f"'{path}' is not an nvae checkpoint (no model hyper-parameters / state_dict)")
+    hparams = model_hparams(ckpt, f"'{path}'")
     model = build_model(hparams, f"checkpoint '{path}'")
     weights = "raw"
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

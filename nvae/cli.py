@@ -15,14 +15,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from nvae.checkpoint import read_checkpoint
+from nvae.config_check import check_command_line
 from nvae.data import ImageDataModule
 from nvae.data.base import DataError
 from nvae.guard import TrainingDiverged
 from nvae.lightning import NVAEModule
-from nvae.resilience import find_resume_checkpoint
-from nvae.checkpoint import read_checkpoint
-from nvae.config_check import check_command_line
 from nvae.presets import describe, resolve_config_args
+from nvae.resilience import find_resume_checkpoint
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs in --help
 
@@ -44,8 +44,8 @@ class NVAECLI(LightningCLI):
         argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
         check_command_line(argv)
         self.config = parser.parse_args(argv)
-        ckpt_path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path") if self.config.get("subcommand") \
-            else None
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path, mmap=True)
 

@@ -17,7 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from nvae.checkpoint import DATA_KEY, EMA_KEY, FORMAT_KEY, FORMAT_VERSION, RNG_KEY, check_names, read_checkpoint
+from nvae.checkpoint import (DATA_KEY, EMA_KEY, FORMAT_KEY, FORMAT_VERSION, RNG_KEY, check_names, model_hparams,
+                             read_checkpoint)
 from nvae.compat import (cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
                           writes_logs_this_step)
 from nvae.guard import StepGuard, WeightEMA, grad_norm
@@ -27,8 +28,6 @@ from nvae.optim import Adamax
 from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm_penalty
 from nvae.resilience import check_compatible, gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
-
-
 
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # trainer.precision as Lightning spells it
 
@@ -200,9 +199,7 @@ class NVAEModule(L.LightningModule):
                              "(nvae checkpoints hold their hyper-parameters and load with weights_only=True)")
         checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
         source = f"checkpoint '{checkpoint_path}'"
-        saved = checkpoint.get("hyper_parameters")
-        if "state_dict" not in checkpoint or not isinstance(saved, dict) or "arch" not in saved:
-            raise ValueError(f"{source} is not an nvae checkpoint (no model hyper-parameters / state_dict)")
+        saved = model_hparams(checkpoint, source)
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in {**saved, **kwargs}.items() if k in accepted and k != "self"}
         try:

@@ -18,26 +18,30 @@ from nvae.compat import BatchNormBase
 from nvae.model import NVAE
 
 
-def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Running statistics of every BatchNorm layer (name -> tensor, cloned)."""
-    return {f"{name}.{buf}": getattr(m, buf).detach().clone()
+def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Running statistics of every BatchNorm layer (name -> the buffer itself)."""
+    return {f"{name}.{buf}": getattr(m, buf)
             for name, m in model.named_modules() if isinstance(m, BatchNormBase)
             for buf in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Running statistics of every BatchNorm layer (name -> tensor, cloned)."""
+    return {key: buf.detach().clone() for key, buf in batchnorm_buffers(model).items()}
 
 
 def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "BatchNorm state") -> None:
     """Copy BatchNorm statistics into ``model``. Every key must name one of its BatchNorm buffers, with
     that buffer's shape (a cache file from elsewhere cannot write other tensors); ValueError otherwise."""
-    own = batchnorm_state(model)
+    own = batchnorm_buffers(model)
     if not isinstance(state, dict):
         raise ValueError(f"{source}: not a dict of BatchNorm statistics")
     for key, value in state.items():
         if key not in own or not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
             raise ValueError(f"{source}: {key!r} is not a BatchNorm statistic of this model (or has another shape)")
-    modules = dict(model.named_modules())
-    for key, value in state.items():
-        name, _, buf = key.rpartition(".")
-        getattr(modules[name], buf).copy_(value)
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
 
 
 @torch.no_grad()

