@@ -110,29 +110,33 @@ class DecoderCombiner(nn.Module):
 class AutoregressiveShift(nn.Module):
     """Volume-preserving IAF cell: z' = z - mu(z), mu autoregressive over (pixels, channels).
 
-    masked conv3x3 (expand 6, strictly earlier) - ELU - masked depthwise conv5x5 - ELU - masked
-    conv1x1 back to the latent channels; the Jacobian is triangular with unit diagonal, so
-    log|det| = 0 (appendix, "inverse autoregressive flows").
+    masked conv3x3 (expand 6, strictly earlier) - ELU - masked depthwise conv5x5 - ELU - ELU -
+    masked conv1x1 back to the latent channels; the Jacobian is triangular with unit diagonal, so
+    log|det| = 0 (appendix, "inverse autoregressive flows"). As in the official code, the two
+    hidden convolutions carry no bias and the ELU is applied twice before the last convolution
+    (once closing the hidden stack, once opening the mu head), so released checkpoints compute
+    the same function.
     """
 
     def __init__(self, latent_channels: int, mirror: bool, expand: int = 6) -> None:
         super().__init__()
         hidden = latent_channels * expand
 
-        def masked(cin: int, cout: int, k: int, groups: int, zero_diagonal: bool) -> Conv2d:
+        def masked(cin: int, cout: int, k: int, groups: int, zero_diagonal: bool, bias: bool) -> Conv2d:
             mask = autoregressive_mask(cin, cout, k, groups, zero_diagonal, mirror)
-            return Conv2d(cin, cout, k, padding=k // 2, groups=groups, mask=mask)
+            return Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=bias, mask=mask)
 
         self.net = nn.Sequential(
-            masked(latent_channels, hidden, 3, 1, zero_diagonal=True), ELU(),
-            masked(hidden, hidden, 5, hidden, zero_diagonal=False), ELU(),
+            masked(latent_channels, hidden, 3, 1, zero_diagonal=True, bias=False), ELU(),
+            masked(hidden, hidden, 5, hidden, zero_diagonal=False, bias=False), ELU(),
         )
-        self.mu = masked(hidden, latent_channels, 1, 1, zero_diagonal=False)
+        self.mu_act = ELU()
+        self.mu = masked(hidden, latent_channels, 1, 1, zero_diagonal=False, bias=True)
         with torch.no_grad():  # start close to the identity map
             self.mu.log_weight_norm.add_(math.log(0.1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z - self.mu(self.net(z))
+        return z - self.mu(self.mu_act(self.net(z)))
 
 
 class FlowPair(nn.Module):

@@ -30,7 +30,8 @@ DATA_KEY = "nvae_data"  # the data module that trained the model: {"class_path":
 EMA_KEY = "nvae_ema"  # exponential moving average of the model weights, if kept (a state dict)
 RNG_KEY = "nvae_rng"  # every process's RNG states (exact resume)
 FORMAT_KEY = "nvae_format"  # layout version of nvae checkpoints
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the official architecture (no up-sampling skip or flow hidden biases, ELU twice in
+# the flows, top prior sigma 1.01) and model.arch.dmol_bins; format 1 files hold another network
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI records
 
 
@@ -144,11 +145,27 @@ def device_arg(text: str) -> str:
     return text
 
 
+def check_format(ckpt: Mapping[str, Any], source: str) -> None:
+    """ValueError unless ``ckpt`` is of the :data:`FORMAT_VERSION` this nvae reads (naming what to do)."""
+    fmt = ckpt.get(FORMAT_KEY, FORMAT_VERSION)
+    if fmt == FORMAT_VERSION:
+        return
+    if isinstance(fmt, int) and fmt > FORMAT_VERSION:
+        raise ValueError(f"{source}: checkpoint format {fmt} is newer than the format {FORMAT_VERSION} this nvae "
+                         "reads; upgrade nvae")
+    raise ValueError(f"{source}: checkpoint format {fmt} is not the format {FORMAT_VERSION} this nvae reads: it was "
+                     "written by nvae 0.1 before the architecture became the official NVAE's (up-sampling skip and "
+                     "flow convolutions without bias, ELU twice in the flows, top prior sigma 1.01); retrain it, "
+                     "or use it with the nvae that wrote it")
+
+
 def model_hparams(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """The model hyper-parameters of an nvae checkpoint; ValueError if it has none or no state dict."""
+    """The model hyper-parameters of an nvae checkpoint of this format; ValueError if it has none, no
+    state dict, or another format."""
     hparams = ckpt.get("hyper_parameters")
     if "state_dict" not in ckpt or not isinstance(hparams, dict) or "arch" not in hparams:
         raise ValueError(f"{source} is not an nvae checkpoint (no model hyper-parameters / state_dict)")
+    check_format(ckpt, source)
     return hparams
 
 

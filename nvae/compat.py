@@ -62,6 +62,46 @@ def completed_batches(trainer: Any) -> int:
     return int(progress.current.completed)
 
 
+def fit_loop_state(epoch: int, global_step: int) -> dict[str, Any]:
+    """Lightning's ``loops`` checkpoint entry of a run stopped at the end of epoch ``epoch`` after
+    ``global_step`` optimizer steps (one per batch): resuming from it continues at that step.
+
+    Built from a fresh trainer's own loops, so the layout is that of the installed Lightning; the
+    progress counters it sets are private (``_batches_that_stepped`` among them).
+    """
+    import logging
+
+    import lightning as L
+
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no "GPU available" lines for a trainer that never runs
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    finally:
+        quiet.setLevel(level)
+    loop = trainer.fit_loop
+    epoch_loop = _need(loop, "epoch_loop", "FitLoop")
+    optimizer = _need(_need(epoch_loop, "automatic_optimization", "epoch loop"), "optim_progress",
+                      "automatic optimization").optimizer
+    _count(_need(loop, "epoch_progress", "FitLoop"), epoch, epoch)
+    for progress in (epoch_loop.batch_progress, epoch_loop.scheduler_progress, optimizer.step, optimizer.zero_grad):
+        _count(progress, global_step, 0)
+    _need(epoch_loop, "_batches_that_stepped", "epoch loop")
+    epoch_loop._batches_that_stepped = global_step
+    return {"fit_loop": loop.state_dict(), "validate_loop": trainer.validate_loop.state_dict(),
+            "test_loop": trainer.test_loop.state_dict(), "predict_loop": trainer.predict_loop.state_dict()}
+
+
+def _count(progress: Any, total: int, current: int) -> None:
+    """Every counter of a Lightning progress record: ``total`` over the run, ``current`` in this epoch."""
+    for tracker, value in ((progress.total, total), (progress.current, current)):
+        for name in ("ready", "started", "processed", "completed"):
+            if hasattr(tracker, name):
+                setattr(tracker, name, value)
+
+
 # ------------------------------------------------------------------------------------------ torch
 def cpu_has_bf16() -> bool:
     """True if this CPU has bfloat16 instructions (AVX-512 BF16 or AMX); bf16 is ~10x slower without them."""

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 SIGMA_FLOOR = 1e-2
 DMOL_LOG_SCALE_MIN = -7.0
+DMOL_BINS = ("exact", "official")  # see DiscMixLogistic
+# The official code's bins: edge thresholds in [-1, 1] and the mass below which a bin uses the density.
+OFFICIAL_TOP_EDGE, OFFICIAL_BOTTOM_EDGE, OFFICIAL_MIN_MASS = 0.99, -0.999, 1e-5
 
 
 def soft_clamp(x: torch.Tensor, bound: float = 5.0) -> torch.Tensor:
@@ -33,10 +36,14 @@ class Normal:
         self.sigma = torch.exp(soft_clamp(log_sigma)) + SIGMA_FLOOR if clamp else torch.exp(log_sigma)
 
     @classmethod
-    def standard(cls, like: torch.Tensor) -> "Normal":
-        """N(0, I) with the shape, dtype and device of ``like`` (the top group's prior)."""
+    def top_prior(cls, like: torch.Tensor) -> "Normal":
+        """The top group's fixed prior, with the shape, dtype and device of ``like``.
+
+        The paper's N(0, I) as the official code builds it: mean 0 and log-sigma 0 through the
+        clamp and the sigma floor, so sigma = 1.01 (released checkpoints were trained with it).
+        """
         zeros = torch.zeros_like(like)
-        return cls(zeros, zeros, clamp=False)
+        return cls(zeros, zeros)
 
     @classmethod
     def from_params(cls, params: torch.Tensor) -> "Normal":
@@ -75,8 +82,10 @@ class Bernoulli:
         """Per-pixel log p(x), x in {0, 1}; shape (B, C, H, W)."""
         return -F.binary_cross_entropy_with_logits(self.logits, x, reduction="none")
 
-    def mean(self) -> torch.Tensor:
-        return torch.sigmoid(self.logits)
+    def mean(self, quantize: bool = False) -> torch.Tensor:
+        """The pixel probabilities; ``quantize`` rounds them to {0, 1}."""
+        p = torch.sigmoid(self.logits)
+        return p.round() if quantize else p
 
     def sample(self) -> torch.Tensor:
         return torch.bernoulli(torch.sigmoid(self.logits))
@@ -95,12 +104,20 @@ class DiscMixLogistic:
     means (C x M), log-scales (C x M, floored at -7) and tanh coefficients (one per channel pair
     j < c) that make channel c's mean depend linearly on channels j < c. The bins have half-width
     1 / (2^bits - 1) in [-1, 1] space; the edge bins extend to -inf / +inf.
+
+    ``bins``: "exact" makes only the lowest and highest levels edge bins and computes every bin's
+    mass as a stable log-difference of sigmoids; "official" reproduces the official code: values
+    above 0.99 (in [-1, 1]) take the top edge bin (8-bit level 254 too), values below -0.999 the
+    bottom one, and a bin of mass under 1e-5 is given the density times the bin width.
     """
 
-    def __init__(self, params: torch.Tensor, image_channels: int, num_bits: int, num_mixtures: int = 10) -> None:
+    def __init__(self, params: torch.Tensor, image_channels: int, num_bits: int, num_mixtures: int = 10,
+                 bins: str = "exact") -> None:
+        if bins not in DMOL_BINS:
+            raise ValueError(f"bins must be one of {', '.join(DMOL_BINS)}, got {bins!r}")
         b, _, h, w = params.shape
         c, m = image_channels, num_mixtures
-        self.channels, self.num_mixtures = c, m
+        self.channels, self.num_mixtures, self.bins = c, m, bins
         self.max_val = 2.0 ** num_bits - 1
         self.logit_probs = params[:, :m]  # (B, M, H, W)
         rest = params[:, m:].reshape(b, -1, m, h, w)  # (B, 2C + C(C-1)/2, M, H, W)
@@ -126,13 +143,27 @@ class DiscMixLogistic:
         inv_scale = torch.exp(-self.log_scales)
         upper = inv_scale * (centered + 1.0 / self.max_val)
         lower = inv_scale * (centered - 1.0 / self.max_val)
-        # log(sigmoid(upper) - sigmoid(lower)) = logsig(upper) + logsig(-lower) + log(1 - e^(lower-upper)), exact
-        log_mid = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(lower - upper))
-        level = torch.round((x + 1.0) * 0.5 * self.max_val)
-        log_bin = torch.where(level <= 0, F.logsigmoid(upper),
-                              torch.where(level >= self.max_val, F.logsigmoid(-lower), log_mid))
+        if self.bins == "official":
+            log_bin = self._official_bins(x, centered, inv_scale, upper, lower)
+        else:
+            # log(sigmoid(upper) - sigmoid(lower)) = logsig(upper) + logsig(-lower) + log(1 - e^(lower-upper)), exact
+            log_mid = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(lower - upper))
+            level = torch.round((x + 1.0) * 0.5 * self.max_val)
+            log_bin = torch.where(level <= 0, F.logsigmoid(upper),
+                                  torch.where(level >= self.max_val, F.logsigmoid(-lower), log_mid))
         log_mix = log_bin.sum(dim=1) + F.log_softmax(self.logit_probs, dim=1)  # (B, M, H, W)
         return torch.logsumexp(log_mix, dim=1)
+
+    def _official_bins(self, x: torch.Tensor, centered: torch.Tensor, inv_scale: torch.Tensor,
+                       upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+        """log P(bin) per channel and mixture as the official code computes it (see the class docstring)."""
+        mass = torch.sigmoid(upper) - torch.sigmoid(lower)
+        mid = inv_scale * centered
+        log_density = mid - self.log_scales - 2.0 * F.softplus(mid)  # log of the logistic density at x
+        log_mid = torch.where(mass > OFFICIAL_MIN_MASS, torch.log(mass.clamp(min=1e-10)),
+                              log_density - math.log(self.max_val / 2))
+        return torch.where(x < OFFICIAL_BOTTOM_EDGE, upper - F.softplus(upper),
+                           torch.where(x > OFFICIAL_TOP_EDGE, -F.softplus(lower), log_mid))
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] -> the nearest grid value in [0, 1]."""
@@ -154,10 +185,11 @@ class DiscMixLogistic:
         return self._quantize(x)
 
     @torch.no_grad()
-    def mean(self) -> torch.Tensor:
-        """Mixture-weighted location, each channel conditioned on the previous channels' means."""
+    def mean(self, quantize: bool = True) -> torch.Tensor:
+        """Mixture-weighted location, each channel conditioned on the previous channels' means, in
+        [0, 1]: on the bit grid, or as it is with ``quantize=False`` (the official code's mean)."""
         weights = torch.softmax(self.logit_probs, dim=1)  # (B, M, H, W)
         x = torch.zeros_like(self.means[:, :, 0])  # (B, C, H, W)
         for c in range(self.channels):
             x[:, c] = (self._conditional_means(x.unsqueeze(2))[:, c] * weights).sum(dim=1).clamp(-1.0, 1.0)
-        return self._quantize(x)
+        return self._quantize(x) if quantize else (x + 1.0) * 0.5

@@ -1,4 +1,4 @@
-"""Entry points of train.py, sample.py, evaluate.py and the nvae-train/-sample/-eval commands.
+"""Entry points of train.py, sample.py, evaluate.py and the nvae-train/-sample/-eval/-convert commands.
 
 Each picks the memory allocator first (:func:`nvae.runtime.select_allocator`: the process may
 re-execute itself with tcmalloc preloaded), then imports torch and runs its command line.
@@ -35,5 +35,12 @@ def evaluate() -> None:
     """``python evaluate.py`` / ``nvae-eval``: see :func:`nvae.eval_cli.main`."""
     select_allocator(_program())
     from nvae.eval_cli import main
+
+    main()
+
+
+def convert() -> None:
+    """``nvae-convert``: see :func:`nvae.convert.main` (no allocator choice: a one-off file conversion)."""
+    from nvae.convert import main
 
     main()

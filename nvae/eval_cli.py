@@ -11,6 +11,7 @@ The data set comes from the checkpoint's own data settings (``--data-root`` etc.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from torchvision.utils import make_grid, save_image
 from nvae.checkpoint import (LoadedCheckpoint, build_datamodule, device_arg, instantiate_datamodule, load_checkpoint,
                              resolve_device)
 from nvae.data.registry import command_line_datamodule
+from nvae.distributions import DMOL_BINS
 from nvae.metrics.likelihood import evaluate_nll
 from nvae.sample_cli import DEFAULT_BN_STEPS, positive_temperature
 
@@ -38,6 +40,12 @@ def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_bins(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dmol-bins", choices=list(DMOL_BINS), default=None,
+                   help="likelihood bins of a multi-bit model: 'official' (the official code's; converted checkpoints "
+                        "default to it) or 'exact' (nvae's); default: the checkpoint's model.arch.dmol_bins")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--num-importance-samples", "-K", type=int, default=1000, help="K (the paper uses 1000)")
     nll.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
     nll.add_argument("--batch-size", type=int, default=500, help="images x samples per forward pass (memory bound)")
+    add_bins(nll)
 
     fid = sub.add_parser("fid", help="FID of generated images against a data split", formatter_class=fmt)
     add_common(fid, checkpoint_required=False)
@@ -71,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(rec)
     rec.add_argument("--output", default="reconstructions.png", help="PNG grid: input, reconstruction, ...")
     rec.add_argument("--num-images", type=int, default=32, help="test images to reconstruct")
+    add_bins(rec)
     return parser
 
 
@@ -79,7 +89,11 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
         loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
-    print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}")
+    bins = getattr(args, "dmol_bins", None)
+    if bins is not None:
+        loaded.model.cfg = dataclasses.replace(loaded.model.cfg, dmol_bins=bins)
+    where = f", likelihood bins: {loaded.model.cfg.dmol_bins}" if loaded.model.spec.likelihood == "dmol" else ""
+    print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
     return loaded
 
 
@@ -114,8 +128,13 @@ def run_nll(args: argparse.Namespace) -> dict[str, Any]:
     print(f"IW NLL (K={k}, {res.num_images} {args.split} images): {headline} "
           f"[{res.nll_nats:.2f} nats, {res.bpd:.4f} bpd]; negative ELBO {res.nelbo_nats:.2f} nats, "
           f"{res.nelbo_bpd:.4f} bpd")
-    return {**res.as_dict(), "split": args.split, "weights": loaded.weights,
+    return {**res.as_dict(), "split": args.split, "weights": loaded.weights, "dmol_bins": _bins(loaded),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _bins(loaded: LoadedCheckpoint) -> Optional[str]:
+    """The likelihood bins the numbers were computed with (None for a binary model)."""
+    return loaded.model.cfg.dmol_bins if loaded.model.spec.likelihood == "dmol" else None
 
 
 @torch.no_grad()
@@ -137,7 +156,7 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{x.shape[0]} reconstructions -> {args.output} (columns: input, reconstruction); "
           f"negative ELBO {nelbo.mean():.2f} nats per image")
     return {"nelbo_nats_mean": nelbo.mean().item(), "nelbo_nats": [round(v, 3) for v in nelbo.tolist()],
-            "num_images": x.shape[0], "output": args.output, "weights": loaded.weights}
+            "num_images": x.shape[0], "output": args.output, "weights": loaded.weights, "dmol_bins": _bins(loaded)}
 
 
 def _take(loader: Any, n: int) -> Any:

@@ -217,7 +217,7 @@ class NVAEModule(L.LightningModule):
         architecture or format (naming what differs); stash EMA and RNG."""
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         check_names(checkpoint, f"checkpoint '{path}'" if path else "checkpoint")
-        check_compatible(checkpoint, dict(self.hparams), FORMAT_VERSION)
+        check_compatible(checkpoint, dict(self.hparams))
         self._ema_to_load = checkpoint.get(EMA_KEY)
         self._rng_to_load = checkpoint.get(RNG_KEY)
 

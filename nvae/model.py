@@ -9,14 +9,14 @@ weighted evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
-from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
+from nvae.distributions import DMOL_BINS, Bernoulli, DiscMixLogistic, Normal, dmol_channels
 from nvae.ops import ELU, CellStack, Conv2d, once_then_frozen
 from nvae.spec import ImageSpec
 
@@ -64,6 +64,11 @@ class NVAEConfig:
     """Channel expansion inside decoder cells."""
     postprocess_expand: int = 3
     """Channel expansion inside postprocessing cells."""
+    dmol_bins: Literal["exact", "official"] = "exact"
+    """Bins of the discretized logistic likelihood: "exact" (only the lowest and highest levels are
+    edge bins, every bin's mass computed stably) or "official" (the official code's: a value above
+    0.99 in [-1, 1] is a top edge bin, so 8-bit level 254 is too; bins under 1e-5 use the density).
+    Converted official checkpoints use "official"; both are valid likelihoods of the same network."""
 
     def __post_init__(self) -> None:
         at_least = {1: ("num_channels", "num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks",
@@ -76,6 +81,8 @@ class NVAEConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < low:
                     raise ValueError(f"model.arch.{name} must be an integer >= {low}, got {value!r}")
+        if self.dmol_bins not in DMOL_BINS:
+            raise ValueError(f"model.arch.dmol_bins must be one of {', '.join(DMOL_BINS)}, got {self.dmol_bins!r}")
         if self.num_preprocess_blocks != self.num_postprocess_blocks:
             raise ValueError(f"model.arch.num_postprocess_blocks ({self.num_postprocess_blocks}) must equal "
                              f"num_preprocess_blocks ({self.num_preprocess_blocks}): each upsamples what one downsampled")
@@ -129,8 +136,8 @@ class GroupLatent:
 class LatentGroup(nn.Module):
     """One latent group of the top-down path: decoder cells, prior, posterior, flows, combiner.
 
-    ``first`` marks the top group: no decoder cells before it, a fixed N(0, I) prior and a
-    posterior read straight from the top of the encoder.
+    ``first`` marks the top group: no decoder cells before it, a fixed prior (mean 0, sigma 1.01:
+    :meth:`Normal.top_prior`) and a posterior read straight from the top of the encoder.
     """
 
     def __init__(self, cfg: NVAEConfig, enc_channels: int, dec_channels: int, first: bool) -> None:
@@ -172,7 +179,7 @@ class LatentGroup(nn.Module):
         # distributions in float32 even under autocast: KL and log-densities need the precision
         prior_params = self.prior(h).float() if self.prior is not None else None
         prior = Normal.from_params(prior_params) if prior_params is not None else \
-            Normal.standard(torch.zeros(z_shape, device=h.device))
+            Normal.top_prior(torch.zeros(z_shape, device=h.device))
         if enc is None or z is not None:
             z = prior.sample(temperature) if z is None else z.to(h.device, torch.float32)
             zero = torch.zeros_like(z)
@@ -334,11 +341,13 @@ class NVAE(nn.Module):
         params = params.float()  # the likelihood is evaluated in float32 under mixed precision
         if self.spec.likelihood == "bernoulli":
             return Bernoulli(params)
-        return DiscMixLogistic(params, self.spec.channels, self.spec.num_bits, self.cfg.num_mixtures)
+        spec, cfg = self.spec, self.cfg
+        return DiscMixLogistic(params, spec.channels, spec.num_bits, cfg.num_mixtures, cfg.dmol_bins)
 
-    def forward(self, x: torch.Tensor) -> NVAEOutput:
-        """Encode x (B, C, H, W) in [0, 1], sample the posterior, decode."""
-        return self._top_down(x.shape[0], self.encode_features(x))
+    def forward(self, x: torch.Tensor, use_mean: bool = False) -> NVAEOutput:
+        """Encode x (B, C, H, W) in [0, 1], sample the posterior (every group at its mean, pushed
+        through the flows, with ``use_mean``), decode."""
+        return self._top_down(x.shape[0], self.encode_features(x), use_mean=use_mean)
 
     def log_likelihood(self, likelihood: Likelihood, x: torch.Tensor) -> torch.Tensor:
         """(B,) log p(x | z) over the image interior (the data's padding is not modelled)."""

@@ -556,11 +556,12 @@ class FactorizedReduce(nn.Module):
 
 
 class UpsampleConv(nn.Module):
-    """Up-sampling skip: bilinear x2 then a 1x1 conv (halving channels)."""
+    """Up-sampling skip: bilinear x2 (corners aligned) then a 1x1 conv without bias (halving
+    channels), as in the official code."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = Conv2d(in_channels, out_channels, 1)
+        self.conv = Conv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)

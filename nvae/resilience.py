@@ -24,10 +24,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nvae.checkpoint import check_format
 from nvae.compat import dump_checkpoint, request_stop
 from nvae.guard import nonfinite_entries
 
 LAST = "last.ckpt"
+LIKELIHOOD_CHOICES = ("dmol_bins",)  # model.arch fields a checkpoint may be resumed with another value of
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -78,17 +80,16 @@ def gather_rng_states(trainer: L.Trainer, local_only: bool = False) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------ compatibility
-def check_compatible(checkpoint: dict[str, Any], hparams: dict[str, Any], version: int = 1) -> None:
+def check_compatible(checkpoint: dict[str, Any], hparams: dict[str, Any]) -> None:
     """Raise ValueError naming what differs between a checkpoint and the model it is loaded into."""
-    fmt = checkpoint.get("nvae_format", version)
-    if fmt != version:
-        raise ValueError(f"checkpoint format {fmt} is not the format {version} this nvae reads "
-                         f"({'upgrade nvae' if fmt > version else 'retrain or convert it with the nvae that wrote it'})")
+    check_format(checkpoint, "checkpoint")
     saved = checkpoint.get("hyper_parameters", {})
     diffs = []
     for group in ("arch", "image_spec"):
         old, new = saved.get(group) or {}, hparams.get(group) or {}
         for key in sorted(set(old) | set(new)):
+            if key in LIKELIHOOD_CHOICES:  # no tensor depends on it: the configuration's choice applies
+                continue
             if old.get(key) != new.get(key):
                 diffs.append(f"model.{group}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
     if diffs:

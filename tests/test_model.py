@@ -239,7 +239,8 @@ def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
     torch.manual_seed(0)
     x = random_images(tiny_binary.spec, n=8)
     losses = fit_on_batch(tiny_binary, x, steps=30, lr=1e-2)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    # against the untrained model's loss: most of the fall happens within the first five steps
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("mode", ["cell", "group", True])

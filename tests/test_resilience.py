@@ -283,8 +283,10 @@ def test_incompatible_checkpoint_names_what_differs() -> None:
     ckpt = {"hyper_parameters": {"arch": {"num_channels": 16, "num_flows": 0}, "image_spec": {"channels": 1}}}
     with pytest.raises(ValueError, match=r"model.arch.num_channels: checkpoint 16, config 8"):
         check_compatible(ckpt, hparams)
-    with pytest.raises(ValueError, match="checkpoint format 2 .*upgrade nvae"):
-        check_compatible({**ckpt, "nvae_format": 2}, hparams)
+    with pytest.raises(ValueError, match="checkpoint format 3 .*upgrade nvae"):
+        check_compatible({**ckpt, "nvae_format": 3}, hparams)
+    with pytest.raises(ValueError, match="checkpoint format 1 .*before the architecture became the official"):
+        check_compatible({**ckpt, "nvae_format": 1}, hparams)
 
 
 def test_resume_into_another_architecture_fails_before_training(tmp_path: Path) -> None:

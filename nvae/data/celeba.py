@@ -30,16 +30,16 @@ class CropBox:
         return f"CropBox({self.box})"
 
 
-def celeba64_transform(size: int, train: bool, random_flip: bool) -> T.Compose:
-    """PIL -> float (3, size, size) on the 8-bit grid: crop box, resize, optional flip."""
+def celeba64_transform(size: int, train: bool, random_flip: bool, num_bits: int = 8) -> T.Compose:
+    """PIL -> float (3, size, size) on the ``num_bits`` grid: crop box, resize, optional flip."""
     steps: list = [CropBox(), T.Resize((size, size), antialias=True)]
     if train and random_flip:
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, ToGrid(8)])
+    return T.Compose([*steps, ToGrid(num_bits)])
 
 
 class CelebA64DataModule(ImageDataModule):
-    """CelebA at 64x64, spec (3, 64, 8 bits); validation on the official 'valid' split."""
+    """CelebA at 64x64, spec (3, 64, num_bits); validation on the official 'valid' split."""
 
     def __init__(
         self,
@@ -49,6 +49,7 @@ class CelebA64DataModule(ImageDataModule):
         eval_batch_size: Optional[int] = None,
         download: bool = False,
         random_flip: bool = True,
+        num_bits: int = 8,
     ) -> None:
         """
         Args:
@@ -58,13 +59,15 @@ class CelebA64DataModule(ImageDataModule):
             eval_batch_size: Batch size for validation/test; defaults to ``batch_size``.
             download: Download into ``root`` if absent (needs internet; Google Drive quotas apply).
             random_flip: Random horizontal flips of training images.
+            num_bits: Bits per channel kept (8; the official code's ``--num_x_bits``).
         """
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         self.download, self.random_flip = download, random_flip
+        self.num_bits = ImageSpec(channels=3, size=64, num_bits=num_bits).num_bits  # checked there
 
     @property
     def image_spec(self) -> ImageSpec:
-        return ImageSpec(channels=3, size=64, num_bits=8, pad=0)
+        return ImageSpec(channels=3, size=64, num_bits=self.num_bits, pad=0)
 
     def prepare_data(self) -> None:
         if self.download:
@@ -73,7 +76,7 @@ class CelebA64DataModule(ImageDataModule):
     def _load(self, split: str) -> ImagesOnly:
         from torchvision.datasets import CelebA
 
-        transform = celeba64_transform(self.image_spec.size, split == "train", self.random_flip)
+        transform = celeba64_transform(self.image_spec.size, split == "train", self.random_flip, self.num_bits)
         try:
             ds = CelebA(self.root, split=split, target_type=[], transform=transform, download=self.download)
         except RuntimeError:

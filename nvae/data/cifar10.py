@@ -1,4 +1,4 @@
-"""CIFAR-10 (50k/10k, 8-bit RGB 32x32) through torchvision; random horizontal flips on train."""
+"""CIFAR-10 (50k/10k, RGB 32x32, 8 bits or fewer) through torchvision; random horizontal flips on train."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +12,7 @@ from nvae.spec import ImageSpec
 
 
 class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10, spec (3, 32, 8 bits): train with flips, test (also used for validation)."""
+    """CIFAR-10, spec (3, 32, num_bits): train with flips, test (also used for validation)."""
 
     def __init__(
         self,
@@ -22,6 +22,7 @@ class CIFAR10DataModule(ImageDataModule):
         eval_batch_size: Optional[int] = None,
         download: bool = False,
         random_flip: bool = True,
+        num_bits: int = 8,
     ) -> None:
         """
         Args:
@@ -31,13 +32,15 @@ class CIFAR10DataModule(ImageDataModule):
             eval_batch_size: Batch size for validation/test; defaults to ``batch_size``.
             download: Download the archive into ``root`` if absent (needs internet).
             random_flip: Random horizontal flips of training images.
+            num_bits: Bits per channel kept (8; the official code's ``--num_x_bits``).
         """
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         self.download, self.random_flip = download, random_flip
+        self.num_bits = ImageSpec(channels=3, size=32, num_bits=num_bits).num_bits  # checked there
 
     @property
     def image_spec(self) -> ImageSpec:
-        return ImageSpec(channels=3, size=32, num_bits=8, pad=0)
+        return ImageSpec(channels=3, size=32, num_bits=self.num_bits, pad=0)
 
     def prepare_data(self) -> None:
         if self.download:
@@ -55,7 +58,8 @@ class CIFAR10DataModule(ImageDataModule):
                 "set data.root to the folder holding cifar-10-batches-py, or data.download=true",
             ) from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
-        steps = [random_hflip, ToGrid(8)] if (train and self.random_flip) else [ToGrid(8)]
+        grid = ToGrid(self.num_bits)
+        steps = [random_hflip, grid] if (train and self.random_flip) else [grid]
         return TensorImages(images, Compose(steps))
 
     def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:

@@ -273,6 +273,7 @@ class ImageNet32DataModule(ImageFolderDataModule):
         random_flip: bool = True,
         seed: int = 0,
         skip_unreadable: bool = False,
+        num_bits: int = 8,
     ) -> None:
         """
         Args:
@@ -284,15 +285,16 @@ class ImageNet32DataModule(ImageFolderDataModule):
             random_flip: Random horizontal flips of training images.
             seed: Seed of the fixed shuffle behind the held-out split.
             skip_unreadable: Skip corrupt or unreadable image files with a warning (counted).
+            num_bits: Bits per channel kept (8; the official code's ``--num_x_bits``).
         """
-        super().__init__(root, 32, batch_size, num_workers, eval_batch_size, 8, 3, val_fraction, random_flip, seed,
-                         skip_unreadable)
+        super().__init__(root, 32, batch_size, num_workers, eval_batch_size, num_bits, 3, val_fraction, random_flip,
+                         seed, skip_unreadable)
 
     def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:
         train_npz, val_npz = (os.path.join(self.root, d) for d in self.npz_dirs)
         if not (os.path.isdir(train_npz) and os.path.isdir(val_npz)):
             return super().build_datasets()
         flip = [random_hflip] if self.random_flip else []
-        train = TensorImages(load_npz_images(train_npz), T.Compose([*flip, ToGrid(8)]))
-        test = TensorImages(load_npz_images(val_npz), ToGrid(8))
+        train = TensorImages(load_npz_images(train_npz), T.Compose([*flip, ToGrid(self.num_bits)]))
+        test = TensorImages(load_npz_images(val_npz), ToGrid(self.num_bits))
         return train, None, test

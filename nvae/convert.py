@@ -1,0 +1,190 @@
+"""``nvae-convert SRC DST``: an official NVAE checkpoint (NVlabs/NVAE) as an nvae checkpoint.
+
+The result is an ordinary nvae checkpoint: ``sample.py``, ``evaluate.py`` and ``train.py --resume``
+accept it. It holds the official weights and BatchNorm statistics (:mod:`nvae.official` maps every
+tensor), the architecture and training hyper-parameters its ``args`` describe, the matching data
+module, and, for ``--resume``, the Adamax moments and step counts, the epoch and step reached
+(Lightning's loop counters) and the learning rate. The likelihood keeps the official code's bins
+(``model.arch.dmol_bins: official``), so the converted model computes the official function.
+
+Not carried over: the power-iteration vectors of the spectral regularizer (the official file has
+none: they start afresh, with the long first iteration), and the official schedule's shape: nvae
+decays the learning rate by a per-step cosine over the run it is given, the official code by a
+per-epoch cosine (the warm-up and KL schedules are the same functions of the step).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from nvae.checkpoint import DATA_KEY, FORMAT_KEY, FORMAT_VERSION
+from nvae.guard import nonfinite_entries
+from nvae.official import (OfficialFormatError, head_permutation, key_map, parameter_names, read_official,
+                           run_from_args, to_nvae)
+
+OFFICIAL_KEY = "nvae_official"  # where the run came from: {"source", "epoch", "global_step", "args"}
+
+
+def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Convert ``src`` (official format) into the nvae checkpoint ``dst``; returns a summary.
+
+    ``data_root`` replaces the data folder recorded by the official run (``args.data``). The file is
+    written atomically; an existing ``dst`` is refused unless ``overwrite``.
+    """
+    from nvae.lightning import NVAEModule
+    from nvae.resilience import AtomicTorchCheckpointIO
+
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it")
+    official = read_official(src)
+    run = run_from_args(official["args"])
+    if data_root is not None:
+        run.data["init_args"]["root"] = data_root
+    module = NVAEModule(arch=run.arch, image_spec=run.spec, **run.hparams)
+    keys = key_map(module.model)
+    module.model.load_state_dict(to_nvae(official["state_dict"], module.model, keys))
+    bad = nonfinite_entries(module.model.state_dict())
+    if bad:
+        raise OfficialFormatError(f"'{src}': non-finite values in {len(bad)} tensor(s), e.g. official '{keys[bad[0]]}'")
+    epoch, step = _count(official, "epoch"), _count(official, "global_step")
+    optimizer, lr = convert_optimizer(official, module, keys)
+    ckpt = {
+        "epoch": epoch,
+        "global_step": step,
+        "pytorch-lightning_version": _lightning_version(),
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "loops": _loops(epoch, step),
+        "optimizer_states": [optimizer],
+        "lr_schedulers": [_scheduler_state(module, step, lr)],
+        DATA_KEY: run.data,
+        FORMAT_KEY: FORMAT_VERSION,
+        OFFICIAL_KEY: {"source": str(src), "epoch": epoch, "global_step": step,
+                       "args": {k: v for k, v in vars(official["args"]).items()
+                                if isinstance(v, (str, int, float, bool)) or v is None}},
+    }
+    AtomicTorchCheckpointIO().save_checkpoint(ckpt, dst)
+    return {"source": str(src), "checkpoint": str(dst), "dataset": official["args"].dataset,
+            "parameters": sum(p.numel() for p in module.model.parameters()), "tensors": len(keys),
+            "epoch": epoch, "global_step": step, "optimizer_state": bool(optimizer["state"]),
+            "data_module": run.data["class_path"]}
+
+
+def _count(official: Mapping[str, Any], key: str) -> int:
+    value = official.get(key, 0)
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if not isinstance(value, int) or value < 0:
+        raise OfficialFormatError(f"official checkpoint: '{key}' must be a count, got {value!r}")
+    return value
+
+
+def convert_optimizer(official: Mapping[str, Any], module: Any,
+                      keys: Mapping[str, str]) -> tuple[dict[str, Any], float]:
+    """nvae's Adamax state (``optimizer.state_dict()`` layout) from the official one, and its current lr.
+
+    The official optimizer indexes the official model's parameters in ``parameters()`` order; each
+    parameter's ``step``, ``exp_avg`` and ``exp_inf`` move to the nvae parameter it maps to (the
+    likelihood head's moments reordered as its weights are). Without an official optimizer state,
+    the moments start at zero.
+    """
+    from nvae.optim import Adamax
+
+    h = module.hparams
+    state = official.get("optimizer")
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) else {}
+    if state is not None and not group:
+        raise OfficialFormatError("official optimizer: expected one parameter group")
+    lr = float(group.get("lr", h.learning_rate))
+    fresh = Adamax(module.parameters(), lr=lr, betas=tuple(group.get("betas", (0.9, 0.999))),
+                   eps=float(group.get("eps", h.adamax_eps)),
+                   weight_decay=float(group.get("weight_decay", h.weight_decay)))
+    out = fresh.state_dict()
+    out["param_groups"][0]["initial_lr"] = h.learning_rate
+    if not group:
+        return out, lr
+    names = parameter_names(official["state_dict"])
+    if len(group.get("params", ())) != len(names):
+        raise OfficialFormatError(f"official optimizer holds {len(group.get('params', ()))} parameters, its model "
+                                  f"{len(names)}: not this checkpoint's optimizer")
+    per_name = {names[pos]: state["state"][idx] for pos, idx in enumerate(group["params"]) if idx in state["state"]}
+    perm = head_permutation(module.model)
+    for i, (name, p) in enumerate(module.named_parameters()):
+        entry = per_name.get(keys[name[len("model."):]])
+        if entry is None:
+            continue
+        moved: dict[str, torch.Tensor] = {"step": torch.tensor(float(_step(entry)), dtype=torch.float32)}
+        for kind in ("exp_avg", "exp_inf"):
+            t = entry.get(kind)
+            if not isinstance(t, torch.Tensor):
+                raise OfficialFormatError(f"official optimizer: no '{kind}' for '{keys[name[6:]]}'")
+            if perm is not None and name.startswith("model.head.1."):
+                t = t[perm]
+            if t.shape != p.shape:
+                raise OfficialFormatError(f"official optimizer: '{kind}' of '{keys[name[6:]]}' has shape "
+                                          f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
+            moved[kind] = t.to(p.dtype).contiguous()
+        out["state"][i] = moved
+    return out, lr
+
+
+def _step(entry: Mapping[str, Any]) -> int:
+    step = entry.get("step", 0)
+    return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+
+
+def _scheduler_state(module: Any, step: int, lr: float) -> dict[str, Any]:
+    """The state of nvae's per-step LambdaLR after ``step`` steps, at learning rate ``lr``."""
+    opt = torch.optim.SGD([torch.zeros(1)], lr=module.hparams.learning_rate)
+    state = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0).state_dict()
+    state.update(last_epoch=step, _step_count=step + 1, _last_lr=[lr])
+    return state
+
+
+def _loops(epoch: int, step: int) -> dict[str, Any]:
+    from nvae.compat import fit_loop_state
+
+    return fit_loop_state(epoch, step)
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return lightning.__version__
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """``nvae-convert`` / ``python -m nvae.convert``: one summary line, or one error line (exit 2)."""
+    parser = argparse.ArgumentParser(prog="nvae-convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="The converted model evaluates with the official likelihood bins; "
+                                            "evaluate.py --dmol-bins exact uses nvae's instead.")
+    parser.add_argument("src", help="official checkpoint.pt (read with weights_only=True: nothing in it runs)")
+    parser.add_argument("dst", help="nvae checkpoint to write (e.g. nvae_cifar10.ckpt)")
+    parser.add_argument("--data-root", default=None,
+                        help="data folder recorded for evaluation and training (default: the official args.data)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert(args.src, args.dst, args.data_root, args.overwrite)
+    except (OfficialFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+        if os.environ.get("NVAE_DEBUG"):
+            raise
+        parser.exit(2, f"nvae-convert: error: {err}\n")
+    opt = "with its optimizer state" if summary["optimizer_state"] else "without optimizer state (moments start at 0)"
+    print(f"converted {summary['source']} (official {summary['dataset']}, epoch {summary['epoch']}, step "
+          f"{summary['global_step']}): {summary['parameters']:,} parameters, {summary['tensors']} tensors, {opt}; "
+          f"data module {summary['data_module']}; wrote {summary['checkpoint']}", file=sys.stdout)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

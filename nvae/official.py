@@ -1,0 +1,305 @@
+"""The official NVAE code's checkpoint format (NVlabs/NVAE): its arguments and its state dict, in nvae's terms.
+
+An official ``checkpoint.pt`` holds ``args`` (an ``argparse.Namespace`` of the training flags), the
+model's ``state_dict``, the Adamax ``optimizer`` state, ``epoch`` and ``global_step`` (plus the
+scheduler and grad scaler). This module reads such a file without running code, maps ``args`` to
+:class:`NVAEConfig`, :class:`ImageSpec`, the training hyper-parameters and the data module, and
+maps every tensor name of the official model to the nvae model's (paper sec. 3; the official code
+builds the same network, flattening the encoder and decoder towers into single lists).
+
+What the mapping has to know: the official towers interleave cells and combiners in one list;
+the decoder head orders its output channels (per colour channel: means, log-scales,
+coefficients) differently from :class:`nvae.distributions.DiscMixLogistic` (per kind: all
+channels); convolutions without weight normalization also appear as ``weight_normalized`` (the
+same tensor as ``weight``); the power-iteration vectors of the spectral regularizer are not saved.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from nvae.cells import DecoderCell, EncoderCell
+from nvae.model import NVAE, NVAEConfig
+from nvae.ops import FactorizedReduce, UpsampleConv
+from nvae.spec import ImageSpec
+
+# official --dataset -> (channels, image size, padding, nvae data module)
+DATASETS: dict[str, tuple[int, int, int, str]] = {
+    "mnist": (1, 32, 2, "nvae.data.MNISTDataModule"),  # binarized, padded 28 -> 32: Bernoulli
+    "cifar10": (3, 32, 0, "nvae.data.CIFAR10DataModule"),
+    "celeba_64": (3, 64, 0, "nvae.data.CelebA64DataModule"),
+    "imagenet_32": (3, 32, 0, "nvae.data.ImageNet32DataModule"),
+    "celeba_256": (3, 256, 0, "nvae.data.CelebAHQ256DataModule"),
+    "ffhq": (3, 256, 0, "nvae.data.FFHQ256DataModule"),
+}
+ARCH_INSTANCE = "res_mbconv"  # the paper's cells (the official default); the only one nvae builds
+BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+ALIAS_SUFFIX = ".weight_normalized"
+
+
+class OfficialFormatError(ValueError):
+    """An official checkpoint nvae cannot read or map (the message names the field or tensor)."""
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_official(path: str | Path) -> dict[str, Any]:
+    """The official checkpoint at ``path``, loaded with ``weights_only=True``: only ``argparse.Namespace``
+    (what the format pickles for ``args``) is allowed besides tensors and containers; nothing runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"official checkpoint '{path}' does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not such a checkpoint"
+        raise OfficialFormatError(f"'{path}' is not a readable official NVAE checkpoint ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
+        raise OfficialFormatError(f"'{path}' is not an official NVAE checkpoint (no 'state_dict' and 'args')")
+    if not isinstance(ckpt["args"], argparse.Namespace):
+        raise OfficialFormatError(f"'{path}': 'args' is a {type(ckpt['args']).__name__}, not the official Namespace")
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise OfficialFormatError(f"'{path}': 'state_dict' must be a dict of tensors")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------ arguments
+@dataclass
+class OfficialRun:
+    """What an official run's ``args`` say, in nvae's terms."""
+
+    spec: ImageSpec
+    arch: NVAEConfig
+    hparams: dict[str, Any]
+    """NVAEModule keyword arguments (optimizer, schedules, regularization) besides arch and image_spec."""
+    data: dict[str, Any]
+    """{'class_path': ..., 'init_args': {...}} of the matching nvae data module."""
+
+
+def _arg(args: Mapping[str, Any], name: str) -> Any:
+    if name not in args:
+        raise OfficialFormatError(f"official args: no field '{name}'")
+    return args[name]
+
+
+def run_from_args(args: Mapping[str, Any] | argparse.Namespace) -> OfficialRun:
+    """Map the official training flags to nvae; one line naming the field for what nvae does not build."""
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    dataset = _arg(args, "dataset")
+    if dataset not in DATASETS:
+        raise OfficialFormatError(f"official args: dataset {dataset!r} is not one nvae maps "
+                                  f"({', '.join(DATASETS)})")
+    if args.get("arch_instance", ARCH_INSTANCE) != ARCH_INSTANCE:
+        raise OfficialFormatError(f"official args: arch_instance {args['arch_instance']!r} is not the paper's "
+                                  f"{ARCH_INSTANCE!r}, the only cells nvae builds")
+    mixtures = int(args.get("num_mixture_dec", 10))
+    if mixtures < 2 and dataset != "mnist":
+        raise OfficialFormatError(f"official args: num_mixture_dec {mixtures} (a Normal decoder) is not built by "
+                                  "nvae, which uses a discretized logistic mixture")
+    if _arg(args, "num_latent_scales") == 1 and _arg(args, "num_groups_per_scale") == 1:
+        raise OfficialFormatError("official args: num_latent_scales 1 with num_groups_per_scale 1 is the official "
+                                  "vanilla-VAE path, which nvae does not build")
+    if _arg(args, "num_channels_enc") != _arg(args, "num_channels_dec"):
+        raise OfficialFormatError(f"official args: num_channels_enc {args['num_channels_enc']} differs from "
+                                  f"num_channels_dec {args['num_channels_dec']}; nvae uses one channel count")
+    channels, size, pad, data_class = DATASETS[dataset]
+    bits = 1 if dataset == "mnist" else int(_arg(args, "num_x_bits"))
+    spec = ImageSpec(channels=channels, size=size, num_bits=bits, pad=pad)
+    try:
+        arch = NVAEConfig(
+            num_channels=args["num_channels_enc"],
+            num_preprocess_blocks=_arg(args, "num_preprocess_blocks"),
+            num_preprocess_cells=_arg(args, "num_preprocess_cells"),
+            num_postprocess_blocks=_arg(args, "num_postprocess_blocks"),
+            num_postprocess_cells=_arg(args, "num_postprocess_cells"),
+            num_latent_scales=args["num_latent_scales"],
+            num_groups_per_scale=args["num_groups_per_scale"],
+            groups_halving=bool(_arg(args, "ada_groups")),
+            min_groups_per_scale=_arg(args, "min_groups_per_scale"),
+            num_latent_per_group=_arg(args, "num_latent_per_group"),
+            num_cell_per_cond_enc=_arg(args, "num_cell_per_cond_enc"),
+            num_cell_per_cond_dec=_arg(args, "num_cell_per_cond_dec"),
+            num_flows=_arg(args, "num_nf"),
+            num_mixtures=mixtures if mixtures >= 2 else 10,
+            use_se=bool(_arg(args, "use_se")),
+            residual_posterior=bool(_arg(args, "res_dist")),
+            dmol_bins="official",
+        )
+    except ValueError as err:
+        raise OfficialFormatError(f"official args: {err}".replace("model.arch.", "")) from None
+    anneal = bool(args.get("weight_decay_norm_anneal", False))
+    hparams = {
+        "learning_rate": float(_arg(args, "learning_rate")),
+        "learning_rate_min": float(_arg(args, "learning_rate_min")),
+        "weight_decay": float(_arg(args, "weight_decay")),
+        "warmup_epochs": float(_arg(args, "warmup_epochs")),
+        "kl_anneal_portion": float(_arg(args, "kl_anneal_portion")),
+        "kl_const_portion": float(_arg(args, "kl_const_portion")),
+        "kl_min_coeff": float(_arg(args, "kl_const_coeff")),
+        "spectral_reg_coeff": float(_arg(args, "weight_decay_norm")),
+        "spectral_reg_coeff_init": float(args["weight_decay_norm_init"]) if anneal else None,
+    }
+    init_args: dict[str, Any] = {"root": str(args.get("data", "data")), "batch_size": int(_arg(args, "batch_size"))}
+    if dataset != "mnist":
+        init_args["num_bits"] = bits
+    return OfficialRun(spec, arch, hparams, {"class_path": data_class, "init_args": init_args})
+
+
+# ------------------------------------------------------------------------------------------ tensor names
+def module_pairs(model: NVAE) -> Iterator[tuple[str, nn.Module]]:
+    """(official module name, nvae module) for every module holding tensors, in the official order."""
+    yield "stem", model.stem
+    for i, cell in enumerate(model.preprocess):
+        yield from _cell(f"pre_process.{i}", cell)
+    # encoder tower, finest first: per group its cells, then its combiner (all but the top group); down cells
+    groups, k, g = model.num_groups, 0, 0
+    for s, n in enumerate(model.groups_per_scale):
+        for _ in range(n):
+            for cell in model.enc_groups[g]:
+                yield from _cell(f"enc_tower.{k}", cell)
+                k += 1
+            if g < groups - 1:
+                combiner = model.dec_groups[groups - 1 - g].enc_combiner
+                assert combiner is not None
+                yield f"enc_tower.{k}.conv", combiner.conv
+                k += 1
+            g += 1
+        if s < len(model.enc_down):
+            yield from _cell(f"enc_tower.{k}", model.enc_down[s])
+            k += 1
+    yield "enc0.1", model.enc_top[1]
+    for i, group in enumerate(model.dec_groups):
+        yield f"enc_sampler.{i}", group.posterior
+        for n, flow in enumerate(group.flows):
+            for name, shift in (("cell1", flow.forward_order), ("cell2", flow.reverse_order)):
+                prefix = f"nf_cells.{i * len(group.flows) + n}.{name}"
+                yield f"{prefix}.conv.convz.0", shift.net[0]
+                yield f"{prefix}.conv.convz.2", shift.net[2]
+                yield f"{prefix}.mu.conv_0", shift.mu
+        if group.prior is not None:
+            yield f"dec_sampler.{i - 1}.1", group.prior[1]
+    # decoder tower, coarsest first: per group its cells (none for the top one) and combiner; up cells
+    k, up = 0, iter(model.dec_up)
+    for i, group in enumerate(model.dec_groups):
+        if i > 0 and model.group_scale[i] != model.group_scale[i - 1]:
+            yield from _cell(f"dec_tower.{k}", next(up))
+            k += 1
+        for cell in group.cells:
+            yield from _cell(f"dec_tower.{k}", cell)
+            k += 1
+        yield f"dec_tower.{k}.conv", group.dec_combiner.conv
+        k += 1
+    for i, cell in enumerate(model.postprocess):
+        yield from _cell(f"post_process.{i}", cell)
+    yield "image_conditional.1", model.head[1]
+
+
+def _cell(prefix: str, cell: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """An official ``Cell``: ``skip``, ``_ops`` (two BN-Swish-conv ops, or one inverted residual) and ``se``."""
+    if isinstance(cell, EncoderCell):
+        if isinstance(cell.skip, FactorizedReduce):
+            for j, conv in enumerate(cell.skip.convs):
+                yield f"{prefix}.skip.conv_{j + 1}", conv
+        b = cell.branch
+        yield from [(f"{prefix}._ops.0.bn_act", b[0]), (f"{prefix}._ops.0.conv_0", b[1]),
+                    (f"{prefix}._ops.1.bn_act", b[2]), (f"{prefix}._ops.1.conv_0", b[3])]
+        se = b[4]
+    elif isinstance(cell, DecoderCell):
+        o = 0
+        if isinstance(cell.skip, UpsampleConv):
+            yield f"{prefix}.skip.1", cell.skip.conv
+            o = 1  # the official op starts with its nearest-neighbour upsampling layer
+        b, ops = cell.branch, f"{prefix}._ops.0.conv"
+        yield from [(f"{ops}.{o}", b[1]), (f"{ops}.{o + 1}.conv.0", b[2]), (f"{ops}.{o + 1}.conv.1", b[3]),
+                    (f"{ops}.{o + 2}.conv.0", b[4]), (f"{ops}.{o + 2}.conv.1", b[5]), (f"{ops}.{o + 3}", b[6]),
+                    (f"{ops}.{o + 4}", b[7])]
+        se = b[8]
+    else:
+        raise TypeError(f"{prefix}: no official layout for {type(cell).__name__}")
+    if not isinstance(se, nn.Identity):
+        yield f"{prefix}.se.se.0", se.fc[0]
+        yield f"{prefix}.se.se.2", se.fc[2]
+
+
+def key_map(model: NVAE) -> dict[str, str]:
+    """nvae state-dict key -> official state-dict key, for every tensor of ``model``'s state dict."""
+    names = {id(m): n for n, m in model.named_modules()}
+    keys = {"h0": "prior_ftr0"}
+    for official, module in module_pairs(model):
+        for entry in module.state_dict():  # a leaf module: its own tensors
+            keys[f"{names[id(module)]}.{entry}"] = f"{official}.{entry}"
+    unmapped = set(model.state_dict()) - set(keys)
+    if unmapped:  # a module the walk above does not know: the map must grow with the model
+        raise RuntimeError(f"no official name for {len(unmapped)} nvae tensor(s), e.g. {sorted(unmapped)[0]}")
+    return keys
+
+
+def head_permutation(model: NVAE) -> torch.Tensor | None:
+    """Index i -> the official output channel that becomes nvae's channel i of the likelihood head.
+
+    Official (after the M mixture logits): for each colour channel c, M means, M log-scales, M
+    coefficients (channel M + 3M c + M j + m for kind j); nvae: for each kind j, every channel
+    (M + M (3 j + c) + m). None for a Bernoulli head (one logit per pixel, same order).
+    """
+    if model.spec.likelihood != "dmol":
+        return None
+    m, c = model.cfg.num_mixtures, model.spec.channels
+    if c != 3:
+        raise OfficialFormatError(f"the official likelihood head is RGB-only; this model has {c} channels")
+    perm = list(range(m))
+    for j in range(3):  # mean, log-scale, coefficient
+        for ch in range(3):
+            perm += [m + 3 * m * ch + m * j + k for k in range(m)]
+    return torch.tensor(perm)
+
+
+def to_nvae(official: Mapping[str, torch.Tensor], model: NVAE,
+            keys: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """An nvae state dict for ``model`` from an official one; refuses missing, leftover or misshapen tensors.
+
+    A ``weight_normalized`` entry must be the same values as its ``weight`` (the official alias) and is
+    then not a tensor of its own.
+    """
+    keys = key_map(model) if keys is None else keys
+    missing = [o for o in keys.values() if o not in official]
+    if missing:
+        raise OfficialFormatError(f"official state dict has no '{missing[0]}' ({len(missing)} missing): it is not "
+                                  "the architecture its args describe")
+    used = set(keys.values())
+    leftover = [k for k, v in official.items() if k not in used and not _is_alias(k, v, official, used)]
+    if leftover:
+        raise OfficialFormatError(f"official tensor '{leftover[0]}' ({len(leftover)} in all) has no place in the "
+                                  "nvae model: an architecture nvae does not build")
+    perm, head = head_permutation(model), "head.1."
+    target = model.state_dict()
+    state = {}
+    for ours, theirs in keys.items():
+        tensor = official[theirs]
+        if perm is not None and ours.startswith(head):
+            tensor = tensor[perm.to(tensor.device)]
+        if tensor.shape != target[ours].shape:
+            raise OfficialFormatError(f"official '{theirs}' has shape {tuple(tensor.shape)}, nvae's '{ours}' "
+                                      f"{tuple(target[ours].shape)}")
+        state[ours] = tensor.to(target[ours].dtype).contiguous()
+    return state
+
+
+def _is_alias(key: str, value: torch.Tensor, official: Mapping[str, torch.Tensor], used: set[str]) -> bool:
+    if not key.endswith(ALIAS_SUFFIX):
+        return False
+    weight = key[:-len(ALIAS_SUFFIX)] + ".weight"
+    if weight not in used or not (value is official[weight] or torch.equal(value, official[weight])):
+        raise OfficialFormatError(f"official '{key}' is not the alias of '{weight}' it should be")
+    return True
+
+
+def parameter_names(official: Mapping[str, torch.Tensor]) -> list[str]:
+    """The official model's parameters in ``model.parameters()`` order (the optimizer's indices):
+    state-dict order without BatchNorm buffers and ``weight_normalized`` aliases."""
+    return [k for k in official if not k.endswith(BUFFER_SUFFIXES) and not k.endswith(ALIAS_SUFFIX)]
