@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -31,6 +31,12 @@ class NVAECLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         parser.link_arguments("data.image_spec", "model.image_spec", apply_on="instantiate")
+        parser.add_argument("--gpu_recipe", type=Literal["official", "none"], default="none",
+                            help="'official': on GPUs train as the official code does, under mixed precision "
+                                 "(bf16-mixed where the GPU supports bf16, else 16-mixed with a gradient scaler) "
+                                 "with BatchNorm synchronized across processes; on a CPU nothing changes (float32, "
+                                 "per-process BatchNorm). 'none': trainer.precision and trainer.sync_batchnorm as "
+                                 "given. The paper presets say 'official'")
         parser.add_argument("--resume", type=Optional[str], default=None,
                             help="'auto': continue from the newest last.ckpt under trainer.default_root_dir "
                                  "(start fresh if there is none); or a checkpoint path")
@@ -48,6 +54,14 @@ class NVAECLI(LightningCLI):
         ckpt_path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path, mmap=True)
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``--gpu_recipe`` to the trainer settings before the trainer is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        changed = apply_gpu_recipe(config)
+        if changed:
+            rank_zero_info(f"gpu_recipe official: {changed} (the official code's GPU training; --gpu_recipe none "
+                           "keeps the trainer settings as given)")
 
     def before_fit(self) -> None:
         """Resolve ``--resume`` into ``ckpt_path`` (fit only)."""
@@ -81,6 +95,32 @@ class NVAECLI(LightningCLI):
                   f"({r['test/bpd']:.4f} bits/dim) on the test split")
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none"
             print(f"checkpoint: {ckpt}\nlogs and samples: {log_dir}")
+
+
+def runs_on_gpu(accelerator: object) -> bool:
+    """Whether Lightning's ``trainer.accelerator`` setting picks a CUDA GPU on this machine."""
+    import torch
+
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator in (None, "auto") and torch.cuda.is_available()
+
+
+def apply_gpu_recipe(config: Namespace) -> str:
+    """``gpu_recipe: official`` on a GPU: bf16-mixed (16-mixed without bf16 support) unless another mixed
+    precision is set, and synchronized BatchNorm; returns what changed ('' when nothing did)."""
+    import torch
+
+    if config.get("gpu_recipe") != "official" or not runs_on_gpu(config.get("trainer.accelerator")):
+        return ""
+    changes = []
+    if str(config.get("trainer.precision")) in ("32", "32-true", "None"):
+        config["trainer.precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        changes.append(f"trainer.precision {config['trainer.precision']}")
+    if not config.get("trainer.sync_batchnorm"):
+        config["trainer.sync_batchnorm"] = True
+        changes.append("trainer.sync_batchnorm true")
+    return ", ".join(changes)
 
 
 def main(args: Optional[list[str]] = None) -> Optional[NVAECLI]:

@@ -25,7 +25,7 @@ from nvae.checkpoint import (LoadedCheckpoint, build_datamodule, device_arg, ins
 from nvae.data.registry import command_line_datamodule
 from nvae.distributions import DMOL_BINS
 from nvae.metrics.likelihood import evaluate_nll
-from nvae.sample_cli import DEFAULT_BN_STEPS, positive_temperature
+from nvae.sample_cli import DEFAULT_BN_STEPS, add_bn_batch_size, positive_temperature
 
 
 def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--temperature", type=positive_temperature, default=1.0, help="prior temperature of the samples")
     fid.add_argument("--readjust-bn", type=int, nargs="?", const=DEFAULT_BN_STEPS, default=None, metavar="STEPS",
                      help="re-estimate BatchNorm statistics at the temperature before sampling")
+    add_bn_batch_size(fid)
     fid.add_argument("--decode", choices=["mean", "sample"], default="mean", help="likelihood mean or sample")
     fid.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
     fid.add_argument("--inception-weights", default=None,

@@ -87,8 +87,8 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
         model = loaded.model
         bn = "none"
         if args.readjust_bn:
-            cache = bn_cache_path(loaded.path, args.temperature, args.readjust_bn, args.batch_size)
-            cached = readjust_batchnorm(model, args.temperature, args.readjust_bn, args.batch_size, cache,
+            cache = bn_cache_path(loaded.path, args.temperature, args.readjust_bn, args.bn_batch_size)
+            cached = readjust_batchnorm(model, args.temperature, args.readjust_bn, args.bn_batch_size, cache,
                                         progress=not args.quiet)
             bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
         images = sample_images(model, args.num_samples, args.temperature, args.batch_size, args.seed,

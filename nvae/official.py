@@ -58,7 +58,7 @@ def read_official(path: str | Path) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not such a checkpoint"
         raise OfficialFormatError(f"'{path}' is not a readable official NVAE checkpoint ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:200]})") from None
+                                  f"{(str(err).splitlines() or [''])[0][:200]})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
         raise OfficialFormatError(f"'{path}' is not an official NVAE checkpoint (no 'state_dict' and 'args')")
     if not isinstance(ckpt["args"], argparse.Namespace):

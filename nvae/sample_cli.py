@@ -25,6 +25,12 @@ from nvae.checkpoint import device_arg, load_checkpoint, resolve_device
 from nvae.sampling import batchnorm_state, bn_cache_path, load_batchnorm_state, readjust_batchnorm, sample_images
 
 DEFAULT_BN_STEPS = 500
+DEFAULT_BN_BATCH = 16  # samples per BN-readjustment pass, as the official code's sampling uses
+
+
+def add_bn_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bn-batch-size", type=int, default=DEFAULT_BN_BATCH,
+                   help=f"samples per BN readjustment pass ({DEFAULT_BN_BATCH}: the official code's)")
 
 
 def positive_temperature(text: str) -> float:
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readjust-bn", type=int, nargs="?", const=DEFAULT_BN_STEPS, default=None, metavar="STEPS",
                    help=f"re-estimate BatchNorm statistics on STEPS batches of samples at each temperature "
                         f"(paper sec. 5.2; {DEFAULT_BN_STEPS} when no number is given); cached beside the checkpoint")
+    add_bn_batch_size(p)
     p.add_argument("--format", choices=["png", "pngs", "npz"], default="png",
                    help="png: one grid per temperature; pngs: one file per image; npz: uint8 array 'images' (N, C, H, W)")
     p.add_argument("--decode", choices=["mean", "sample"], default="mean",
@@ -108,8 +115,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         load_batchnorm_state(model, original_bn)  # each temperature starts from the trained statistics
         bn = "none"
         if args.readjust_bn:
-            cache = bn_cache_path(loaded.path, t, args.readjust_bn, args.batch_size)
-            cached = readjust_batchnorm(model, t, args.readjust_bn, args.batch_size, cache, progress=not args.quiet)
+            cache = bn_cache_path(loaded.path, t, args.readjust_bn, args.bn_batch_size)
+            cached = readjust_batchnorm(model, t, args.readjust_bn, args.bn_batch_size, cache, progress=not args.quiet)
             bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
         start = time.perf_counter()
         images = sample_images(model, args.num_samples, t, args.batch_size, args.seed,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nvae.cli import NVAECLI, main
+from nvae.compat import sync_batchnorm_requested
 from nvae.data import ImageDataModule
 from nvae.lightning import NVAEModule
 
@@ -67,3 +68,32 @@ def test_quickstart_fit_checkpoint_load_round_trip(tmp_path: Path, monkeypatch: 
     assert any(k.startswith("spectral.u") for k in trained)  # power-iteration state is saved
     loaded.eval()
     assert loaded.model.sample(2).shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_gpu_recipe_sets_mixed_precision_and_sync_batchnorm_on_gpus(monkeypatch: pytest.MonkeyPatch, bf16: bool,
+                                                                    expected: str) -> None:
+    from jsonargparse import Namespace
+
+    from nvae.cli import apply_gpu_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    config = Namespace(gpu_recipe="official", trainer=Namespace(accelerator="auto", precision=32, sync_batchnorm=False))
+    assert apply_gpu_recipe(config) == f"trainer.precision {expected}, trainer.sync_batchnorm true"
+    assert config.trainer.precision == expected and config.trainer.sync_batchnorm is True
+    config.trainer.precision = "16-mixed"  # a mixed precision asked for is kept
+    config.trainer.sync_batchnorm = False
+    apply_gpu_recipe(config)
+    assert config.trainer.precision == "16-mixed" and config.trainer.sync_batchnorm is True
+    for off in (Namespace(gpu_recipe="none", trainer=Namespace(accelerator="auto", precision=32)),
+                Namespace(gpu_recipe="official", trainer=Namespace(accelerator="cpu", precision=32))):
+        assert apply_gpu_recipe(off) == "" and off.trainer.precision == 32
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_paper_presets_ask_for_the_gpu_recipe_and_stay_float32_on_cpu(preset: str) -> None:
+    with torch.device("meta"):
+        cli = build(preset, "debug")
+    assert cli.config.gpu_recipe == "official"
+    assert cli.trainer.precision == "32-true" and not sync_batchnorm_requested(cli.trainer.strategy)

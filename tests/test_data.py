@@ -229,10 +229,18 @@ def test_mnist_fake_idx(tmp_path: Path) -> None:
 def test_celeba64_transform_crop_and_size() -> None:
     from nvae.data.celeba import CROP_BOX, celeba64_transform
 
-    assert CROP_BOX == (15, 40, 163, 178)
+    assert CROP_BOX == (15, 40, 163, 188)  # the official 148x148 box
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (218, 178, 3), dtype=np.uint8))
     x = celeba64_transform(64, train=True, random_flip=True)(img)
     assert x.shape == (3, 64, 64) and on_grid(x, 8)
+    # a white 148x148 square at (15, 40) on black: the crop keeps exactly it (all white after resizing)
+    canvas = np.zeros((218, 178, 3), dtype=np.uint8)
+    canvas[40:188, 15:163] = 255
+    y = celeba64_transform(64, train=False, random_flip=False, num_bits=5)(Image.fromarray(canvas))
+    assert y.min() == 1.0 and on_grid(y, 5)
+    shifted = np.zeros_like(canvas)
+    shifted[35:183, 15:163] = 255  # a centred square instead: the crop's bottom rows are black
+    assert celeba64_transform(64, train=False, random_flip=False)(Image.fromarray(shifted))[:, -1].max() < 1.0
 
 
 def test_imagenet32_png_folders(tmp_path: Path) -> None:

@@ -109,9 +109,11 @@ def test_sample_cli_png_npz_pngs(quickstart_checkpoint: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     ck = str(quickstart_checkpoint)
     sample_main(["--checkpoint", ck, "--num-samples", "5", "--temperature", "1.0", "0.5", "--output",
-                 str(tmp_path / "g.png"), "--readjust-bn", "2", "--batch-size", "4", "--quiet"])
+                 str(tmp_path / "g.png"), "--readjust-bn", "2", "--bn-batch-size", "3", "--batch-size", "4", "--quiet"])
     out = last_json(capsys)
     assert [o["temperature"] for o in out["outputs"]] == [1.0, 0.5] and out["weights"] == "raw"
+    caches = [p.name for p in (quickstart_checkpoint.parent / "bn_cache").glob("*.pt")]
+    assert any(n.endswith("-t0.5-s2-b3.pt") for n in caches)  # readjusted with 3 samples per pass
     assert all(Path(o["path"]).exists() for o in out["outputs"])
     sample_main(["--checkpoint", ck, "--num-samples", "7", "--format", "npz", "--output",
                  str(tmp_path / "s.npz"), "--seed", "3", "--quiet"])

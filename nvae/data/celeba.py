@@ -1,11 +1,13 @@
-"""CelebA 64x64 through torchvision (official train / valid / test partition), 8-bit RGB.
+"""CelebA 64x64 through torchvision (official train / valid / test partition), 8-bit RGB or fewer bits.
 
-NVAE's CelebA-64 protocol (paper sec. 5, appendix): crop the aligned 178x218 image to the box
-(left 15, top 40, right 178-15, bottom 218-40), resize to 64x64, random horizontal flips on train.
+NVAE's CelebA-64 pipeline, as the official code runs it: crop the aligned 178x218 image to the
+148x148 box (left 15, top 40, right 178-15, bottom 218-30), resize it to 64x64, random horizontal
+flips on train. The official code evaluates on the 'valid' partition: so does the test split here
+unless ``eval_split`` says 'test'.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -14,7 +16,7 @@ from torchvision import transforms as T
 from nvae.data.base import ImageDataModule, ImagesOnly, ToGrid, missing_data_error
 from nvae.spec import ImageSpec
 
-CROP_BOX = (15, 40, 178 - 15, 218 - 40)  # (left, top, right, bottom) in the aligned 178x218 image
+CROP_BOX = (15, 40, 178 - 15, 218 - 30)  # (left, top, right, bottom) in the aligned 178x218 image: 148x148
 
 
 class CropBox:
@@ -32,14 +34,14 @@ class CropBox:
 
 def celeba64_transform(size: int, train: bool, random_flip: bool, num_bits: int = 8) -> T.Compose:
     """PIL -> float (3, size, size) on the ``num_bits`` grid: crop box, resize, optional flip."""
-    steps: list = [CropBox(), T.Resize((size, size), antialias=True)]
+    steps: list = [CropBox(), T.Resize((size, size), antialias=True)]  # a square: no aspect change
     if train and random_flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose([*steps, ToGrid(num_bits)])
 
 
 class CelebA64DataModule(ImageDataModule):
-    """CelebA at 64x64, spec (3, 64, num_bits); validation on the official 'valid' split."""
+    """CelebA at 64x64, spec (3, 64, num_bits); validated and tested on the official 'valid' split."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class CelebA64DataModule(ImageDataModule):
         download: bool = False,
         random_flip: bool = True,
         num_bits: int = 8,
+        eval_split: Literal["valid", "test"] = "valid",
     ) -> None:
         """
         Args:
@@ -60,10 +63,15 @@ class CelebA64DataModule(ImageDataModule):
             download: Download into ``root`` if absent (needs internet; Google Drive quotas apply).
             random_flip: Random horizontal flips of training images.
             num_bits: Bits per channel kept (8; the official code's ``--num_x_bits``).
+            eval_split: The partition behind the test split (the held-out number after training,
+                evaluate.py): 'valid', what the official code evaluates on, or 'test'.
         """
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         self.download, self.random_flip = download, random_flip
         self.num_bits = ImageSpec(channels=3, size=64, num_bits=num_bits).num_bits  # checked there
+        if eval_split not in ("valid", "test"):
+            raise ValueError(f"data.eval_split must be 'valid' or 'test', got {eval_split!r}")
+        self.eval_split = eval_split
 
     @property
     def image_spec(self) -> ImageSpec:
@@ -87,4 +95,5 @@ class CelebA64DataModule(ImageDataModule):
         return ImagesOnly(ds)
 
     def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:
-        return self._load("train"), self._load("valid"), self._load("test")
+        valid = self._load("valid")
+        return self._load("train"), valid, valid if self.eval_split == "valid" else self._load("test")
