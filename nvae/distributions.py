@@ -171,18 +171,23 @@ class DiscMixLogistic:
 
     @torch.no_grad()
     def sample(self) -> torch.Tensor:
-        """One sample per pixel, (B, C, H, W) in [0, 1] on the grid."""
+        """One sample per pixel, (B, C, H, W) in [0, 1] on the grid: from this distribution exactly.
+
+        Each channel is drawn given the levels of the channels before it, as :meth:`log_prob` conditions
+        (the official code conditions on the unrounded draws instead, which is not this distribution:
+        a chi-square test on 2-bit pixels rejects it at p < 1e-70 with 200,000 draws).
+        """
         gumbel = -torch.log(-torch.log(torch.rand_like(self.logit_probs).clamp(1e-10, 1.0 - 1e-10)))
         pick = F.one_hot((self.logit_probs + gumbel).argmax(dim=1), self.num_mixtures)  # (B, H, W, M)
         pick = pick.permute(0, 3, 1, 2).unsqueeze(1).to(self.means.dtype)  # (B, 1, M, H, W)
         u = torch.rand_like(self.means[:, :, 0]).clamp(1e-5, 1.0 - 1e-5)  # (B, C, H, W)
         noise = torch.log(u) - torch.log1p(-u)
         scales = (torch.exp(self.log_scales) * pick).sum(dim=2)  # (B, C, H, W)
-        x = torch.zeros_like(u)
-        for c in range(self.channels):  # channel-autoregressive
+        x = torch.zeros_like(u)  # in [-1, 1], on the grid
+        for c in range(self.channels):  # channel-autoregressive, on the values already drawn (their levels)
             mean_c = (self._conditional_means(x.unsqueeze(2))[:, c] * pick[:, 0]).sum(dim=1)
-            x[:, c] = (mean_c + scales[:, c] * noise[:, c]).clamp(-1.0, 1.0)
-        return self._quantize(x)
+            x[:, c] = 2.0 * self._quantize(mean_c + scales[:, c] * noise[:, c]) - 1.0
+        return (x + 1.0) * 0.5
 
     @torch.no_grad()
     def mean(self, quantize: bool = True) -> torch.Tensor:

@@ -368,3 +368,30 @@ def test_cells_with_fused_steps_are_exact(kind: str) -> None:
         torch.testing.assert_close(a, b, msg=name)
     for (name, a), b in zip(cell.named_buffers(), plain.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # num_batches_tracked == 1 in both
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_temperature_scales_every_prior_sigma(tiny_binary: NVAE, temperature: float) -> None:
+    """sample(t): the top z has std 1.01 t (sigma 1.01, see Normal.top_prior); every lower group's z is
+    its prior mean plus t times its prior sigma times unit noise (sec. 5.2)."""
+    from nvae.distributions import Normal
+
+    model = tiny_binary.eval()
+    latents, priors = [], {}
+    handles = [g.dec_combiner.register_forward_hook(lambda m, args, out: latents.append(args[1]))
+               for g in model.dec_groups]
+    handles += [g.prior.register_forward_hook(lambda m, args, out, i=i: priors.__setitem__(i, out))
+                for i, g in enumerate(model.dec_groups) if g.prior is not None]
+    torch.manual_seed(0)
+    model.sample(256, temperature=temperature)
+    for h in handles:
+        h.remove()
+    # each std below is over >= 256 * 4 * 4 = 4096 values: its sampling error is ~1/sqrt(2 * 4096) = 1.1%,
+    # so 5% is > 4 standard errors
+    assert latents[0].mean().abs() < 0.05 * temperature
+    assert latents[0].std().item() == pytest.approx(1.01 * temperature, rel=0.05)
+    for i, params in priors.items():
+        prior = Normal.from_params(params.float())
+        unit = (latents[i] - prior.mu) / prior.sigma
+        assert unit.std().item() == pytest.approx(temperature, rel=0.05)
+        assert unit.mean().abs() < 0.05 * temperature
