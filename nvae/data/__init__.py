@@ -9,6 +9,7 @@ from nvae.data.folder import (
     ImageFolderDataModule,
     ImageNet32DataModule,
 )
+from nvae.data.lmdb import LMDBDataModule
 from nvae.data.mnist import MNISTDataModule
 from nvae.data.registry import register_datamodule
 
@@ -22,6 +23,7 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "ImageNet32DataModule",
+    "LMDBDataModule",
     "MNISTDataModule",
     "Pad",
     "ToGrid",

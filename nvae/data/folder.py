@@ -13,6 +13,7 @@ from typing import ClassVar, Optional
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -252,11 +253,14 @@ def load_npz_images(folder: str, size: int = 32) -> torch.Tensor:
 
 
 class ImageNet32DataModule(ImageFolderDataModule):
-    """Downsampled ImageNet 32x32, 8 bits (paper sec. 5): PNG folders or the npz batches.
+    """Downsampled ImageNet 32x32, 8 bits (paper sec. 5).
 
-    Understood layouts under ``root``: ``train_32x32/`` + ``valid_32x32/`` (PNG folders), or
-    ``Imagenet32_train_npz/`` + ``Imagenet32_val_npz/`` (npz with ``data`` (N, 3072) uint8,
-    held in memory: ~3.9 GB for the training set). The official validation set is the test split.
+    Two different data sets share the name. The paper's numbers are on **Oord et al.'s** version
+    (2016; ``train_32x32/`` + ``valid_32x32/`` PNG folders, or the official code's ``imagenet-oord``
+    LMDB: ``train.lmdb`` + ``validation.lmdb``). The ``Imagenet32_train_npz/`` +
+    ``Imagenet32_val_npz/`` batches are **Chrabaszcz et al.'s** (2017; another downsampling, held in
+    memory: ~3.9 GB for the training set): their numbers are not the paper's. Layouts are tried in
+    that order; the run prints which one it read. The validation set is the test split.
     """
 
     train_dirs: ClassVar[tuple[str, ...]] = ("train_32x32", "train")
@@ -291,9 +295,17 @@ class ImageNet32DataModule(ImageFolderDataModule):
                          seed, skip_unreadable)
 
     def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:
+        from nvae.data.lmdb import LMDBDataModule, has_official_lmdb
+
+        if has_official_lmdb(self.root):
+            rank_zero_info(f"ImageNet 32: the official LMDB folders under {self.root} (Oord et al.'s version)")
+            oord = LMDBDataModule(self.root, 32, num_bits=self.num_bits, random_flip=self.random_flip)
+            return oord.build_datasets()
         train_npz, val_npz = (os.path.join(self.root, d) for d in self.npz_dirs)
         if not (os.path.isdir(train_npz) and os.path.isdir(val_npz)):
             return super().build_datasets()
+        rank_zero_info(f"ImageNet 32: the Imagenet32_*_npz batches under {self.root} (Chrabaszcz et al.'s "
+                       "version: not the data set of the paper's numbers)")
         flip = [random_hflip] if self.random_flip else []
         train = TensorImages(load_npz_images(train_npz), T.Compose([*flip, ToGrid(self.num_bits)]))
         test = TensorImages(load_npz_images(val_npz), ToGrid(self.num_bits))
