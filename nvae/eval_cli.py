@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     fid = sub.add_parser("fid", help="FID of generated images against a data split", formatter_class=fmt)
     add_common(fid, checkpoint_required=False)
+    fid.add_argument("--protocol", choices=["nvae", "official"], default="nvae",
+                     help="nvae: images at --temperature after optional --readjust-bn, decoded to the rounded "
+                          "likelihood mean, against --split; official: what the official evaluate.py computes: BN "
+                          "readjusted at --temperature (500 passes of 2 samples), images drawn at t = 1, the unrounded "
+                          "mean, against the training split at 8 bits")
     fid.add_argument("--images", default=None, help="score these images (.npz or folder) instead of sampling")
     fid.add_argument("--reference", default=None,
                      help="reference images (.npz or folder) or statistics (.npz with mu, sigma) instead of the data split")
@@ -101,7 +106,8 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
 def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: int) -> Any:
     """The recorded data module's loader for ``args.split`` (no shuffling)."""
     try:
-        overrides = dict(root=args.data_root, eval_batch_size=batch_size, num_workers=0)
+        overrides = dict(root=args.data_root, eval_batch_size=batch_size, num_workers=0,
+                         num_bits=getattr(args, "num_bits", None))  # FID's official protocol: 8 bits
         if args.data:  # named on the command line: the user's choice (may be imported)
             dm = instantiate_datamodule(command_line_datamodule(args.data), {}, overrides)
         else:  # named by the checkpoint: nvae's data modules or registered ones only

@@ -1,9 +1,13 @@
 """`evaluate.py fid`: FID of generated images against a data split (paper sec. 5, table 3).
 
-Protocol, stated in the output: N images drawn from the prior at the temperature asked (after
-optional BatchNorm readjustment at that temperature), decoded to the likelihood's mean by default;
-Inception-v3 pool features (torch-fidelity's network and weights, as torchmetrics uses); reference
-statistics of the data split cached once per (data set, split, count, extractor).
+Two protocols, both stated in the output. ``nvae`` (default): N images drawn from the prior at the
+temperature asked (after optional BatchNorm readjustment at that temperature), decoded to the
+likelihood's mean (on the bit grid) by default, against the split asked. ``official``: what the
+official ``evaluate.py --eval_mode evaluate_fid`` computes: BatchNorm readjusted at the temperature
+asked (500 passes of 2 samples), the images then drawn at t = 1 whatever that temperature, decoded
+to the unrounded mean, against the training split at 8 bits. Both use Inception-v3 pool features
+(torch-fidelity's network and weights, as torchmetrics uses) of uint8 images, and reference
+statistics cached once per (data set, split, count, extractor).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from nvae.checkpoint import resolve_device
 from nvae.eval_cli import data_loader, load
 from nvae.metrics import fid as F
 from nvae.sampling import bn_cache_path, readjust_batchnorm, sample_images
+
+OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH = 500, 2  # the official FID evaluation's BatchNorm readjustment
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -56,6 +62,8 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
                 if k not in ("batch_size", "eval_batch_size", "num_workers")}
     if args.data_root:
         args_key["root"] = args.data_root
+    if getattr(args, "num_bits", None):
+        args_key["num_bits"] = args.num_bits
     dataset = json.dumps({"class_path": (data or {}).get("class_path"), "init_args": args_key}, sort_keys=True)
     key = F.stats_key(dataset, args.split, args.num_reference, extractor)
     cache = Path(args.stats_cache) / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
@@ -76,7 +84,9 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"evaluate.py: {err}") from None
     extractor = extractor.to(device).eval()
     start = time.perf_counter()
-    protocol: dict[str, Any] = {}
+    protocol: dict[str, Any] = {"protocol": args.protocol}
+    if args.protocol == "official" and not args.reference:
+        args.split, args.num_bits = "train", 8  # the official statistics: the training set at 8 bits
     if args.images:
         try:
             images = F.load_images(args.images)
@@ -85,15 +95,19 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
         protocol["images"] = args.images
     else:
         model = loaded.model
+        official = args.protocol == "official"
+        steps, bn_batch = (OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH) if official else (args.readjust_bn, args.bn_batch_size)
         bn = "none"
-        if args.readjust_bn:
-            cache = bn_cache_path(loaded.path, args.temperature, args.readjust_bn, args.bn_batch_size)
-            cached = readjust_batchnorm(model, args.temperature, args.readjust_bn, args.bn_batch_size, cache,
-                                        progress=not args.quiet)
-            bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
-        images = sample_images(model, args.num_samples, args.temperature, args.batch_size, args.seed,
-                               mean=args.decode == "mean", progress=not args.quiet)
-        protocol.update(temperature=args.temperature, bn_readjust=bn, decode=args.decode, weights=loaded.weights)
+        if steps:
+            cache = bn_cache_path(loaded.path, args.temperature, steps, bn_batch)
+            cached = readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=not args.quiet)
+            bn = f"{steps} steps of {bn_batch} at t={args.temperature:g} ({'cached' if cached else 'computed'})"
+        sample_t = 1.0 if official else args.temperature
+        images = sample_images(model, args.num_samples, sample_t, args.batch_size, args.seed,
+                               mean=official or args.decode == "mean", progress=not args.quiet,
+                               quantize=False if official else None)
+        protocol.update(temperature=args.temperature, sample_temperature=sample_t, bn_readjust=bn,
+                        decode="unrounded mean" if official else args.decode, weights=loaded.weights)
     generated = F.compute_stats(_batches(images, args.batch_size), extractor, device, not args.quiet)
     reference, described = _reference(args, loaded, extractor, device)
     fid = F.fid_from_stats(generated, reference)

@@ -9,7 +9,7 @@ weighted evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -358,13 +358,17 @@ class NVAE(nn.Module):
         return logp.flatten(1).sum(dim=1)
 
     @torch.no_grad()
-    def sample(self, num: int, temperature: float = 1.0, mean: bool = True) -> torch.Tensor:
+    def sample(self, num: int, temperature: float = 1.0, mean: bool = True,
+               quantize: Optional[bool] = None) -> torch.Tensor:
         """Images (num, C, H, W) in [0, 1] from the prior at ``temperature`` (sec. 4, sampling).
 
-        ``mean`` returns the likelihood's mean instead of a sample from it.
+        ``mean`` returns the likelihood's mean instead of a sample from it; ``quantize`` rounds that
+        mean to the bit grid or not (None: the likelihood's default, rounded for multi-bit data).
         """
         out = self._top_down(num, None, temperature)
-        return out.likelihood.mean() if mean else out.likelihood.sample()
+        if not mean:
+            return out.likelihood.sample()
+        return out.likelihood.mean() if quantize is None else out.likelihood.mean(quantize=quantize)
 
     # ------------------------------------------------------------------------------- latent API
     def encode(self, x: torch.Tensor, use_mean: bool = True) -> list[GroupLatent]:

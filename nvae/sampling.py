@@ -82,17 +82,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(model: NVAE, num: int, temperature: float = 1.0, batch_size: int = 100, seed: int = 0,
-                  mean: bool = True, progress: bool = True) -> torch.Tensor:
+                  mean: bool = True, progress: bool = True, quantize: Optional[bool] = None) -> torch.Tensor:
     """``num`` images as uint8 (num, C, H, W), the data's padding cropped; same seed -> same images.
 
-    ``mean`` decodes each latent sample to the likelihood's mean (else a sample from it).
+    ``mean`` decodes each latent sample to the likelihood's mean (else a sample from it), on the
+    bit grid or not by ``quantize`` (see :meth:`NVAE.sample`).
     """
     torch.manual_seed(seed)
     pad = model.spec.pad
     chunks = []
     for start in tqdm(range(0, num, batch_size), desc=f"sampling t={temperature:g}", disable=not progress,
                       leave=False):
-        images = model.sample(min(batch_size, num - start), temperature, mean=mean)
+        images = model.sample(min(batch_size, num - start), temperature, mean=mean, quantize=quantize)
         if pad:
             images = images[..., pad:-pad, pad:-pad]
         chunks.append(to_uint8(images).cpu())

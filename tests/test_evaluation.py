@@ -200,6 +200,35 @@ def test_fid_cli_samples_scores_and_caches_reference(quickstart_checkpoint: Path
     assert abs(same["fid"]) < 1e-6
 
 
+def test_fid_official_protocol_samples_at_t1_unrounded_after_bn_at_the_asked_t(
+        quickstart_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nvae.fid_cli as fid_cli
+    import nvae.metrics.fid as fid
+
+    monkeypatch.setattr(fid, "inception_extractor", lambda *a, **k: TinyFeatures())
+    monkeypatch.setattr(fid_cli, "OFFICIAL_BN_STEPS", 3)  # 500 passes in the real protocol
+    seen = {}
+
+    def spy_readjust(model, temperature, steps, batch_size, cache, progress):  # noqa: ANN001, ANN202
+        seen["bn"] = (temperature, steps, batch_size)
+        return False
+
+    def spy_sample(model, num, temperature, batch_size, seed, mean, progress, quantize):  # noqa: ANN001, ANN202
+        seen["sample"] = (temperature, mean, quantize)
+        return sample_images(model, num, temperature, batch_size, seed, mean, False, quantize)
+
+    monkeypatch.setattr(fid_cli, "readjust_batchnorm", spy_readjust)
+    monkeypatch.setattr(fid_cli, "sample_images", spy_sample)
+    res = evaluate_main(["fid", "--checkpoint", str(quickstart_checkpoint), "--protocol", "official", "--temperature",
+                         "0.7", "--num-samples", "20", "--num-reference", "30", "--batch-size", "10", "--stats-cache",
+                         str(tmp_path / "stats"), "--quiet"])
+    assert seen == {"bn": (0.7, 3, 2), "sample": (1.0, True, False)}
+    assert res["protocol"] == "official" and res["sample_temperature"] == 1.0 and res["temperature"] == 0.7
+    ours = evaluate_main(["fid", "--checkpoint", str(quickstart_checkpoint), "--num-samples", "20", "--num-reference",
+                          "30", "--batch-size", "10", "--stats-cache", str(tmp_path / "stats"), "--quiet"])
+    assert ours["protocol"] == "nvae" and ours["sample_temperature"] == 1.0
+
+
 def test_fid_cli_without_weights_says_how_to_get_them(quickstart_checkpoint: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
