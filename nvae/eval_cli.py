@@ -1,6 +1,7 @@
 """`evaluate.py`: judge a checkpoint (paper sec. 5): importance-weighted NLL, FID, reconstructions.
 
     python evaluate.py nll   --checkpoint CKPT [--num-importance-samples K] [--num-images N] [--batch-size B]
+                             [--devices N --num-nodes M --strategy ddp] [--per-image CSV]
     python evaluate.py fid   --checkpoint CKPT | --images PATH [--num-samples N] [--temperature T]
                              [--readjust-bn [STEPS]] [--inception-weights FILE] [--reference PATH]
     python evaluate.py recon --checkpoint CKPT [--output PNG] [--num-images N]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +26,8 @@ from nvae.checkpoint import (LoadedCheckpoint, build_datamodule, device_arg, ins
                              resolve_device)
 from nvae.data.registry import command_line_datamodule
 from nvae.distributions import DMOL_BINS
-from nvae.metrics.likelihood import evaluate_nll
+from nvae.metrics.likelihood import NLLResult
+from nvae.metrics.sharded import gather_rows, per_image_nll
 from nvae.sample_cli import DEFAULT_BN_STEPS, add_bn_batch_size, positive_temperature
 
 
@@ -38,6 +41,14 @@ def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> 
     p.add_argument("--seed", type=int, default=0, help="random seed (posterior samples, binarization, sampling)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_processes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", default="1",
+                   help="processes per node (Lightning Fabric): e.g. 8 GPUs, or 2 CPU processes with --strategy ddp; "
+                        "each evaluates every (devices x num_nodes)-th image and the results are gathered")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun / SLURM, as for train.py)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
 
 
 def add_bins(p: argparse.ArgumentParser) -> None:
@@ -56,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--num-importance-samples", "-K", type=int, default=1000, help="K (the paper uses 1000)")
     nll.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
     nll.add_argument("--batch-size", type=int, default=500, help="images x samples per forward pass (memory bound)")
+    nll.add_argument("--per-image", default=None, metavar="CSV",
+                     help="also write each image's IW log p(x) and ELBO (nats) to this CSV file")
     add_bins(nll)
+    add_processes(nll)
 
     fid = sub.add_parser("fid", help="FID of generated images against a data split", formatter_class=fmt)
     add_common(fid, checkpoint_required=False)
@@ -90,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch(args: argparse.Namespace) -> Any:
+    """A launched Lightning Fabric when more than one process is asked for (or launched by torchrun/SLURM
+    with --num-nodes), else None."""
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    if devices == 1 and args.num_nodes == 1 and args.strategy == "auto":
+        return None
+    from lightning.fabric import Fabric
+
+    accelerator = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy)
+    fabric.launch()
+    return fabric
+
+
 def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
     try:
         loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
@@ -99,8 +127,15 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
     if bins is not None:
         loaded.model.cfg = dataclasses.replace(loaded.model.cfg, dmol_bins=bins)
     where = f", likelihood bins: {loaded.model.cfg.dmol_bins}" if loaded.model.spec.likelihood == "dmol" else ""
-    print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
+    if not getattr(args, "quiet_rank", False):
+        print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
     return loaded
+
+
+def eval_dataset(loaded: LoadedCheckpoint, args: argparse.Namespace) -> Any:
+    """The recorded data module's data set for ``args.split``."""
+    loader = data_loader(loaded, args, batch_size=1)
+    return loader.dataset
 
 
 def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: int) -> Any:
@@ -120,23 +155,40 @@ def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: 
     return dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
 
 
-def run_nll(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    loaded = load(args, device)
+def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """IW NLL over the split, sharded over the processes asked for (:mod:`nvae.metrics.sharded`)."""
     k = args.num_importance_samples
     if k < 1 or args.batch_size < 1:
         raise SystemExit("evaluate.py: --num-importance-samples and --batch-size must be >= 1")
-    torch.manual_seed(args.seed)
-    loader = data_loader(loaded, args, batch_size=max(1, args.batch_size // k))
+    fabric = launch(args)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    device = fabric.device if fabric is not None else resolve_device(args.device)
+    args.quiet_rank = rank != 0
+    loaded = load(args, device)
+    dataset = eval_dataset(loaded, args)
+    n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
+    if n == 0:
+        raise SystemExit("evaluate.py: no images to evaluate (empty split or --num-images 0)")
     start = time.perf_counter()
-    res = evaluate_nll(loaded.model, loader, k, args.num_images, args.batch_size, device, progress=not args.quiet)
+    rows = per_image_nll(loaded.model, dataset, range(rank, n, world), k, args.batch_size, args.seed, device,
+                         progress=not args.quiet and rank == 0)
+    rows = gather_rows(rows.to(device), n, world, fabric.all_gather if fabric is not None else None)
+    if rank != 0:
+        return None
+    dims = loaded.model.spec.num_dims
+    nll, nelbo = -rows[:, 1].mean().item(), -rows[:, 2].mean().item()
+    res = NLLResult(nll, nll / (dims * math.log(2)), nelbo, nelbo / (dims * math.log(2)), n, k)
+    if args.per_image:
+        Path(args.per_image).parent.mkdir(parents=True, exist_ok=True)
+        lines = ["index,log_px_nats,elbo_nats"] + [f"{int(i)},{lp:.6f},{e:.6f}" for i, lp, e in rows.tolist()]
+        Path(args.per_image).write_text("\n".join(lines) + "\n")
     unit = "nats" if loaded.model.spec.num_bits == 1 else "bits/dim"
     headline = f"{res.nll_nats:.2f} nats" if unit == "nats" else f"{res.bpd:.4f} bits/dim"
-    print(f"IW NLL (K={k}, {res.num_images} {args.split} images): {headline} "
+    print(f"IW NLL (K={k}, {res.num_images} {args.split} images, {world} process(es)): {headline} "
           f"[{res.nll_nats:.2f} nats, {res.bpd:.4f} bpd]; negative ELBO {res.nelbo_nats:.2f} nats, "
           f"{res.nelbo_bpd:.4f} bpd")
     return {**res.as_dict(), "split": args.split, "weights": loaded.weights, "dmol_bins": _bins(loaded),
-            "seconds": round(time.perf_counter() - start, 2)}
+            "processes": world, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _bins(loaded: LoadedCheckpoint) -> Optional[str]:
@@ -177,7 +229,7 @@ def _take(loader: Any, n: int) -> Any:
             return
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     if args.command == "fid":
         from nvae.fid_cli import run_fid
@@ -185,5 +237,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result = run_fid(args)
     else:
         result = {"nll": run_nll, "recon": run_recon}[args.command](args)
-    print(json.dumps(result))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # --devices / --num-nodes
+        from nvae.cli import end_distributed
+
+        end_distributed()
+    if result is not None:  # None: a process other than rank 0
+        print(json.dumps(result))
     return result
