@@ -395,3 +395,17 @@ def test_temperature_scales_every_prior_sigma(tiny_binary: NVAE, temperature: fl
         unit = (latents[i] - prior.mu) / prior.sigma
         assert unit.std().item() == pytest.approx(temperature, rel=0.05)
         assert unit.mean().abs() < 0.05 * temperature
+
+
+def test_sample_means_are_on_the_bit_grid_unless_asked_otherwise(tiny_rgb: NVAE) -> None:
+    """nvae's choice: sample() rounds the likelihood mean to the data's grid; quantize=False gives the
+    official, unrounded mean, which the rounded one is within half a grid step of."""
+    model = tiny_rgb.eval()
+    top = 2 ** model.spec.num_bits - 1
+    torch.manual_seed(0)
+    rounded = model.sample(3, temperature=0.5)
+    torch.manual_seed(0)
+    raw = model.sample(3, temperature=0.5, quantize=False)
+    torch.testing.assert_close(rounded * top, torch.round(rounded * top))
+    assert not torch.equal(raw * top, torch.round(raw * top))
+    assert (rounded - raw).abs().max() <= 0.5 / top + 1e-6
