@@ -4,6 +4,7 @@
                              [--devices N --num-nodes M --strategy ddp] [--per-image CSV]
     python evaluate.py fid   --checkpoint CKPT | --images PATH [--num-samples N] [--temperature T]
                              [--readjust-bn [STEPS]] [--inception-weights FILE] [--reference PATH]
+                             [--protocol nvae|official] [--devices N --num-nodes M --strategy ddp]
     python evaluate.py recon --checkpoint CKPT [--output PNG] [--num-images N]
 
 Each prints a one-line summary; the last line of output is one JSON object with the numbers.
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local pt_inception-2015-12-05 weights file (nothing is downloaded unless --allow-download)")
     fid.add_argument("--allow-download", action="store_true", help="let torch-fidelity download the Inception weights")
     fid.add_argument("--stats-cache", default="fid_stats", help="folder caching reference statistics (.npz)")
+    add_processes(fid)
     fid.set_defaults(split="train")
 
     rec = sub.add_parser("recon", help="reconstructions beside their inputs, and per-image NELBO", formatter_class=fmt)

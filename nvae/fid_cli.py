@@ -14,17 +14,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from nvae.checkpoint import resolve_device
-from nvae.eval_cli import data_loader, load
+from nvae.eval_cli import data_loader, launch, load
 from nvae.metrics import fid as F
-from nvae.sampling import bn_cache_path, readjust_batchnorm, sample_images
+from nvae.metrics.sharded import image_seed
+from nvae.sampling import bn_cache_path, readjust_batchnorm
 
 OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH = 500, 2  # the official FID evaluation's BatchNorm readjustment
 
@@ -73,10 +76,41 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
     return stats, f"{args.split} split of {(data or {}).get('class_path')} (stats cache {cache})"
 
 
-def run_fid(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
+def generate(model: Any, num: int, temperature: float, batch_size: int, seed: int, rank: int, world: int,
+             mean: bool, quantize: Optional[bool], progress: bool) -> torch.Tensor:
+    """This process's share of ``num`` generated images, uint8 (n, C, H, W) without the data's padding.
+
+    Batch b of the whole set is drawn by process b mod ``world`` from seed ``image_seed(seed, b)``, so the
+    set of images is the same for any number of processes.
+    """
+    pad, chunks = model.spec.pad, []
+    batches = range(rank, math.ceil(num / batch_size), world)
+    for b in tqdm(batches, desc=f"sampling t={temperature:g}", disable=not progress, leave=False):
+        torch.manual_seed(image_seed(seed, b))
+        images = model.sample(min(batch_size, num - b * batch_size), temperature, mean=mean, quantize=quantize)
+        chunks.append(F.to_uint8(images[..., pad:-pad, pad:-pad] if pad else images).cpu())
+    return torch.cat(chunks)
+
+
+def gathered_stats(local: F.FeatureStats, fabric: Any, average: bool) -> F.FeatureStats:
+    """The statistics of every process's features (:func:`nvae.metrics.fid.merge_stats`)."""
+    if fabric is None:
+        return local
+    count = torch.tensor([float(local.count)], dtype=torch.float64, device=fabric.device)
+    mean, cov = local.mean.to(fabric.device), local.cov.to(fabric.device)
+    counts, means, covs = (fabric.all_gather(t) for t in (count, mean, cov))  # (W, 1), (W, D), (W, D, D)
+    parts = [(int(n.item()), m, c) for n, m, c in zip(counts, means, covs)]
+    return F.merge_stats(parts, average=average)
+
+
+def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if not args.checkpoint and not args.images:
         raise SystemExit("evaluate.py: fid needs --checkpoint CKPT or --images PATH")
+    fabric = launch(args)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    device = fabric.device if fabric is not None else resolve_device(args.device)
+    args.quiet_rank = rank != 0
+    progress = not args.quiet and rank == 0
     loaded = load(args, device) if args.checkpoint else None  # a bad checkpoint fails before Inception loads
     try:
         extractor = F.inception_extractor(args.inception_weights, allow_download=args.allow_download)
@@ -84,31 +118,41 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"evaluate.py: {err}") from None
     extractor = extractor.to(device).eval()
     start = time.perf_counter()
-    protocol: dict[str, Any] = {"protocol": args.protocol}
-    if args.protocol == "official" and not args.reference:
+    official = args.protocol == "official"
+    protocol: dict[str, Any] = {"protocol": args.protocol, "processes": world}
+    if official and not args.reference:
         args.split, args.num_bits = "train", 8  # the official statistics: the training set at 8 bits
     if args.images:
         try:
-            images = F.load_images(args.images)
+            images = F.load_images(args.images)[rank::world]
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"evaluate.py: {err}") from None
         protocol["images"] = args.images
     else:
+        if math.ceil(args.num_samples / args.batch_size) < 2 * world:
+            raise SystemExit(f"evaluate.py: --num-samples {args.num_samples} gives fewer than 2 batches of "
+                             f"--batch-size {args.batch_size} per process ({world} processes)")
         model = loaded.model
-        official = args.protocol == "official"
         steps, bn_batch = (OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH) if official else (args.readjust_bn, args.bn_batch_size)
         bn = "none"
-        if steps:
+        if steps:  # rank 0 readjusts and caches; the others then read that cache
             cache = bn_cache_path(loaded.path, args.temperature, steps, bn_batch)
-            cached = readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=not args.quiet)
+            cached = rank != 0 or readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=progress)
+            if fabric is not None:
+                fabric.barrier()
+                if rank != 0:
+                    readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=False)
             bn = f"{steps} steps of {bn_batch} at t={args.temperature:g} ({'cached' if cached else 'computed'})"
         sample_t = 1.0 if official else args.temperature
-        images = sample_images(model, args.num_samples, sample_t, args.batch_size, args.seed,
-                               mean=official or args.decode == "mean", progress=not args.quiet,
-                               quantize=False if official else None)
+        images = generate(model, args.num_samples, sample_t, args.batch_size, args.seed, rank, world,
+                          mean=official or args.decode == "mean", quantize=False if official else None,
+                          progress=progress)
         protocol.update(temperature=args.temperature, sample_temperature=sample_t, bn_readjust=bn,
                         decode="unrounded mean" if official else args.decode, weights=loaded.weights)
-    generated = F.compute_stats(_batches(images, args.batch_size), extractor, device, not args.quiet)
+    local = F.compute_stats(_batches(images, args.batch_size), extractor, device, progress)
+    generated = gathered_stats(local, fabric, average=official)  # official: per-process statistics averaged
+    if rank != 0:
+        return None
     reference, described = _reference(args, loaded, extractor, device)
     fid = F.fid_from_stats(generated, reference)
     seconds = time.perf_counter() - start

@@ -213,12 +213,14 @@ def test_fid_official_protocol_samples_at_t1_unrounded_after_bn_at_the_asked_t(
         seen["bn"] = (temperature, steps, batch_size)
         return False
 
-    def spy_sample(model, num, temperature, batch_size, seed, mean, progress, quantize):  # noqa: ANN001, ANN202
+    real_generate = fid_cli.generate
+
+    def spy_generate(model, num, temperature, *rest, mean, quantize, progress):  # noqa: ANN001, ANN002, ANN202
         seen["sample"] = (temperature, mean, quantize)
-        return sample_images(model, num, temperature, batch_size, seed, mean, False, quantize)
+        return real_generate(model, num, temperature, *rest, mean=mean, quantize=quantize, progress=progress)
 
     monkeypatch.setattr(fid_cli, "readjust_batchnorm", spy_readjust)
-    monkeypatch.setattr(fid_cli, "sample_images", spy_sample)
+    monkeypatch.setattr(fid_cli, "generate", spy_generate)
     res = evaluate_main(["fid", "--checkpoint", str(quickstart_checkpoint), "--protocol", "official", "--temperature",
                          "0.7", "--num-samples", "20", "--num-reference", "30", "--batch-size", "10", "--stats-cache",
                          str(tmp_path / "stats"), "--quiet"])

@@ -329,3 +329,25 @@ def test_inception_wrapper_repeats_gray_channels_and_passes_uint8() -> None:
     (x,) = seen
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 9, 7)  # native size: the network resizes to 299
     assert torch.equal(x[:, 0], gray[:, 0]) and torch.equal(x[:, 1], x[:, 2]) and torch.equal(x[:, 0], x[:, 2])
+
+
+def test_merged_per_process_statistics_equal_those_of_all_features() -> None:
+    from nvae.metrics.fid import merge_stats
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((101, 5)) * [1, 2, 3, 4, 5] + 10  # a large mean, unequal shards below
+    whole = FeatureStats()
+    whole.update(feats)
+    shards = [feats[r::3] for r in range(3)]
+    parts = []
+    for shard in shards:
+        s = FeatureStats()
+        s.update(shard)
+        parts.append((s.count, s.mean, s.cov))
+    pooled = merge_stats(parts)
+    assert pooled.count == 101
+    torch.testing.assert_close(pooled.mean, whole.mean, rtol=1e-12, atol=1e-12)  # float64 round-off
+    torch.testing.assert_close(pooled.cov, whole.cov, rtol=1e-12, atol=1e-12)
+    averaged = merge_stats(parts, average=True)  # the official code's: means of means and covariances
+    torch.testing.assert_close(averaged.mean, torch.stack([p[1] for p in parts]).mean(0))
+    torch.testing.assert_close(averaged.cov, torch.stack([p[2] for p in parts]).mean(0))

@@ -162,6 +162,26 @@ class FeatureStats:
         return stats
 
 
+def merge_stats(parts: list[tuple[int, Tensor, Tensor]], average: bool = False) -> FeatureStats:
+    """One :class:`FeatureStats` from per-process (count, mean, covariance): pooled exactly, as if one
+    process had seen every feature (Chan et al.'s combination), or with ``average`` the plain means
+    of the processes' means and covariances (what the official code's FID does across GPUs)."""
+    parts = [(n, m.double().cpu(), c.double().cpu()) for n, m, c in parts if n > 0]
+    total = sum(n for n, _, _ in parts)
+    if total < 2:
+        raise ValueError(f"FID needs at least 2 images, got {total}")
+    merged = FeatureStats()
+    if average:
+        mean = torch.stack([m for _, m, _ in parts]).mean(0)
+        outer = torch.stack([c for _, _, c in parts]).mean(0) * (total - 1)
+    else:
+        mean = sum(n * m for n, m, _ in parts) / total
+        outer = sum((n - 1) * c + n * torch.outer(m - mean, m - mean) for n, m, c in parts)
+    merged._count, merged._shift = total, mean
+    merged._sum, merged._outer = torch.zeros_like(mean), outer
+    return merged
+
+
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     """FID between two sets of feature statistics (paper sec. 5; Heusel et al. 2017)."""
     if a.num_features != b.num_features:
