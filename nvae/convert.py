@@ -24,7 +24,7 @@ import torch
 
 from nvae.checkpoint import DATA_KEY, FORMAT_KEY, FORMAT_VERSION
 from nvae.guard import nonfinite_entries
-from nvae.official import (OfficialFormatError, head_permutation, key_map, parameter_names, read_official,
+from nvae.official import (OfficialFormatError, head_permutation, key_map, parameter_names, place, read_official,
                            run_from_args, to_nvae)
 
 OFFICIAL_KEY = "nvae_official"  # where the run came from: {"source", "epoch", "global_step", "args"}
@@ -118,20 +118,16 @@ def convert_optimizer(official: Mapping[str, Any], module: Any,
     per_name = {names[pos]: state["state"][idx] for pos, idx in enumerate(group["params"]) if idx in state["state"]}
     perm = head_permutation(module.model)
     for i, (name, p) in enumerate(module.named_parameters()):
-        entry = per_name.get(keys[name[len("model."):]])
+        ours = name[len("model."):]
+        entry = per_name.get(keys[ours])
         if entry is None:
             continue
         moved: dict[str, torch.Tensor] = {"step": torch.tensor(float(_step(entry)), dtype=torch.float32)}
         for kind in ("exp_avg", "exp_inf"):
-            t = entry.get(kind)
-            if not isinstance(t, torch.Tensor):
-                raise OfficialFormatError(f"official optimizer: no '{kind}' for '{keys[name[6:]]}'")
-            if perm is not None and name.startswith("model.head.1."):
-                t = t[perm]
-            if t.shape != p.shape:
-                raise OfficialFormatError(f"official optimizer: '{kind}' of '{keys[name[6:]]}' has shape "
-                                          f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
-            moved[kind] = t.to(p.dtype).contiguous()
+            what = f"official optimizer '{kind}' of '{keys[ours]}'"
+            if not isinstance(entry.get(kind), torch.Tensor):
+                raise OfficialFormatError(f"{what}: missing")
+            moved[kind] = place(entry[kind], ours, p, perm, what)
         out["state"][i] = moved
     return out, lr
 

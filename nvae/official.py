@@ -276,18 +276,19 @@ def to_nvae(official: Mapping[str, torch.Tensor], model: NVAE,
     if leftover:
         raise OfficialFormatError(f"official tensor '{leftover[0]}' ({len(leftover)} in all) has no place in the "
                                   "nvae model: an architecture nvae does not build")
-    perm, head = head_permutation(model), "head.1."
-    target = model.state_dict()
-    state = {}
-    for ours, theirs in keys.items():
-        tensor = official[theirs]
-        if perm is not None and ours.startswith(head):
-            tensor = tensor[perm.to(tensor.device)]
-        if tensor.shape != target[ours].shape:
-            raise OfficialFormatError(f"official '{theirs}' has shape {tuple(tensor.shape)}, nvae's '{ours}' "
-                                      f"{tuple(target[ours].shape)}")
-        state[ours] = tensor.to(target[ours].dtype).contiguous()
-    return state
+    perm, target = head_permutation(model), model.state_dict()
+    return {ours: place(official[theirs], ours, target[ours], perm, f"official '{theirs}'")
+            for ours, theirs in keys.items()}
+
+
+def place(tensor: torch.Tensor, ours: str, like: torch.Tensor, perm: torch.Tensor | None, what: str) -> torch.Tensor:
+    """An official tensor (or an optimizer moment of it) laid out as nvae's ``ours``: the likelihood
+    head's output channels reordered by ``perm``, shape checked, ``like``'s dtype."""
+    if perm is not None and ours.startswith("head.1."):
+        tensor = tensor[perm.to(tensor.device)]
+    if tensor.shape != like.shape:
+        raise OfficialFormatError(f"{what} has shape {tuple(tensor.shape)}, nvae's '{ours}' {tuple(like.shape)}")
+    return tensor.to(like.dtype).contiguous()
 
 
 def _is_alias(key: str, value: torch.Tensor, official: Mapping[str, torch.Tensor], used: set[str]) -> bool:
