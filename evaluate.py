@@ -1,5 +1,5 @@
 """Evaluate a trained NVAE: `python evaluate.py nll|fid|recon --checkpoint CKPT` (see --help)."""
-from nvae.entry import evaluate
+from nvae.cli import nvae_eval
 
 if __name__ == "__main__":
-    evaluate()
+    nvae_eval()

@@ -1,5 +1,5 @@
 """Sample images from a trained NVAE: `python sample.py --checkpoint CKPT` (see --help)."""
-from nvae.entry import sample
+from nvae.cli import nvae_sample
 
 if __name__ == "__main__":
-    sample()
+    nvae_sample()

@@ -1,5 +1,5 @@
 """Train an NVAE: `python train.py fit --config configs/<preset>.yaml` (no arguments: the quickstart)."""
-from nvae.entry import train
+from nvae.cli import nvae_train
 
 if __name__ == "__main__":
-    train()
+    nvae_train()

@@ -5,7 +5,7 @@
         [--precision 32|bf16-mixed|16-mixed] [--channels-last | --no-channels-last]
 
 What is measured. The model is built exactly as ``train.py fit`` builds it: the YAML files go
-through the project's command line (:class:`nvae.cli.NVAECLI`, parsed and instantiated but not
+through the project's command line (:class:`nvae.cli.train.NVAECLI`, parsed and instantiated but not
 run, with the logger off so nothing is written), so the architecture, the regularizers and the
 data module's ``image_spec`` (linked into the model) are those of a real run. Batches are random
 images of the preset's shape on its n-bit grid (no data on disk is read). One step is what the
@@ -55,9 +55,9 @@ from torch.profiler import record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or not
 
-from nvae.checkpoint import device_arg, resolve_device  # noqa: E402
+from nvae.cli.common import device_arg, resolve_device  # noqa: E402
+from nvae.cli.train import NVAECLI  # noqa: E402
 from nvae.compat import conv_backward  # noqa: E402
-from nvae.cli import NVAECLI  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402

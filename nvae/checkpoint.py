@@ -1,9 +1,11 @@
-"""The nvae checkpoint format in one place: its entries, safe reading, and rebuilding a model from it.
+"""The nvae checkpoint format in one place: its entries, version, compatibility, safe reading, and
+rebuilding a model from it.
 
 A checkpoint is a Lightning checkpoint whose hyper-parameters hold the architecture and image spec
 as plain dicts, plus nvae's entries: the data module that trained it (``nvae_data``: class path and
-arguments), the EMA weights when kept (``nvae_ema``), every process's RNG states (``nvae_rng``) and
-the format version (``nvae_format``).
+arguments), the EMA weights when kept (``nvae_ema``), every process's RNG states (``nvae_rng``),
+the format version (``nvae_format``) and, in a converted official checkpoint, where it came from
+(``nvae_official``). Every key is a constant here; other modules use the constants.
 
 A checkpoint cannot run code. ``torch.load(weights_only=True)`` stops pickle from calling anything;
 :func:`check_names` stops the second way, a name in the file that a loader would import and call:
@@ -15,7 +17,6 @@ checks the file this way before anything named in it is imported or instantiated
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -26,13 +27,18 @@ from nvae.data.registry import UntrustedName, class_path, datamodule_class, subc
 from nvae.model import NVAE, NVAEConfig
 from nvae.spec import ImageSpec
 
+STATE_KEY = "state_dict"  # Lightning's: the LightningModule's state dict (the NVAE's under "model.")
+HPARAMS_KEY = "hyper_parameters"  # Lightning's: NVAEModule's hyper-parameters ("arch", "image_spec", ...)
+DATAMODULE_HPARAMS_KEY = "datamodule_hyper_parameters"  # Lightning's: the data module's, when it saved them
 DATA_KEY = "nvae_data"  # the data module that trained the model: {"class_path": ..., "init_args": {...}}
 EMA_KEY = "nvae_ema"  # exponential moving average of the model weights, if kept (a state dict)
 RNG_KEY = "nvae_rng"  # every process's RNG states (exact resume)
 FORMAT_KEY = "nvae_format"  # layout version of nvae checkpoints
 FORMAT_VERSION = 2  # 2: the official architecture (no up-sampling skip or flow hidden biases, ELU twice in
 # the flows, top prior sigma 1.01) and model.arch.dmol_bins; format 1 files hold another network
+OFFICIAL_KEY = "nvae_official"  # a converted official checkpoint's origin: {"source", "epoch", "global_step", "args"}
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI records
+LIKELIHOOD_CHOICES = ("dmol_bins",)  # model.arch fields a checkpoint may be resumed with another value of
 
 
 # ------------------------------------------------------------------------------------------ safe reading
@@ -65,8 +71,8 @@ def check_names(ckpt: Mapping[str, Any], source: str) -> None:
         if not isinstance(data, dict) or not isinstance(data.get("init_args", {}), dict):
             raise UntrustedName(f"{source}: {DATA_KEY} must be a dict with class_path and init_args")
         datamodule_class(data.get("class_path"), f"{source}: {DATA_KEY}.class_path")
-    entries = {"hyper_parameters": ckpt.get("hyper_parameters"),
-               "datamodule_hyper_parameters": ckpt.get("datamodule_hyper_parameters"),
+    entries = {HPARAMS_KEY: ckpt.get(HPARAMS_KEY),
+               DATAMODULE_HPARAMS_KEY: ckpt.get(DATAMODULE_HPARAMS_KEY),
                f"{DATA_KEY}.init_args": (data or {}).get("init_args")}
     for key, hparams in entries.items():
         if hparams is None:
@@ -79,7 +85,7 @@ def check_names(ckpt: Mapping[str, Any], source: str) -> None:
                                 f"({LIGHTNING_INSTANTIATOR}); it was not imported")
         if "_class_path" in hparams:
             entry = f"{source}: {key}._class_path"
-            if key != "hyper_parameters":
+            if key != HPARAMS_KEY:
                 datamodule_class(hparams["_class_path"], entry)
             else:
                 module_class(hparams["_class_path"], entry)
@@ -106,45 +112,7 @@ def check_tensors(state: object, entry: str) -> dict[str, torch.Tensor]:
     return state
 
 
-# ------------------------------------------------------------------------------------------ rebuilding
-@dataclass
-class LoadedCheckpoint:
-    """A model in eval mode plus what the checkpoint says about its training."""
-
-    model: NVAE
-    weights: str
-    """'ema' when the checkpoint's EMA weights were loaded, else 'raw'."""
-    hparams: dict[str, Any]
-    data: Optional[dict[str, Any]]
-    """{'class_path': ..., 'init_args': {...}} of the training data module, if recorded (checked)."""
-    path: Path
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is a torch.device that must exist on
-    this machine (ValueError naming it otherwise, instead of a CUDA initialization traceback later)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r}: {err}") from None
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS is not available here")
-    return resolved
-
-
-def device_arg(text: str) -> str:
-    """argparse ``type`` of ``--device``: checked while parsing, so a missing device is a usage error."""
-    try:
-        resolve_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
+# ------------------------------------------------------------------------------------------ version, compatibility
 def check_format(ckpt: Mapping[str, Any], source: str) -> None:
     """ValueError unless ``ckpt`` is of the :data:`FORMAT_VERSION` this nvae reads (naming what to do)."""
     fmt = ckpt.get(FORMAT_KEY, FORMAT_VERSION)
@@ -159,11 +127,57 @@ def check_format(ckpt: Mapping[str, Any], source: str) -> None:
                      "or use it with the nvae that wrote it")
 
 
+def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any]) -> None:
+    """Raise ValueError naming what differs between a checkpoint and the model it is loaded into."""
+    check_format(checkpoint, "checkpoint")
+    saved = checkpoint.get(HPARAMS_KEY, {})
+    diffs = []
+    for group in ("arch", "image_spec"):
+        old, new = saved.get(group) or {}, hparams.get(group) or {}
+        for key in sorted(set(old) | set(new)):
+            if key in LIKELIHOOD_CHOICES:  # no tensor depends on it: the configuration's choice applies
+                continue
+            if old.get(key) != new.get(key):
+                diffs.append(f"model.{group}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
+    if diffs:
+        raise ValueError("checkpoint does not fit this configuration: " + "; ".join(diffs))
+
+
+def training_checkpoint(state_dict: Mapping[str, torch.Tensor], hparams: dict[str, Any], data: dict[str, Any],
+                        epoch: int, global_step: int, loops: dict[str, Any], optimizer: dict[str, Any],
+                        lr_scheduler: dict[str, Any], official: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A checkpoint of this format made outside a Trainer (:mod:`nvae.convert`), in the layout Lightning
+    writes and ``--resume`` reads: weights, hyper-parameters, loop counters, optimizer and scheduler
+    states, plus nvae's entries (``official``: the origin of a converted checkpoint)."""
+    import lightning
+
+    ckpt = {"epoch": epoch, "global_step": global_step, "pytorch-lightning_version": lightning.__version__,
+            STATE_KEY: state_dict, HPARAMS_KEY: hparams, "loops": loops, "optimizer_states": [optimizer],
+            "lr_schedulers": [lr_scheduler], DATA_KEY: data, FORMAT_KEY: FORMAT_VERSION}
+    if official is not None:
+        ckpt[OFFICIAL_KEY] = official
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------ rebuilding
+@dataclass
+class LoadedCheckpoint:
+    """A model in eval mode plus what the checkpoint says about its training."""
+
+    model: NVAE
+    weights: str
+    """'ema' when the checkpoint's EMA weights were loaded, else 'raw'."""
+    hparams: dict[str, Any]
+    data: Optional[dict[str, Any]]
+    """{'class_path': ..., 'init_args': {...}} of the training data module, if recorded (checked)."""
+    path: Path
+
+
 def model_hparams(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The model hyper-parameters of an nvae checkpoint of this format; ValueError if it has none, no
     state dict, or another format."""
-    hparams = ckpt.get("hyper_parameters")
-    if "state_dict" not in ckpt or not isinstance(hparams, dict) or "arch" not in hparams:
+    hparams = ckpt.get(HPARAMS_KEY)
+    if STATE_KEY not in ckpt or not isinstance(hparams, dict) or "arch" not in hparams:
         raise ValueError(f"{source} is not an nvae checkpoint (no model hyper-parameters / state_dict)")
     check_format(ckpt, source)
     return hparams
@@ -185,7 +199,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     hparams = model_hparams(ckpt, f"'{path}'")
     model = build_model(hparams, f"checkpoint '{path}'")
     weights = "raw"
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model."):]: v for k, v in ckpt[STATE_KEY].items() if k.startswith("model.")}
     if use_ema and ckpt.get(EMA_KEY):
         state, weights = ckpt[EMA_KEY], "ema"
     model.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""``nvae-convert SRC DST``: an official NVAE checkpoint (NVlabs/NVAE) as an nvae checkpoint.
+"""An official NVAE checkpoint (NVlabs/NVAE) as an nvae checkpoint (the command: :mod:`nvae.cli.convert`).
 
 The result is an ordinary nvae checkpoint: ``sample.py``, ``evaluate.py`` and ``train.py --resume``
 accept it. It holds the official weights and BatchNorm statistics (:mod:`nvae.official` maps every
@@ -14,20 +14,15 @@ per-epoch cosine (the warm-up and KL schedules are the same functions of the ste
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
-from nvae.checkpoint import DATA_KEY, FORMAT_KEY, FORMAT_VERSION
+from nvae.checkpoint import training_checkpoint
 from nvae.guard import nonfinite_entries
 from nvae.official import (OfficialFormatError, head_permutation, key_map, parameter_names, place, read_official,
                            run_from_args, to_nvae)
-
-OFFICIAL_KEY = "nvae_official"  # where the run came from: {"source", "epoch", "global_step", "args"}
 
 
 def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
@@ -55,21 +50,11 @@ def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
         raise OfficialFormatError(f"'{src}': non-finite values in {len(bad)} tensor(s), e.g. official '{keys[bad[0]]}'")
     epoch, step = _count(official, "epoch"), _count(official, "global_step")
     optimizer, lr = convert_optimizer(official, module, keys)
-    ckpt = {
-        "epoch": epoch,
-        "global_step": step,
-        "pytorch-lightning_version": _lightning_version(),
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "loops": _loops(epoch, step),
-        "optimizer_states": [optimizer],
-        "lr_schedulers": [_scheduler_state(module, step, lr)],
-        DATA_KEY: run.data,
-        FORMAT_KEY: FORMAT_VERSION,
-        OFFICIAL_KEY: {"source": str(src), "epoch": epoch, "global_step": step,
-                       "args": {k: v for k, v in vars(official["args"]).items()
-                                if isinstance(v, (str, int, float, bool)) or v is None}},
-    }
+    origin = {"source": str(src), "epoch": epoch, "global_step": step,
+              "args": {k: v for k, v in vars(official["args"]).items()
+                       if isinstance(v, (str, int, float, bool)) or v is None}}
+    ckpt = training_checkpoint(module.state_dict(), dict(module.hparams), run.data, epoch, step, _loops(epoch, step),
+                               optimizer, _scheduler_state(module, step, lr), official=origin)
     AtomicTorchCheckpointIO().save_checkpoint(ckpt, dst)
     return {"source": str(src), "checkpoint": str(dst), "dataset": official["args"].dataset,
             "parameters": sum(p.numel() for p in module.model.parameters()), "tensors": len(keys),
@@ -151,36 +136,7 @@ def _loops(epoch: int, step: int) -> dict[str, Any]:
     return fit_loop_state(epoch, step)
 
 
-def _lightning_version() -> str:
-    import lightning
+if __name__ == "__main__":  # python -m nvae.convert SRC DST: the nvae-convert command
+    from nvae.cli.convert import main
 
-    return lightning.__version__
-
-
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """``nvae-convert`` / ``python -m nvae.convert``: one summary line, or one error line (exit 2)."""
-    parser = argparse.ArgumentParser(prog="nvae-convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="The converted model evaluates with the official likelihood bins; "
-                                            "evaluate.py --dmol-bins exact uses nvae's instead.")
-    parser.add_argument("src", help="official checkpoint.pt (read with weights_only=True: nothing in it runs)")
-    parser.add_argument("dst", help="nvae checkpoint to write (e.g. nvae_cifar10.ckpt)")
-    parser.add_argument("--data-root", default=None,
-                        help="data folder recorded for evaluation and training (default: the official args.data)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = parser.parse_args(argv)
-    try:
-        summary = convert(args.src, args.dst, args.data_root, args.overwrite)
-    except (OfficialFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
-        if os.environ.get("NVAE_DEBUG"):
-            raise
-        parser.exit(2, f"nvae-convert: error: {err}\n")
-    opt = "with its optimizer state" if summary["optimizer_state"] else "without optimizer state (moments start at 0)"
-    print(f"converted {summary['source']} (official {summary['dataset']}, epoch {summary['epoch']}, step "
-          f"{summary['global_step']}): {summary['parameters']:,} parameters, {summary['tensors']} tensors, {opt}; "
-          f"data module {summary['data_module']}; wrote {summary['checkpoint']}", file=sys.stdout)
-    return summary
-
-
-if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nvae.checkpoint import (DATA_KEY, EMA_KEY, FORMAT_KEY, FORMAT_VERSION, RNG_KEY, check_names, model_hparams,
-                             read_checkpoint)
+                             read_checkpoint, check_compatible)
 from nvae.compat import (cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
                           writes_logs_this_step)
 from nvae.guard import StepGuard, WeightEMA, grad_norm
@@ -26,7 +26,7 @@ from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
 from nvae.optim import Adamax
 from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm_penalty
-from nvae.resilience import check_compatible, gather_rng_states, restore_rng
+from nvae.resilience import gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
 
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # trainer.precision as Lightning spells it

@@ -24,12 +24,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nvae.checkpoint import check_format
+from nvae.checkpoint import STATE_KEY
 from nvae.compat import dump_checkpoint, request_stop
 from nvae.guard import nonfinite_entries
 
 LAST = "last.ckpt"
-LIKELIHOOD_CHOICES = ("dmol_bins",)  # model.arch fields a checkpoint may be resumed with another value of
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -79,29 +78,12 @@ def gather_rng_states(trainer: L.Trainer, local_only: bool = False) -> list[dict
     return [mine]
 
 
-# ------------------------------------------------------------------------------------------ compatibility
-def check_compatible(checkpoint: dict[str, Any], hparams: dict[str, Any]) -> None:
-    """Raise ValueError naming what differs between a checkpoint and the model it is loaded into."""
-    check_format(checkpoint, "checkpoint")
-    saved = checkpoint.get("hyper_parameters", {})
-    diffs = []
-    for group in ("arch", "image_spec"):
-        old, new = saved.get(group) or {}, hparams.get(group) or {}
-        for key in sorted(set(old) | set(new)):
-            if key in LIKELIHOOD_CHOICES:  # no tensor depends on it: the configuration's choice applies
-                continue
-            if old.get(key) != new.get(key):
-                diffs.append(f"model.{group}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
-    if diffs:
-        raise ValueError("checkpoint does not fit this configuration: " + "; ".join(diffs))
-
-
 # ------------------------------------------------------------------------------------------ atomic writes
 class AtomicTorchCheckpointIO(TorchCheckpointIO):
     """torch.save to ``path.tmp``, fsync, rename over ``path``; non-finite weights are not written."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        bad = nonfinite_entries(checkpoint.get("state_dict", {}))
+        bad = nonfinite_entries(checkpoint.get(STATE_KEY, {}))
         if bad:
             rank_zero_warn(f"not writing checkpoint '{path}': non-finite values in {len(bad)} tensor(s), e.g. "
                            f"{bad[0]}; the previous checkpoint is kept")

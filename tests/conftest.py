@@ -55,7 +55,7 @@ def fit_on_batch(model: NVAE, x: torch.Tensor, steps: int, lr: float) -> list[fl
 def quickstart_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the quickstart preset after two training steps (debug overlay)."""
 
-    from nvae.cli import main
+    from nvae.cli.train import main
 
     configs = Path(__file__).resolve().parent.parent / "configs"
     out = tmp_path_factory.mktemp("quickstart")

@@ -175,10 +175,10 @@ def test_train_py_under_slurm_as_two_nodes(tmp_path: Path) -> None:
 
 
 def test_train_py_ends_the_process_group_it_ran_in(tmp_path: Path) -> None:
-    """nvae.cli.main destroys the default process group at the end of a run (gloo: Lightning does not)."""
+    """nvae.cli.train.main destroys the default process group at the end of a run (gloo: Lightning does not)."""
     import torch.distributed as dist
 
-    from nvae.cli import main
+    from nvae.cli.train import main
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 import nvae.data as data_modules
-from nvae.eval_cli import build_parser as eval_parser
+from nvae.cli.evaluate import build_parser as eval_parser
 from nvae.lightning import NVAEModule
 from nvae.model import NVAEConfig
-from nvae.sample_cli import build_parser as sample_parser
+from nvae.cli.sample import build_parser as sample_parser
 
-SCRIPTS = {"nvae-train": "nvae.entry:train", "nvae-sample": "nvae.entry:sample", "nvae-eval": "nvae.entry:evaluate",
-           "nvae-convert": "nvae.entry:convert"}
+SCRIPTS = {"nvae-train": "nvae.cli:nvae_train", "nvae-sample": "nvae.cli:nvae_sample", "nvae-eval": "nvae.cli:nvae_eval",
+           "nvae-convert": "nvae.cli:nvae_convert"}
 
 
 def test_console_scripts_are_declared() -> None:

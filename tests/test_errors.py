@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import random_images, tiny_config
-from nvae.cli import main as train_main
+from nvae.cli.train import main as train_main
 from nvae.data import ImageFolderDataModule
 from nvae.lightning import NVAEModule
 from nvae.model import NVAE, NVAEConfig
-from nvae.sample_cli import main as sample_main
+from nvae.cli.sample import main as sample_main
 from nvae.spec import ImageSpec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -10,10 +10,10 @@ import torch
 
 from conftest import fit_on_batch, random_images
 from nvae.checkpoint import load_checkpoint
-from nvae.eval_cli import main as evaluate_main
+from nvae.cli.evaluate import main as evaluate_main
 from nvae.metrics.likelihood import evaluate_nll, importance_weighted
 from nvae.model import NVAE
-from nvae.sample_cli import main as sample_main
+from nvae.cli.sample import main as sample_main
 from nvae.sampling import batchnorm_state, readjust_batchnorm, sample_images
 
 
@@ -202,7 +202,7 @@ def test_fid_cli_samples_scores_and_caches_reference(quickstart_checkpoint: Path
 
 def test_fid_official_protocol_samples_at_t1_unrounded_after_bn_at_the_asked_t(
         quickstart_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nvae.fid_cli as fid_cli
+    import nvae.cli.fid as fid_cli
     import nvae.metrics.fid as fid
 
     monkeypatch.setattr(fid, "inception_extractor", lambda *a, **k: TinyFeatures())

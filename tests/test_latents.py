@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import fit_on_batch, random_images, tiny_config
 from nvae.model import NVAE
-from nvae.sample_cli import main as sample_main
+from nvae.cli.sample import main as sample_main
 from nvae.spec import ImageSpec
 
 SPEC = ImageSpec(channels=1, size=16, num_bits=1, pad=2)

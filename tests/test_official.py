@@ -18,9 +18,9 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from nvae.checkpoint import load_checkpoint, read_checkpoint
-from nvae.convert import OFFICIAL_KEY, convert
-from nvae.convert import main as convert_main
+from nvae.checkpoint import OFFICIAL_KEY, load_checkpoint, read_checkpoint
+from nvae.cli.convert import main as convert_main
+from nvae.convert import convert
 from nvae.data import ImageDataModule, register_datamodule
 from nvae.model import NVAE
 from nvae.official import (OfficialFormatError, key_map, parameter_names, read_official, run_from_args,
@@ -234,8 +234,8 @@ class RandomRGB(ImageDataModule):
 
 
 def test_resume_trains_on_from_the_official_step_and_samples(converted: dict[str, Path], tmp_path: Path) -> None:
-    from nvae.cli import main
-    from nvae.sample_cli import main as sample_main
+    from nvae.cli.sample import main as sample_main
+    from nvae.cli.train import main
 
     ckpt = read_checkpoint(converted["cifar10_tiny"])
     h = ckpt["hyper_parameters"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nvae import cli
+from nvae.cli import train as cli
 from nvae.presets import describe, preset_folder, preset_names, resolve_config_args
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

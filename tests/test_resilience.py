@@ -13,11 +13,12 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import random_images, tiny_config
+from nvae.checkpoint import check_compatible
 from nvae.data import register_datamodule
 from nvae.data.base import ImageDataModule
 from nvae.guard import StepGuard, TrainingDiverged
 from nvae.lightning import EMA_KEY, RNG_KEY, NVAEModule
-from nvae.resilience import AtomicTorchCheckpointIO, check_compatible, last_checkpoint_path
+from nvae.resilience import AtomicTorchCheckpointIO, last_checkpoint_path
 from nvae.spec import ImageSpec
 
 SPEC = ImageSpec(channels=1, size=16, num_bits=1, pad=2)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nvae.cli import main
+from nvae.cli.train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SCALARS = [

@@ -15,8 +15,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from nvae import cli, eval_cli, sample_cli
 from nvae.checkpoint import check_names
+from nvae.cli import evaluate as eval_cli
+from nvae.cli import sample as sample_cli
+from nvae.cli import train as cli
 from nvae.config_check import check_command_line, check_config_file
 from nvae.data import ImageDataModule, register_datamodule
 from nvae.data.bundled import BundledMNISTDataModule

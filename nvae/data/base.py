@@ -179,14 +179,14 @@ class ImageDataModule(L.LightningDataModule):
         ``weights_only=True`` and its names checked (:func:`nvae.checkpoint.check_names`); the class is
         ``cls``, or the recorded one (an allowed data module) when called on ``ImageDataModule``.
         ``kwargs`` override the recorded arguments."""
-        from nvae.checkpoint import DATA_KEY, instantiate_datamodule, read_checkpoint
+        from nvae.checkpoint import DATA_KEY, DATAMODULE_HPARAMS_KEY, instantiate_datamodule, read_checkpoint
         from nvae.data.registry import datamodule_class
 
         if hparams_file is not None:
             raise ValueError("ImageDataModule.load_from_checkpoint: hparams_file is not supported")
         checkpoint = read_checkpoint(checkpoint_path, map_location="cpu")
         recorded = checkpoint.get(DATA_KEY) or {}
-        saved = checkpoint.get("datamodule_hyper_parameters") or recorded.get("init_args") or {}
+        saved = checkpoint.get(DATAMODULE_HPARAMS_KEY) or recorded.get("init_args") or {}
         target = cls
         if cls is ImageDataModule:
             target = datamodule_class(recorded.get("class_path") or saved.get("_class_path"),

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nvae.checkpoint import resolve_device
-from nvae.eval_cli import data_loader, launch, load
+from nvae.cli.common import data_loader, launch, load, resolve_device
 from nvae.metrics import fid as F
 from nvae.metrics.sharded import image_seed
 from nvae.sampling import bn_cache_path, readjust_batchnorm

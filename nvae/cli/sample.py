@@ -4,7 +4,7 @@
         [--batch-size B] [--output PATH] [--readjust-bn [STEPS]] [--format png|pngs|npz]
         [--decode mean|sample] [--device D] [--no-ema]
     python sample.py --checkpoint CKPT --reconstruct DIR [--keep-groups K ...] | --interpolate A B [--steps N]
-        | --encode DIR        (the latent API, see nvae/latent_cli.py)
+        | --encode DIR        (the latent API, see nvae/cli/latent.py)
 
 The last line printed is one JSON object describing what was written.
 """
@@ -20,24 +20,10 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from nvae import latent_cli
-from nvae.checkpoint import device_arg, load_checkpoint, resolve_device
+from nvae.checkpoint import load_checkpoint
+from nvae.cli import latent
+from nvae.cli.common import DEFAULT_BN_STEPS, add_bn_batch_size, device_arg, positive_temperature, resolve_device
 from nvae.sampling import batchnorm_state, bn_cache_path, load_batchnorm_state, readjust_batchnorm, sample_images
-
-DEFAULT_BN_STEPS = 500
-DEFAULT_BN_BATCH = 16  # samples per BN-readjustment pass, as the official code's sampling uses
-
-
-def add_bn_batch_size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bn-batch-size", type=int, default=DEFAULT_BN_BATCH,
-                   help=f"samples per BN readjustment pass ({DEFAULT_BN_BATCH}: the official code's)")
-
-
-def positive_temperature(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"temperature must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    latent_cli.add_arguments(p)
+    latent.add_arguments(p)
     return p
 
 
@@ -102,9 +88,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit(f"sample.py: {err}") from None
     model = loaded.model
     print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}, decode: {args.decode}")
-    if latent_cli.wanted(args):
+    if latent.wanted(args):
         try:
-            result = latent_cli.run(args, model, device)
+            result = latent.run(args, model, device)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"sample.py: {err}") from None
         print(json.dumps(result))

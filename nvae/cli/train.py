@@ -1,4 +1,4 @@
-"""The command line: a LightningCLI over NVAEModule and the data modules (DESIGN sec. 3).
+"""`train.py`: the training command line, a LightningCLI over NVAEModule and the data modules (DESIGN sec. 3).
 
 The data module's ``image_spec`` is linked into the model, so image shape and bit depth are
 given once. After ``fit`` the held-out negative ELBO of the trained weights is printed.
@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from nvae.checkpoint import read_checkpoint
+from nvae.cli.common import end_distributed
 from nvae.config_check import check_command_line
 from nvae.data import ImageDataModule
 from nvae.data.base import DataError
@@ -141,16 +142,3 @@ def main(args: Optional[list[str]] = None) -> Optional[NVAECLI]:
     finally:
         end_distributed()
 
-
-def end_distributed() -> None:
-    """Destroy the default process group, if this run made one, before the process exits.
-
-    Lightning destroys it at exit for NCCL only. A gloo group left to the interpreter's shutdown
-    lets its threads outlive their owner: under torchrun with 2 nodes of 1 CPU process each, 5 of
-    7 runs failed, a process aborting after its last line ("terminate called without an active
-    exception", SIGABRT, so torchrun reported the run as failed) or hanging in torchrun's exit barrier.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

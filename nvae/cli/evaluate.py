@@ -13,7 +13,6 @@ The data set comes from the checkpoint's own data settings (``--data-root`` etc.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -23,39 +22,11 @@ from typing import Any, Optional
 import torch
 from torchvision.utils import make_grid, save_image
 
-from nvae.checkpoint import (LoadedCheckpoint, build_datamodule, device_arg, instantiate_datamodule, load_checkpoint,
-                             resolve_device)
-from nvae.data.registry import command_line_datamodule
-from nvae.distributions import DMOL_BINS
+from nvae.checkpoint import LoadedCheckpoint
+from nvae.cli.common import (DEFAULT_BN_STEPS, add_bins, add_bn_batch_size, add_common, add_processes, data_loader,
+                             end_distributed, eval_dataset, launch, load, positive_temperature, resolve_device)
 from nvae.metrics.likelihood import NLLResult
 from nvae.metrics.sharded import gather_rows, per_image_nll
-from nvae.sample_cli import DEFAULT_BN_STEPS, add_bn_batch_size, positive_temperature
-
-
-def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
-    p.add_argument("--checkpoint", required=checkpoint_required, help="Lightning checkpoint written by train.py")
-    p.add_argument("--data", default=None, metavar="CLASS_PATH",
-                   help="data module to use instead of the checkpoint's (e.g. nvae.data.CIFAR10DataModule)")
-    p.add_argument("--data-root", default=None, help="override the data root recorded in the checkpoint")
-    p.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split to evaluate on")
-    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0, help="random seed (posterior samples, binarization, sampling)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_processes(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", default="1",
-                   help="processes per node (Lightning Fabric): e.g. 8 GPUs, or 2 CPU processes with --strategy ddp; "
-                        "each evaluates every (devices x num_nodes)-th image and the results are gathered")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun / SLURM, as for train.py)")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-
-
-def add_bins(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dmol-bins", choices=list(DMOL_BINS), default=None,
-                   help="likelihood bins of a multi-bit model: 'official' (the official code's; converted checkpoints "
-                        "default to it) or 'exact' (nvae's); default: the checkpoint's model.arch.dmol_bins")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,57 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--num-images", type=int, default=32, help="test images to reconstruct")
     add_bins(rec)
     return parser
-
-
-def launch(args: argparse.Namespace) -> Any:
-    """A launched Lightning Fabric when more than one process is asked for (or launched by torchrun/SLURM
-    with --num-nodes), else None."""
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    if devices == 1 and args.num_nodes == 1 and args.strategy == "auto":
-        return None
-    from lightning.fabric import Fabric
-
-    accelerator = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy)
-    fabric.launch()
-    return fabric
-
-
-def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
-    try:
-        loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"evaluate.py: {err}") from None
-    bins = getattr(args, "dmol_bins", None)
-    if bins is not None:
-        loaded.model.cfg = dataclasses.replace(loaded.model.cfg, dmol_bins=bins)
-    where = f", likelihood bins: {loaded.model.cfg.dmol_bins}" if loaded.model.spec.likelihood == "dmol" else ""
-    if not getattr(args, "quiet_rank", False):
-        print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
-    return loaded
-
-
-def eval_dataset(loaded: LoadedCheckpoint, args: argparse.Namespace) -> Any:
-    """The recorded data module's data set for ``args.split``."""
-    loader = data_loader(loaded, args, batch_size=1)
-    return loader.dataset
-
-
-def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: int) -> Any:
-    """The recorded data module's loader for ``args.split`` (no shuffling)."""
-    try:
-        overrides = dict(root=args.data_root, eval_batch_size=batch_size, num_workers=0,
-                         num_bits=getattr(args, "num_bits", None))  # FID's official protocol: 8 bits
-        if args.data:  # named on the command line: the user's choice (may be imported)
-            dm = instantiate_datamodule(command_line_datamodule(args.data), {}, overrides)
-        else:  # named by the checkpoint: nvae's data modules or registered ones only
-            dm = build_datamodule(loaded.data, **overrides)
-        dm.setup("test")
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"evaluate.py: {err}") from None
-    if args.split == "train":
-        return torch.utils.data.DataLoader(dm.train_set, batch_size=batch_size, shuffle=False)
-    return dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
 
 
 def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
@@ -234,14 +154,12 @@ def _take(loader: Any, n: int) -> Any:
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     if args.command == "fid":
-        from nvae.fid_cli import run_fid
+        from nvae.cli.fid import run_fid
 
         result = run_fid(args)
     else:
         result = {"nll": run_nll, "recon": run_recon}[args.command](args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # --devices / --num-nodes
-        from nvae.cli import end_distributed
-
         end_distributed()
     if result is not None:  # None: a process other than rank 0
         print(json.dumps(result))

@@ -1,0 +1,55 @@
+"""The command lines: entry points of train.py, sample.py, evaluate.py and nvae-train/-sample/-eval/-convert.
+
+Each entry picks the memory allocator first (:func:`nvae.runtime.select_allocator`: the process may
+re-execute itself with tcmalloc preloaded), then imports torch and its command module:
+
+    train     (nvae-train,   python train.py)     the LightningCLI over NVAEModule and the data modules
+    sample    (nvae-sample,  python sample.py)    images, and the latent API (latent)
+    evaluate  (nvae-eval,    python evaluate.py)  nll, recon, and fid (fid)
+    convert   (nvae-convert, python -m nvae.convert)  an official checkpoint as an nvae one
+    common    what several commands share: device and data arguments, loading a checkpoint, Fabric
+
+This package imports no torch. The entry functions are named after the commands (``nvae_train``, ...):
+a function ``train`` here would be replaced by the submodule ``nvae.cli.train`` once that is imported.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from nvae.runtime import select_allocator
+
+
+def _program() -> str:
+    return os.path.basename(sys.argv[0]) or "nvae"
+
+
+def nvae_train() -> None:
+    """``python train.py`` / ``nvae-train``: see :func:`nvae.cli.train.main`."""
+    select_allocator(_program())
+    from nvae.cli.train import main
+
+    main()
+
+
+def nvae_sample() -> None:
+    """``python sample.py`` / ``nvae-sample``: see :func:`nvae.cli.sample.main`."""
+    select_allocator(_program())
+    from nvae.cli.sample import main
+
+    main()
+
+
+def nvae_eval() -> None:
+    """``python evaluate.py`` / ``nvae-eval``: see :func:`nvae.cli.evaluate.main`."""
+    select_allocator(_program())
+    from nvae.cli.evaluate import main
+
+    main()
+
+
+def nvae_convert() -> None:
+    """``nvae-convert``: see :func:`nvae.cli.convert.main` (no allocator choice: a one-off file conversion)."""
+    from nvae.cli.convert import main
+
+    main()

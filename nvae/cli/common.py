@@ -1,0 +1,152 @@
+"""What several command lines share: devices, checkpoint and data arguments, loading a checkpoint for a
+command, data loaders, launching Lightning Fabric, the temperature and BN-readjustment arguments, and
+ending a distributed run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import torch
+
+from nvae.checkpoint import LoadedCheckpoint, build_datamodule, instantiate_datamodule, load_checkpoint
+from nvae.data.registry import command_line_datamodule
+from nvae.distributions import DMOL_BINS
+
+DEFAULT_BN_STEPS = 500
+DEFAULT_BN_BATCH = 16  # samples per BN-readjustment pass, as the official code's sampling uses
+
+
+# ------------------------------------------------------------------------------------------ devices
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is a torch.device that must exist on
+    this machine (ValueError naming it otherwise, instead of a CUDA initialization traceback later)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here")
+    return resolved
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of ``--device``: checked while parsing, so a missing device is a usage error."""
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def add_bn_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bn-batch-size", type=int, default=DEFAULT_BN_BATCH,
+                   help=f"samples per BN readjustment pass ({DEFAULT_BN_BATCH}: the official code's)")
+
+
+def positive_temperature(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"temperature must be >= 0, got {value}")
+    return value
+
+
+def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    """The checkpoint, data, device and seed arguments of every ``evaluate.py`` command."""
+    p.add_argument("--checkpoint", required=checkpoint_required, help="Lightning checkpoint written by train.py")
+    p.add_argument("--data", default=None, metavar="CLASS_PATH",
+                   help="data module to use instead of the checkpoint's (e.g. nvae.data.CIFAR10DataModule)")
+    p.add_argument("--data-root", default=None, help="override the data root recorded in the checkpoint")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split to evaluate on")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed (posterior samples, binarization, sampling)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_processes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", default="1",
+                   help="processes per node (Lightning Fabric): e.g. 8 GPUs, or 2 CPU processes with --strategy ddp; "
+                        "each evaluates every (devices x num_nodes)-th image and the results are gathered")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun / SLURM, as for train.py)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+
+
+def add_bins(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dmol-bins", choices=list(DMOL_BINS), default=None,
+                   help="likelihood bins of a multi-bit model: 'official' (the official code's; converted checkpoints "
+                        "default to it) or 'exact' (nvae's); default: the checkpoint's model.arch.dmol_bins")
+
+
+# ------------------------------------------------------------------------------------------ running
+def launch(args: argparse.Namespace) -> Any:
+    """A launched Lightning Fabric when more than one process is asked for (or launched by torchrun/SLURM
+    with --num-nodes), else None."""
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    if devices == 1 and args.num_nodes == 1 and args.strategy == "auto":
+        return None
+    from lightning.fabric import Fabric
+
+    accelerator = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy)
+    fabric.launch()
+    return fabric
+
+
+def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
+    """``args.checkpoint`` on ``device`` (``--dmol-bins`` applied), announced unless ``args.quiet_rank``;
+    a bad file is a one-line exit."""
+    try:
+        loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    bins = getattr(args, "dmol_bins", None)
+    if bins is not None:
+        loaded.model.cfg = dataclasses.replace(loaded.model.cfg, dmol_bins=bins)
+    where = f", likelihood bins: {loaded.model.cfg.dmol_bins}" if loaded.model.spec.likelihood == "dmol" else ""
+    if not getattr(args, "quiet_rank", False):
+        print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
+    return loaded
+
+
+def eval_dataset(loaded: LoadedCheckpoint, args: argparse.Namespace) -> Any:
+    """The recorded data module's data set for ``args.split``."""
+    loader = data_loader(loaded, args, batch_size=1)
+    return loader.dataset
+
+
+def data_loader(loaded: LoadedCheckpoint, args: argparse.Namespace, batch_size: int) -> Any:
+    """The recorded data module's loader for ``args.split`` (no shuffling)."""
+    try:
+        overrides = dict(root=args.data_root, eval_batch_size=batch_size, num_workers=0,
+                         num_bits=getattr(args, "num_bits", None))  # FID's official protocol: 8 bits
+        if args.data:  # named on the command line: the user's choice (may be imported)
+            dm = instantiate_datamodule(command_line_datamodule(args.data), {}, overrides)
+        else:  # named by the checkpoint: nvae's data modules or registered ones only
+            dm = build_datamodule(loaded.data, **overrides)
+        dm.setup("test")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    if args.split == "train":
+        return torch.utils.data.DataLoader(dm.train_set, batch_size=batch_size, shuffle=False)
+    return dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
+
+
+def end_distributed() -> None:
+    """Destroy the default process group, if this run made one, before the process exits.
+
+    Lightning destroys it at exit for NCCL only. A gloo group left to the interpreter's shutdown
+    lets its threads outlive their owner: under torchrun with 2 nodes of 1 CPU process each, 5 of
+    7 runs failed, a process aborting after its last line ("terminate called without an active
+    exception", SIGABRT, so torchrun reported the run as failed) or hanging in torchrun's exit barrier.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
