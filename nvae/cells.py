@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (ELU, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, UpsampleConv,
+from nvae.ops import (ELU, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, Step, UpsampleConv,
                       autoregressive_mask, batch_norm, bn_swish_conv)
 
 RESIDUAL_SCALE = 0.1
@@ -19,8 +19,9 @@ RESIDUAL_SCALE = 0.1
 class EncoderCell(nn.Module):
     """BN - Swish - conv3x3 - BN - Swish - conv3x3 - SE (fig. 3b); stride 2 when ``down``.
 
-    ``branch`` holds the layers; Swish is applied by :meth:`forward` (part of each fused step, so
-    that converting the BatchNorm layers, e.g. to SyncBatchNorm, leaves the cell as it is).
+    ``branch`` holds the layers (its indices are the state-dict keys); Swish is applied by
+    :meth:`forward` as part of each step (:class:`nvae.ops.Step`), so that converting the BatchNorm
+    layers, e.g. to SyncBatchNorm, leaves the cell as it is.
     """
 
     def __init__(self, in_channels: int, out_channels: int, down: bool = False, use_se: bool = True) -> None:
@@ -35,9 +36,10 @@ class EncoderCell(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.branch
-        h = bn_swish_conv(bn_swish_conv(x, (b[0], True, b[1])), (b[2], True, b[3]))  # BN, Swish outputs recomputed
-        return self.skip(x) + RESIDUAL_SCALE * b[4](h)
+        bn1, conv1, bn2, conv2, se = self.branch  # looked up each call: SyncBatchNorm conversion replaces BNs
+        h = bn_swish_conv(x, Step(bn1, True, conv1))
+        h = bn_swish_conv(h, Step(bn2, True, conv2))
+        return self.skip(x) + RESIDUAL_SCALE * se(h)
 
 
 class DecoderCell(nn.Module):
@@ -46,13 +48,12 @@ class DecoderCell(nn.Module):
     When ``up``, the input is first upsampled (nearest x2) and the skip is bilinear x2 + conv1x1.
     The convolutions inside are followed by BatchNorm, so they carry no weight normalization.
 
-    The three BN-conv steps run as fused autograd steps (:func:`nvae.ops.bn_swish_conv`; Swish is
-    part of the step, as in :class:`EncoderCell`). By
-    default the expanded map after the 1x1 expansion is stored and the depthwise part recomputed in
-    backward; with ``recompute_expanded`` (set under activation checkpointing, see
-    ``NVAE.set_checkpointing``) the whole branch is one step that stores only the cell input and
-    runs the expansion again in backward: one map instead of two, the first one ``expand`` x wider
-    (CIFAR-10 float32 batch 8: 4.4 -> 3.8 GiB peak for 6.5 -> 7.2 s per step).
+    The three BN-conv steps run as fused chains (:func:`nvae.ops.bn_swish_conv`; Swish is part of
+    the step, as in :class:`EncoderCell`). By default the expanded map after the 1x1 expansion is
+    stored and the depthwise part recomputed in backward; with ``recompute_expanded`` (set under
+    activation checkpointing, see ``NVAE.set_checkpointing``) the whole branch is one chain that
+    stores only the cell input and runs the expansion again in backward: less memory for a little
+    more compute (docs/performance.md).
     """
 
     recompute_expanded = False
@@ -75,14 +76,17 @@ class DecoderCell(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.branch
-        h = b[0](x)  # upsampled or not
+        upsample, bn_in, expand, bn_mid, depthwise, bn_out, project, bn_final, se = self.branch  # state-dict order
+        expand_step = Step(bn_in, False, expand)  # BN - conv1x1 (no Swish)
+        depthwise_step = Step(bn_mid, True, depthwise)  # BN - Swish - dwconv5x5
+        project_step = Step(bn_out, True, project)  # BN - Swish - conv1x1
+        h = upsample(x)
         if not self.recompute_expanded:
-            h = bn_swish_conv(h, (b[1], False, b[2]))  # (B, expand * C, H, W), stored
-            h = bn_swish_conv(h, (b[3], True, b[4]), (b[5], True, b[6]))
+            h = bn_swish_conv(h, expand_step)  # (B, expand * C, H, W), stored
+            h = bn_swish_conv(h, depthwise_step, project_step)
         else:
-            h = bn_swish_conv(h, (b[1], False, b[2]), (b[3], True, b[4]), (b[5], True, b[6]))
-        return self.skip(x) + RESIDUAL_SCALE * b[8](b[7](h))
+            h = bn_swish_conv(h, expand_step, depthwise_step, project_step)
+        return self.skip(x) + RESIDUAL_SCALE * se(bn_final(h))
 
 
 class EncoderCombiner(nn.Module):

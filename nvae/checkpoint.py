@@ -38,7 +38,8 @@ FORMAT_VERSION = 2  # 2: the official architecture (no up-sampling skip or flow 
 # the flows, top prior sigma 1.01) and model.arch.dmol_bins; format 1 files hold another network
 OFFICIAL_KEY = "nvae_official"  # a converted official checkpoint's origin: {"source", "epoch", "global_step", "args"}
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI records
-LIKELIHOOD_CHOICES = ("dmol_bins",)  # model.arch fields a checkpoint may be resumed with another value of
+# model.arch fields a checkpoint may be resumed with another value of: no tensor depends on them
+FREE_ARCH_FIELDS = ("dmol_bins", "fused_ops")  # the likelihood's bins; the hand-written CPU autograd or plain PyTorch
 
 
 # ------------------------------------------------------------------------------------------ safe reading
@@ -135,7 +136,7 @@ def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any]) 
     for group in ("arch", "image_spec"):
         old, new = saved.get(group) or {}, hparams.get(group) or {}
         for key in sorted(set(old) | set(new)):
-            if key in LIKELIHOOD_CHOICES:  # no tensor depends on it: the configuration's choice applies
+            if key in FREE_ARCH_FIELDS:  # the configuration's choice applies
                 continue
             if old.get(key) != new.get(key):
                 diffs.append(f"model.{group}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")

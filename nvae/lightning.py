@@ -23,9 +23,10 @@ from nvae.compat import (cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnor
                           writes_logs_this_step)
 from nvae.guard import StepGuard, WeightEMA, grad_norm
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
-from nvae.objectives import NELBO, bits_per_dim, kl_balance_alpha, kl_warmup, nelbo, regularization_coeff
+from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
+                             nelbo, regularization_coeff)
 from nvae.optim import Adamax
-from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm_penalty
+from nvae.spectral import SpectralRegularizer
 from nvae.resilience import gather_rng_states, restore_rng
 from nvae.spec import ImageSpec
 

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
 from nvae.distributions import DMOL_BINS, Bernoulli, DiscMixLogistic, Normal, dmol_channels
-from nvae.ops import ELU, CellStack, Conv2d, once_then_frozen
+from nvae.ops import ELU, CellStack, Conv2d, once_then_frozen, use_fused_ops
 from nvae.spec import ImageSpec
 
 Likelihood = Union[Bernoulli, DiscMixLogistic]
@@ -69,6 +69,11 @@ class NVAEConfig:
     edge bins, every bin's mass computed stably) or "official" (the official code's: a value above
     0.99 in [-1, 1] is a top edge bin, so 8-bit level 254 is too; bins under 1e-5 use the density).
     Converted official checkpoints use "official"; both are valid likelihoods of the same network."""
+    fused_ops: bool = True
+    """On CPU, run the hand-written autograd (fused BatchNorm-Swish-conv chains, weight norm with
+    spectral tokens, the vectorized ELU, the depthwise kernels: :mod:`nvae.ops`); false: the plain
+    PyTorch path. Same function either way (tests/test_fused_equivalence.py); GPUs always run the
+    plain path until a GPU measurement says otherwise."""
 
     def __post_init__(self) -> None:
         at_least = {1: ("num_channels", "num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks",
@@ -81,6 +86,8 @@ class NVAEConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < low:
                     raise ValueError(f"model.arch.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.fused_ops, bool):
+            raise ValueError(f"model.arch.fused_ops must be true or false, got {self.fused_ops!r}")
         if self.dmol_bins not in DMOL_BINS:
             raise ValueError(f"model.arch.dmol_bins must be one of {', '.join(DMOL_BINS)}, got {self.dmol_bins!r}")
         if self.num_preprocess_blocks != self.num_postprocess_blocks:
@@ -122,7 +129,7 @@ class NVAEOutput:
 
 
 @dataclass
-class GroupLatent:
+class GroupPosterior:
     """One latent group of an encoded batch (see :meth:`NVAE.encode`)."""
 
     mean: torch.Tensor
@@ -157,7 +164,7 @@ class LatentGroup(nn.Module):
 
     def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float,
                 z_shape: tuple[int, ...], z: torch.Tensor | None = None, use_mean: bool = False,
-                trace: list[GroupLatent] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                trace: list[GroupPosterior] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (new decoder state, KL map, log q map, log p map), maps of shape (B, L, h, w).
 
         A given ``z`` is used as it is. Otherwise, with ``enc`` (the group's encoder feature) z
@@ -173,7 +180,7 @@ class LatentGroup(nn.Module):
         return self._forward(h, enc, temperature, z_shape, z, use_mean, trace)
 
     def _forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float, z_shape: tuple[int, ...],
-                 z: torch.Tensor | None, use_mean: bool, trace: list[GroupLatent] | None = None
+                 z: torch.Tensor | None, use_mean: bool, trace: list[GroupPosterior] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.cells(h)
         # distributions in float32 even under autocast: KL and log-densities need the precision
@@ -193,7 +200,7 @@ class LatentGroup(nn.Module):
         log_q = q.log_prob(z0)
         z = self.flows(z0)  # volume preserving: log q(z) = log q(z0)
         if trace is not None:
-            trace.append(GroupLatent(q.mu, q.sigma, z))
+            trace.append(GroupPosterior(q.mu, q.sigma, z))
         log_p = prior.log_prob(z)
         kl = log_q - log_p if len(self.flows) > 0 else q.kl(prior)
         return self.dec_combiner(h, z), kl, log_q, log_p
@@ -260,6 +267,7 @@ class NVAE(nn.Module):
         out = spec.channels if spec.likelihood == "bernoulli" else dmol_channels(spec.channels, cfg.num_mixtures)
         self.head = nn.Sequential(ELU(), Conv2d(ch, out, 3, padding=1))
         self.groups_per_scale = groups
+        use_fused_ops(self, cfg.fused_ops)
 
     def set_checkpointing(self, mode: bool | str) -> None:
         """Activation checkpointing: recompute activations in backward instead of storing them.
@@ -311,7 +319,7 @@ class NVAE(nn.Module):
 
     def _top_down(self, batch: int, feats: list[torch.Tensor] | None, temperature: float = 1.0,
                   latents: Sequence[torch.Tensor | None] = (), use_mean: bool = False,
-                  trace: list[GroupLatent] | None = None) -> NVAEOutput:
+                  trace: list[GroupPosterior] | None = None) -> NVAEOutput:
         """The one top-down traversal: posterior samples when ``feats`` is given, prior samples otherwise.
 
         ``latents[i]``, when given and not None, fixes group i's z; ``use_mean`` takes posterior
@@ -371,14 +379,14 @@ class NVAE(nn.Module):
         return out.likelihood.mean() if quantize is None else out.likelihood.mean(quantize=quantize)
 
     # ------------------------------------------------------------------------------- latent API
-    def encode(self, x: torch.Tensor, use_mean: bool = True) -> list[GroupLatent]:
+    def encode(self, x: torch.Tensor, use_mean: bool = True) -> list[GroupPosterior]:
         """Per-group posteriors of images x (B, C, H, W) in [0, 1], top (coarsest) group first.
 
         The hierarchy is conditional: group i's posterior depends on the latents chosen above it,
         here their means (``use_mean``, deterministic) or samples. ``decode([g.z for g in ...])``
         retraces the same path.
         """
-        trace: list[GroupLatent] = []
+        trace: list[GroupPosterior] = []
         self._top_down(x.shape[0], self.encode_features(x), use_mean=use_mean, trace=trace)
         return trace
 

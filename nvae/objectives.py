@@ -1,14 +1,19 @@
 """The training objective of NVAE (paper sec. 3.2 and appendix A): negative ELBO with KL warm-up,
-KL balancing across groups, and the conversion to bits per dimension.
+KL balancing across groups, the BatchNorm penalty (sec. 3.2, next to spectral regularization,
+which lives in :mod:`nvae.spectral`) and the conversion to bits per dimension.
 
-Pure functions of tensors; no modules, no state.
+Pure functions of tensors; no state.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+from torch import nn
+
+from nvae.compat import BatchNormBase, foreach_norm
 
 
 def kl_warmup(step: int, total_steps: int, anneal_portion: float = 0.3, const_portion: float = 1e-4,
@@ -78,3 +83,21 @@ def nelbo(log_px: torch.Tensor, kl: torch.Tensor, beta: float, alpha: torch.Tens
     recon = -log_px
     kl_total = kl.sum(dim=1)
     return NELBO((recon + weighted).mean(), recon + kl_total, recon, kl_total, gamma)
+
+
+def batchnorm_gammas(model: nn.Module) -> list[nn.Parameter]:
+    """The scale parameters (gamma) of every affine BatchNorm layer of ``model``."""
+    return [m.weight for m in model.modules() if isinstance(m, BatchNormBase) and m.affine]
+
+
+def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over affine BatchNorm layers of max |gamma| (keeps BN scales from growing).
+
+    ``model`` may also be the gammas themselves (:func:`batchnorm_gammas`, gathered once): the
+    per-layer maxima are one ``_foreach_norm`` (inf-norm; same gradient as ``abs().max()``, ties
+    shared equally).
+    """
+    gammas = batchnorm_gammas(model) if isinstance(model, nn.Module) else list(model)
+    if not gammas:
+        return torch.zeros(())
+    return torch.stack(foreach_norm(gammas, float("inf"))).sum()

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fit_on_batch, random_images, tiny_config
-from nvae import regularization
+from nvae import spectral
 from nvae.cells import AutoregressiveShift
 from nvae.model import NVAE
 from nvae.ops import Conv2d, DepthwiseConv2d, autoregressive_mask
-from nvae.regularization import SpectralRegularizer, batchnorm_gammas, batchnorm_penalty
+from nvae.objectives import batchnorm_gammas, batchnorm_penalty
+from nvae.spectral import SpectralRegularizer
 from nvae.spec import ImageSpec
 
 
@@ -60,7 +61,7 @@ def test_spectral_estimate_matches_linalg(layout: torch.memory_format) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(Conv2d(4, 6, 3), Conv2d(4, 6, 3), Conv2d(6, 2, 1), Conv2d(128, 256, 3))
     model.to(memory_format=layout)
-    assert model[3].weight.numel() >= regularization.LARGE_MATRIX
+    assert model[3].weight.numel() >= spectral.LARGE_MATRIX
     reg = SpectralRegularizer(model, power_iters=4, initial_iters=200)
     total = reg()
     expected = sum(torch.linalg.matrix_norm(m.normalized_weight().flatten(1), ord=2) for m in model)
@@ -93,7 +94,7 @@ def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_
         loss = (y ** 2).mean() + 0.7 * reg()
         loss.backward()
         losses.append(loss.detach())
-    assert all("spectral_uv" in m.__dict__ for m in a) and not any("spectral_uv" in m.__dict__ for m in b)
+    assert all(m.spectral.uv is not None for m in a) and not any(m.spectral.uv is not None for m in b)
     torch.testing.assert_close(losses[0], losses[1])
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
@@ -302,9 +303,9 @@ def test_checkpoint_recomputation_keeps_no_kernels_for_the_next_step(tiny_rgb: N
     spectral = SpectralRegularizer(tiny_rgb)
     out = tiny_rgb(random_images(tiny_rgb.spec))
     loss = out.kl.sum() + spectral()
-    assert not [n for n, m in tiny_rgb.named_modules() if "last_weight" in m.__dict__]
+    assert not [n for n, m in tiny_rgb.named_modules() if isinstance(m, Conv2d) and m.spectral.kernel is not None]
     loss.backward()
-    assert not [n for n, m in tiny_rgb.named_modules() if "last_weight" in m.__dict__]
+    assert not [n for n, m in tiny_rgb.named_modules() if isinstance(m, Conv2d) and m.spectral.kernel is not None]
 
 
 def test_sync_batchnorm_conversion_keeps_the_model() -> None:
@@ -409,3 +410,11 @@ def test_sample_means_are_on_the_bit_grid_unless_asked_otherwise(tiny_rgb: NVAE)
     torch.testing.assert_close(rounded * top, torch.round(rounded * top))
     assert not torch.equal(raw * top, torch.round(raw * top))
     assert (rounded - raw).abs().max() <= 0.5 / top + 1e-6
+
+
+def test_a_convolution_the_regularizer_cannot_see_fails_at_construction() -> None:
+    """Sec. 3.2 regularizes every convolution: a torch.nn.Conv2d (no spectral slot) is refused, named."""
+    model = torch.nn.Sequential(Conv2d(3, 4, 3), torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3)))
+    with pytest.raises(ValueError, match=r"^1\.0: a Conv2d escapes the spectral regularizer"):
+        SpectralRegularizer(model)
+    assert SpectralRegularizer(model[:1]).num_layers == 1

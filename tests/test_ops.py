@@ -1,4 +1,4 @@
-"""The fused BatchNorm-Swish-conv steps (nvae.ops.bn_swish_conv) and ELU against plain autograd."""
+"""The fused BatchNorm-Swish-conv steps (nvae.ops.fused.bn_swish_conv) and ELU against plain autograd."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvae import ops
-from nvae.ops import Conv2d, DepthwiseConv2d, Step, batch_norm, bn_swish_conv
+from nvae.ops import Conv2d, DepthwiseConv2d, Step, batch_norm, bn_swish_conv, depthwise
+from nvae.ops import conv as conv_ops
+from nvae.ops.layers import ELU
 
 CONVS = {
     "3x3 weight-normed, bias": lambda c: Conv2d(c, 6, 3, padding=1),
@@ -132,9 +133,9 @@ def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
         grad_w = conv.weight_grad_by(grad_out, x, method)
         assert grad_w.dtype == torch.float32
         torch.testing.assert_close(grad_w.double(), ref_w, rtol=tol, atol=tol * ref_w.abs().max().item())
-    ops._FASTEST_WEIGHT_GRAD.clear()
+    depthwise.WEIGHT_GRAD_METHODS.fastest.clear()
     grad_x, grad_w, _ = conv.convolve_backward(grad_out, x, conv.weight.to(dtype), (True, True, False))
-    assert list(ops._FASTEST_WEIGHT_GRAD.values())[0] in ops.DEPTHWISE_GRAD_METHODS
+    assert list(depthwise.WEIGHT_GRAD_METHODS.fastest.values())[0] in depthwise.DEPTHWISE_GRAD_METHODS
     assert grad_x.dtype == dtype
     torch.testing.assert_close(grad_w.double(), ref_w, rtol=tol, atol=tol * ref_w.abs().max().item())
     torch.testing.assert_close(grad_x.double(), ref_x, rtol=tol, atol=tol * ref_x.abs().max().item())
@@ -163,13 +164,13 @@ def test_depthwise_gradient_method_is_fixed_under_deterministic_algorithms(monke
     used = []
     by = DepthwiseConv2d.weight_grad_by
     monkeypatch.setattr(DepthwiseConv2d, "weight_grad_by", lambda self, g, x, m: used.append(m) or by(self, g, x, m))
-    ops._FASTEST_WEIGHT_GRAD.clear()
+    depthwise.WEIGHT_GRAD_METHODS.fastest.clear()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     conv.convolve_backward(grad_out, x, conv.weight, (False, True, False))
-    assert used == [ops.DETERMINISTIC_WEIGHT_GRAD] and not ops._FASTEST_WEIGHT_GRAD
+    assert used == [depthwise.DETERMINISTIC_WEIGHT_GRAD] and not depthwise.WEIGHT_GRAD_METHODS.fastest
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     conv.convolve_backward(grad_out, x, conv.weight, (False, True, False))
-    assert len(used) > 2 and len(ops._FASTEST_WEIGHT_GRAD) == 1  # timed: every candidate ran
+    assert len(used) > 2 and len(depthwise.WEIGHT_GRAD_METHODS.fastest) == 1  # timed: every candidate ran
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -177,7 +178,7 @@ def test_weight_norm_gradients(layout: torch.memory_format) -> None:
     """The hand-written weight-norm backward against autograd of w * exp(log g) / (||w|| + eps)."""
     conv = Conv2d(3, 5, 3).double().to(memory_format=layout)
     w, log_g = conv.weight.detach().requires_grad_(True), conv.log_weight_norm.detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(ops._WeightNorm.apply, (w, log_g))
+    assert torch.autograd.gradcheck(conv_ops.WeightNorm.apply, (w, log_g))
     expected = w * torch.exp(log_g) / (torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, 1, 1, 1) + 1e-5)
     grad = torch.randn_like(w)
     torch.testing.assert_close(torch.autograd.grad(conv.normalized_weight(), list(conv.parameters())[:1], grad),
@@ -198,17 +199,17 @@ def test_depthwise_conv_needs_same_padding() -> None:
 
 def test_elu_matches_torch_and_keeps_only_its_output() -> None:
     x = torch.linspace(-20, 5, 2001, dtype=torch.float64).view(1, 1, 1, -1).requires_grad_(True)
-    torch.testing.assert_close(ops.ELU()(x), F.elu(x), rtol=0, atol=3e-16)  # float64: exp(x) - 1 is exact enough
-    assert torch.autograd.gradcheck(ops.ELU(), (x[..., ::50].detach().requires_grad_(True),))
+    torch.testing.assert_close(ELU()(x), F.elu(x), rtol=0, atol=3e-16)  # float64: exp(x) - 1 is exact enough
+    assert torch.autograd.gradcheck(ELU(), (x[..., ::50].detach().requires_grad_(True),))
     x32 = x.detach().float().requires_grad_(True)
-    y = ops.ELU()(x32)
+    y = ELU()(x32)
     torch.testing.assert_close(y, F.elu(x32), rtol=0, atol=3e-7)
     (grad,) = torch.autograd.grad(y, x32, torch.ones_like(y))
     (ref,) = torch.autograd.grad(F.elu(x32), x32, torch.ones_like(y))
     torch.testing.assert_close(grad, ref, rtol=1e-6, atol=3e-7)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = ops.ELU()(x32)
+        out = ELU()(x32)
     assert len(saved) == 1 and saved[0] is out
 
 

@@ -1,0 +1,254 @@
+"""Spectral regularization (paper sec. 3.2, "spectral regularization"), and how it meets the convolutions.
+
+L_SR = sum over conv layers of the largest singular value of the (C_out, C_in*k*k) weight,
+estimated by power iteration. The vectors u, v are buffers (saved in checkpoints, so a resumed run
+continues the iteration); weights of equal shape are iterated together as one batch.
+
+Every convolution owns a :class:`SpectralSlot`, created with it: in a training step its forward
+pass records the kernel it made there (:class:`SpectralKernel`), :class:`SpectralRegularizer`
+takes that record, runs the power iteration and leaves its u, v in the slot, and the kernel's
+*spectral token* (a zero scalar added to the loss) carries sigma's gradient c back into the
+convolution's own backward, where :func:`add_token_grad` adds c u v^T to the weight's gradient.
+So the weight receives one gradient instead of two, and no kernel-sized gradient is held from the
+start of backward until the convolution is reached (all kernels at once: 0.5 GB for the CIFAR-10
+preset). Convolutions that make their kernel without a token (the plain path, evaluation) are read
+afresh by the regularizer and take plain autograd through sigma = u^T W v.
+
+This module imports torch only; :mod:`nvae.ops.conv` imports it, never the other way round.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LARGE_MATRIX = 2 ** 18  # elements of a kernel matrix above which CPU iterates weights one by one
+TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class SpectralKernel(NamedTuple):
+    """What a training forward pass made: W = diag(scale) w with a token, or W itself (scale, token None)."""
+
+    weight: torch.Tensor
+    """The raw (masked) weight w when ``scale`` is given, else the applied kernel W (detached or not)."""
+    scale: Optional[torch.Tensor]
+    """Weight normalization's per-row scale s, (out, 1, 1, 1), no gradient; None without weight norm."""
+    token: Optional[torch.Tensor]
+    """Zero scalar whose gradient c becomes c u v^T in the conv's backward; None: plain autograd."""
+
+
+@dataclass(eq=False)
+class SpectralSlot:
+    """The typed link between one convolution and the regularizer (created in the conv's constructor)."""
+
+    kernel: Optional[SpectralKernel] = None
+    """Set by the conv's forward in a training step, taken (and cleared) by the regularizer."""
+    uv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """The regularizer's current (u, v) for this conv: rows of its buffers, read by the token's backward."""
+    recomputing: bool = False
+    """True while a checkpointed region runs again in backward: nothing is recorded then (the record
+    would stay alive until the next step)."""
+
+    def take(self) -> Optional[SpectralKernel]:
+        kernel, self.kernel = self.kernel, None
+        return kernel
+
+
+class SpectralConv(Protocol):
+    """What the regularizer needs of a convolution (:class:`nvae.ops.conv.Conv2d` is one)."""
+
+    out_channels: int
+    weight: torch.Tensor
+    log_weight_norm: Optional[torch.Tensor]
+    spectral: SpectralSlot
+
+    def normalized_weight(self) -> torch.Tensor: ...
+
+
+# ------------------------------------------------------------------------------ kernel layouts
+def kernel_matrix(kernel: torch.Tensor) -> torch.Tensor:
+    """The (C_out, C_in*k*k) matrix of a kernel, its columns in memory order (a view, no copy).
+
+    Permuting columns leaves the singular values unchanged, so a channels_last kernel is read as
+    (C_out, k*k*C_in) rather than copied into (C_out, C_in*k*k).
+    """
+    if _is_nhwc(kernel):
+        return kernel.permute(0, 2, 3, 1).flatten(1)  # (out, k*k*in)
+    return kernel.flatten(1)
+
+
+def kernel_row(row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (cols,) row of ``kernel_matrix(like)`` as a (1, C_in, k, k) kernel in ``like``'s layout (a view)."""
+    _, cin, kh, kw = like.shape
+    if _is_nhwc(like):
+        return row.view(1, kh, kw, cin).permute(0, 3, 1, 2)
+    return row.view(1, cin, kh, kw)
+
+
+def _is_nhwc(kernel: torch.Tensor) -> bool:
+    return kernel.dim() == 4 and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last)
+
+
+def strided_like(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` with exactly ``like``'s strides: a view when they differ only in size-1 dimensions.
+
+    Autograd's layout contract ignores the strides of size-1 dimensions, DDP's gradient buckets do
+    not: a 1x1 kernel's gradient laid out as (C, 1, 1, 1) for a channels_last parameter with strides
+    (C, 1, C, C) draws "Grad strides do not match bucket view strides". Such a view addresses the
+    same elements; any other difference is copied into ``like``'s layout.
+    """
+    if grad.stride() == like.stride():
+        return grad
+    if grad.shape == like.shape and all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), like.stride())):
+        return grad.as_strided(like.shape, like.stride())
+    return torch.empty_like(like, dtype=grad.dtype).copy_(grad)
+
+
+# ------------------------------------------------------------------------------ tokens
+def add_token_grad(grad: Optional[torch.Tensor], grad_token: Optional[torch.Tensor], slot: Optional[SpectralSlot],
+                   like: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
+    """G + c u v^T for a spectral token's gradient c (u, v from ``slot``), v laid out as one kernel row
+    of ``like``. Returns (G', whether G' is a new tensor)."""
+    uv = None if grad_token is None or slot is None else slot.uv
+    if uv is None:
+        return grad, False
+    u, v = uv
+    cu = (grad_token * u).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
+    v_row = kernel_row(v, like)
+    return (cu * v_row if grad is None else torch.addcmul(grad, cu, v_row)), True
+
+
+class SpectralToken(torch.autograd.Function):
+    """The kernel of a convolution without weight normalization, and its spectral token.
+
+    Sigma's gradient c u v^T joins the convolution's own gradient in this node's backward, laid out
+    exactly as the weight (:func:`strided_like`; DDP's buckets compare strides). Weight-normalized
+    convolutions get their token from :class:`nvae.ops.conv.WeightNorm` instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, slot: Optional[SpectralSlot]) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(w)
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)
+        return w.view_as(w), w.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Optional[torch.Tensor],
+                 grad_token: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], None]:
+        (w,) = ctx.saved_tensors
+        grad, _ = add_token_grad(grad, grad_token, ctx.slot, w)
+        return (None if grad is None else strided_like(grad, w)), None
+
+
+# ------------------------------------------------------------------------------ the regularizer
+def spectral_convs(model: nn.Module) -> list[SpectralConv]:
+    """Every convolution of ``model`` with a :class:`SpectralSlot`; a torch convolution without one is refused."""
+    convs = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "spectral", None), SpectralSlot):
+            convs.append(module)
+        elif isinstance(module, TORCH_CONVS):
+            raise ValueError(f"{name or 'model'}: a {type(module).__name__} escapes the spectral regularizer "
+                             "(sec. 3.2 regularizes every convolution); build it with nvae.ops.Conv2d")
+    return convs  # type: ignore[return-value]
+
+
+class SpectralRegularizer(nn.Module):
+    """Sum of spectral norms of every convolution in ``model`` (:func:`spectral_convs`).
+
+    The first call runs ``initial_iters`` power iterations, later calls ``power_iters`` (no
+    gradient through u, v); sigma = u^T W v carries the gradient u v^T to W, through tokens where
+    the forward pass recorded them (see the module docstring).
+    """
+
+    def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
+        super().__init__()
+        if power_iters < 1 or initial_iters < 1:
+            raise ValueError(f"model.power_iters must be >= 1 (power iterations per step), got {power_iters} "
+                             f"(first step: {initial_iters})")
+        self.power_iters, self.initial_iters = power_iters, initial_iters
+        # Weight-normalized kernels (read as raw weights and per-row scales) and plain ones are
+        # iterated in separate batches, even when their shapes agree.
+        groups: dict[tuple[int, int, bool], list[SpectralConv]] = {}
+        for conv in spectral_convs(model):
+            key = (conv.out_channels, conv.weight[0].numel(), conv.log_weight_norm is not None)
+            groups.setdefault(key, []).append(conv)
+        self._groups = list(groups.values())  # plain list: the convs stay owned by ``model``
+        for i, ((rows, cols, _), convs) in enumerate(groups.items()):
+            self.register_buffer(f"u{i}", F.normalize(torch.randn(len(convs), rows), dim=1, eps=1e-3))
+            self.register_buffer(f"v{i}", F.normalize(torch.randn(len(convs), cols), dim=1, eps=1e-3))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(g) for g in self._groups)
+
+    def forward(self) -> torch.Tensor:
+        iters = self.power_iters if bool(self.initialized) else self.initial_iters
+        total = torch.zeros((), device=self.initialized.device)
+        on_cpu = total.device.type == "cpu"
+        with torch.autocast(total.device.type, enabled=False):
+            for i, convs in enumerate(self._groups):
+                taken = [c.spectral.take() or SpectralKernel(c.normalized_weight(), None, None) for c in convs]
+                tokens = [k.token for k in taken if k.token is not None]
+                with_tokens = len(tokens) == len(convs)  # else W itself, with autograd through sigma
+                weights = [kernel_matrix(k.weight.float()) for k in taken]  # n x (rows, cols): w or W
+                weight_normed = with_tokens and taken[0].scale is not None  # W = diag(s) w
+                scales = torch.stack([k.scale.view(-1) for k in taken]) if weight_normed else None  # (n, rows)
+                u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
+                # One batched matmul per shape saves launches; on CPU, large matrices are iterated one
+                # by one instead, since stacking them is a memory-bound copy of the whole group.
+                sigmas = []  # u^T W v per part; no graph where tokens carry the gradient
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not with_tokens):
+                    if on_cpu and weights[0].numel() >= LARGE_MATRIX:
+                        parts = [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
+                    else:
+                        parts = [(slice(None), torch.stack(weights))]
+                    for rows, w in parts:  # w: (n or 1, rows, cols)
+                        s = None if scales is None else scales[rows]
+                        u_new, v_new, wv = power_iteration(u[rows], v[rows], w, iters, s)
+                        if with_tokens:  # u^T W v from the last step's W v: no further pass over the weights
+                            sigmas.append((u_new * wv).sum())
+                        else:
+                            sigmas.append(torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
+                        with torch.no_grad():
+                            u[rows], v[rows] = u_new, v_new
+                total = total + sum(sigmas)
+                if with_tokens:  # each token's gradient c becomes c u v^T in its conv's backward
+                    for j, conv in enumerate(convs):
+                        conv.spectral.uv = (u[j], v[j])
+                    total = total + torch.stack(tokens).sum()
+        self.initialized.fill_(True)
+        return total
+
+
+@torch.no_grad()
+def power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int,
+                    scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iters`` (>= 1) steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices W (n, rows, cols).
+
+    Returns u, v and the last W v (so u^T W v needs no further pass over W). With ``scale``
+    (n, rows), W = diag(scale) w for the given w (a weight-normalized kernel read as its raw
+    weights and per-row scales). W v is taken as v^T W^T: CPU's bmm of matrices with (n, cols, 1)
+    vectors takes a slow path.
+    """
+    wt = w.transpose(1, 2)  # (n, cols, rows), a view
+    u, v = u.unsqueeze(1), v.unsqueeze(1)  # (n, 1, rows), (n, 1, cols): row vectors throughout
+    scale = None if scale is None else scale.unsqueeze(1)
+    wv = u
+    for _ in range(iters):
+        v = _unit(torch.bmm(u if scale is None else u * scale, w))  # (n, 1, cols)
+        wv = torch.bmm(v, wt)  # (n, 1, rows)
+        if scale is not None:
+            wv = wv * scale
+        u = _unit(wv)
+    return u.squeeze(1), v.squeeze(1), wv.squeeze(1)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-3) along the last dimension (F.normalize's eps, in three operations instead of four)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-3)
