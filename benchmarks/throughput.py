@@ -180,7 +180,7 @@ class Stepper:
     """One training step of NVAEModule as Lightning runs it, without a trainer."""
 
     def __init__(self, module: NVAEModule, x: torch.Tensor, precision: str) -> None:
-        h = module.hparams
+        h = module.optim
         self.module, self.device = module, x.device
         self.x = module._prepare(x)  # channels_last input when the module asks for it, as training_step does
         self.optimizer = Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps)
@@ -293,7 +293,7 @@ def prepare(args: argparse.Namespace, threads: int, allocator: str) -> tuple[Ste
     spec: ImageSpec = cli.datamodule.image_spec
     info = {"precision": resolve_precision(args.precision, cli, device), "params": count_params(module),
             "batch_size": args.batch_size or int(cli.datamodule.batch_size),
-            "channels_last": bool(module.hparams.channels_last)}
+            "channels_last": bool(module.channels_last)}
     print(f"config: {' + '.join(args.config)}")
     print(f"device: {device} ({device_name(device)}), threads: {threads} "
           f"(of {default_threads()} in the affinity mask), precision: {info['precision']}, "

@@ -1,4 +1,9 @@
-"""Lightning callbacks: sample grids and reconstructions, as PNG files and TensorBoard images (sec. 4)."""
+"""Lightning callbacks: sample grids and reconstructions (sec. 4), the step guard and the weight EMA.
+
+:class:`SampleGrid` is configured in the presets' YAML; :class:`GuardedSteps` and
+:class:`EMAWeights` are added by ``NVAEModule.configure_callbacks`` from ``model.guard`` and
+``model.ema_decay``, so every run has them and a checkpoint carries their state.
+"""
 from __future__ import annotations
 
 import os
@@ -7,8 +12,13 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchvision.utils import make_grid, save_image
+
+from nvae.checkpoint import EMA_KEY, GUARD_STATE_KEY, STATE_KEY
+from nvae.compat import grad_scaler
+from nvae.guard import StepGuard, WeightEMA, grad_norm
+from nvae.hparams import GuardConfig
 
 
 class SampleGrid(L.Callback):
@@ -92,3 +102,146 @@ class SampleGrid(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._save(trainer, module, "final")
+
+
+def _new_guard(config: GuardConfig) -> StepGuard:
+    return StepGuard(config.grad_skip_factor, config.grad_skip_floor, rollback_after=config.rollback_after,
+                     rollback_lr_factor=config.rollback_lr_factor, max_rollbacks=config.max_rollbacks,
+                     snapshot_every=config.snapshot_every)
+
+
+class GuardedSteps(L.Callback):
+    """Skip non-finite or spiking updates (all processes agree), roll back after too many (:mod:`nvae.guard`).
+
+    After the backward pass and before the optimizer step it decides; a skipped step leaves the
+    parameters without gradients, which Adamax leaves untouched. A rollback restores the last good
+    snapshot and multiplies the learning-rate schedule's base rates by ``rollback_lr_factor``
+    (saved with the scheduler). The guard's counters are this callback's checkpoint state.
+    """
+
+    def __init__(self, config: GuardConfig) -> None:
+        self.config = config
+        self.guard = _new_guard(config)
+        self.loss_finite = True
+        self.skipped = False
+        """Whether the last optimizer step was skipped."""
+        self.rolled_back = False
+        """Whether the last optimizer step rolled the model back."""
+
+    @property
+    def state_key(self) -> str:
+        return GUARD_STATE_KEY  # where checkpoints keep the counters (nvae.checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.clone() for k, v in self.guard.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.guard.load_state_dict(state_dict)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Counters of this process's own: under ddp_spawn the processes receive this object with its
+        tensors in shared memory, where every process would count every skip."""
+        state = {k: v.clone() for k, v in self.guard.state_dict().items()}
+        self.guard = _new_guard(self.config)
+        self.guard.load_state_dict(state)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self.loss_finite = bool(torch.isfinite(loss))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self.guard.to(pl_module.device)
+        norm = grad_norm(pl_module.parameters()).to(pl_module.device)
+        bad = torch.tensor(0.0 if self.loss_finite else 1.0, device=pl_module.device)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")  # any process with a bad loss
+        scaler = grad_scaler(trainer)
+        loss_scale = None if scaler is None else float(scaler.get_scale())  # the scale of this step's backward
+        reason = self.guard.check(bool(bad == 0), float(norm), loss_scale)
+        self.skipped, self.rolled_back = bool(reason), False
+        pl_module.log("train/grad_norm", norm, batch_size=1)
+        if loss_scale is not None:
+            pl_module.log("train/loss_scale", loss_scale, batch_size=1)
+        if reason == "overflow":  # the scaler skips this step and lowers its scale
+            self.guard.repair_buffers(pl_module)
+            return
+        if not reason:
+            return
+        for p in pl_module.parameters():
+            p.grad = None  # Adamax leaves parameters without gradients (and their state) untouched
+        if reason == "nonfinite":
+            self.guard.repair_buffers(pl_module)
+        if self.guard.should_roll_back:
+            self.guard.roll_back(pl_module, optimizer)
+            for config in trainer.lr_scheduler_configs:
+                sched = config.scheduler
+                sched.base_lrs = [lr * self.config.rollback_lr_factor for lr in sched.base_lrs]
+            self.rolled_back = True
+            rank_zero_info(f"nvae: step {trainer.global_step}: {self.config.rollback_after} bad steps in a row, "
+                           f"rolled back to the last good weights; learning rate x{float(self.guard.lr_scale):g} "
+                           f"(rollback {int(self.guard.rollbacks)} of at most {self.config.max_rollbacks})")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.skipped:
+            self.guard.maybe_snapshot(pl_module, pl_module.optimizers().optimizer)
+        g = self.guard
+        pl_module.log_dict({"train/skipped_steps": g.skipped.float(), "train/rollbacks": g.rollbacks.float(),
+                            "train/lr_scale": g.lr_scale.float()}, batch_size=1)
+
+
+class EMAWeights(L.Callback):
+    """An exponential moving average of the model's weights (``model.ema_decay``), updated after every
+    step the guard let through and restarted at a rollback; validation and test run on it, and
+    checkpoints carry it (``nvae_ema``), so sampling and evaluation use it."""
+
+    def __init__(self, decay: float, guard: Optional[GuardedSteps] = None) -> None:
+        self.decay, self.guard = decay, guard
+        self.ema: Optional[WeightEMA] = None
+        self.swapped = False
+        self._to_load: Optional[dict[str, torch.Tensor]] = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._to_load = checkpoint.get(EMA_KEY)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ema = WeightEMA(pl_module.model, self.decay)
+        if self._to_load is not None:
+            self.ema.load(self._to_load, pl_module.model)
+        self._to_load = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.ema is None:
+            return
+        if self.guard is not None and self.guard.rolled_back:
+            self.ema = WeightEMA(pl_module.model, self.decay)
+        elif self.guard is None or not self.guard.skipped:
+            self.ema.update(pl_module.model)
+
+    def swap(self, pl_module: L.LightningModule, on: bool) -> None:
+        """Put the averages into the model (on) or the live weights back (off)."""
+        if self.ema is not None and self.swapped != on:
+            self.ema.swap(pl_module.model)
+            self.swapped = on
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.swap(pl_module, True)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.swap(pl_module, False)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.swap(pl_module, True)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.swap(pl_module, False)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.ema is None:
+            return
+        if self.swapped:  # saved during validation (e.g. preempted): the model holds the averages now
+            checkpoint[STATE_KEY].update({f"model.{n}": p.detach().clone() for n, p in self.ema.params.items()})
+            checkpoint[EMA_KEY] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        else:
+            checkpoint[EMA_KEY] = self.ema.state_dict(pl_module.model)

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from nvae.data.registry import UntrustedName, class_path, datamodule_class, subclasses
+from nvae.hparams import group_flat_hparams
 from nvae.model import NVAE, NVAEConfig
 from nvae.spec import ImageSpec
 
@@ -34,8 +35,13 @@ DATA_KEY = "nvae_data"  # the data module that trained the model: {"class_path":
 EMA_KEY = "nvae_ema"  # exponential moving average of the model weights, if kept (a state dict)
 RNG_KEY = "nvae_rng"  # every process's RNG states (exact resume)
 FORMAT_KEY = "nvae_format"  # layout version of nvae checkpoints
-FORMAT_VERSION = 2  # 2: the official architecture (no up-sampling skip or flow hidden biases, ELU twice in
-# the flows, top prior sigma 1.01) and model.arch.dmol_bins; format 1 files hold another network
+FORMAT_VERSION = 3  # 3: hyper-parameters in groups (model.optim / objective / guard), the step guard's counters
+# as its callback's state. 2 (flat hyper-parameters, guard.* buffers) is upgraded on reading (:func:`upgrade`).
+# 1 held another network (before the official architecture) and is refused.
+READABLE_FORMATS = (2, 3)
+CALLBACKS_KEY = "callbacks"  # Lightning's: each callback's state, by its state_key
+GUARD_STATE_KEY = "GuardedSteps"  # nvae.callbacks.GuardedSteps' state_key: the step guard's counters
+LR_SCHEDULERS_KEY = "lr_schedulers"  # Lightning's: the schedulers' states
 OFFICIAL_KEY = "nvae_official"  # a converted official checkpoint's origin: {"source", "epoch", "global_step", "args"}
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI records
 # model.arch fields a checkpoint may be resumed with another value of: no tensor depends on them
@@ -56,7 +62,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     if not isinstance(ckpt, dict):
         raise ValueError(f"'{path}' is not an nvae checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     check_names(ckpt, f"checkpoint '{path}'")
-    return ckpt
+    return upgrade(ckpt, f"checkpoint '{path}'")
 
 
 def check_names(ckpt: Mapping[str, Any], source: str) -> None:
@@ -115,17 +121,38 @@ def check_tensors(state: object, entry: str) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ version, compatibility
 def check_format(ckpt: Mapping[str, Any], source: str) -> None:
-    """ValueError unless ``ckpt`` is of the :data:`FORMAT_VERSION` this nvae reads (naming what to do)."""
+    """ValueError unless ``ckpt`` is of a format this nvae reads (:data:`READABLE_FORMATS`; naming what to do)."""
     fmt = ckpt.get(FORMAT_KEY, FORMAT_VERSION)
-    if fmt == FORMAT_VERSION:
+    if fmt in READABLE_FORMATS:
         return
     if isinstance(fmt, int) and fmt > FORMAT_VERSION:
         raise ValueError(f"{source}: checkpoint format {fmt} is newer than the format {FORMAT_VERSION} this nvae "
                          "reads; upgrade nvae")
-    raise ValueError(f"{source}: checkpoint format {fmt} is not the format {FORMAT_VERSION} this nvae reads: it was "
+    raise ValueError(f"{source}: checkpoint format {fmt} is not one this nvae reads (2, 3): it was "
                      "written by nvae 0.1 before the architecture became the official NVAE's (up-sampling skip and "
                      "flow convolutions without bias, ELU twice in the flows, top prior sigma 1.01); retrain it, "
                      "or use it with the nvae that wrote it")
+
+
+def upgrade(ckpt: dict[str, Any], source: str) -> dict[str, Any]:
+    """``ckpt`` brought to :data:`FORMAT_VERSION` in place (and returned); a format-2 checkpoint gets its
+    flat hyper-parameters grouped (:func:`nvae.hparams.group_flat_hparams`), its ``guard.*`` buffers
+    moved to the guard callback's state, and a rollback's learning-rate factor (``guard.lr_scale``,
+    once applied by the schedule) folded into the scheduler's base rates, where format 3 keeps it."""
+    check_format(ckpt, source)
+    if ckpt.get(FORMAT_KEY, FORMAT_VERSION) == 2:
+        if isinstance(ckpt.get(HPARAMS_KEY), dict):
+            ckpt[HPARAMS_KEY] = group_flat_hparams(ckpt[HPARAMS_KEY])
+        state = ckpt.get(STATE_KEY) or {}
+        guard = {k[len("guard."):]: state.pop(k) for k in list(state) if k.startswith("guard.")}
+        if guard:
+            ckpt.setdefault(CALLBACKS_KEY, {})[GUARD_STATE_KEY] = guard
+            scale = float(guard.get("lr_scale", 1.0))
+            for sched in ckpt.get(LR_SCHEDULERS_KEY) or []:
+                if scale != 1.0 and isinstance(sched, dict) and "base_lrs" in sched:
+                    sched["base_lrs"] = [lr * scale for lr in sched["base_lrs"]]
+        ckpt[FORMAT_KEY] = FORMAT_VERSION
+    return ckpt
 
 
 def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any]) -> None:
@@ -154,7 +181,7 @@ def training_checkpoint(state_dict: Mapping[str, torch.Tensor], hparams: dict[st
 
     ckpt = {"epoch": epoch, "global_step": global_step, "pytorch-lightning_version": lightning.__version__,
             STATE_KEY: state_dict, HPARAMS_KEY: hparams, "loops": loops, "optimizer_states": [optimizer],
-            "lr_schedulers": [lr_scheduler], DATA_KEY: data, FORMAT_KEY: FORMAT_VERSION}
+            LR_SCHEDULERS_KEY: [lr_scheduler], DATA_KEY: data, FORMAT_KEY: FORMAT_VERSION}
     if official is not None:
         ckpt[OFFICIAL_KEY] = official
     return ckpt

@@ -55,6 +55,18 @@ def writes_logs_this_step(trainer: Any) -> bool:
     return bool(_need(connector, "should_update_logs", "Trainer._logger_connector"))
 
 
+def attached_trainer(module: Any) -> Any:
+    """The trainer ``module`` (a LightningModule) is attached to, or None (``module.trainer`` raises then)."""
+    return getattr(module, "_trainer", None)
+
+
+def grad_scaler(trainer: Any) -> Optional[torch.amp.GradScaler]:
+    """The trainer's gradient scaler under 16-mixed (it unscales the gradients before
+    ``on_before_optimizer_step``), or None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def completed_batches(trainer: Any) -> int:
     """Training batches of the current epoch already done (restored from a checkpoint on resume)."""
     progress = _need(_need(trainer.fit_loop, "epoch_loop", "Trainer.fit_loop"), "batch_progress",

@@ -82,7 +82,7 @@ def convert_optimizer(official: Mapping[str, Any], module: Any,
     """
     from nvae.optim import Adamax
 
-    h = module.hparams
+    h = module.optim
     state = official.get("optimizer")
     groups = state.get("param_groups") if isinstance(state, dict) else None
     group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) else {}
@@ -124,7 +124,7 @@ def _step(entry: Mapping[str, Any]) -> int:
 
 def _scheduler_state(module: Any, step: int, lr: float) -> dict[str, Any]:
     """The state of nvae's per-step LambdaLR after ``step`` steps, at learning rate ``lr``."""
-    opt = torch.optim.SGD([torch.zeros(1)], lr=module.hparams.learning_rate)
+    opt = torch.optim.SGD([torch.zeros(1)], lr=module.optim.learning_rate)
     state = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0).state_dict()
     state.update(last_epoch=step, _step_count=step + 1, _last_lr=[lr])
     return state

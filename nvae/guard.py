@@ -43,13 +43,13 @@ class StepGuard(nn.Module):
                  max_rollbacks: int = 3, snapshot_every: int = 100) -> None:
         super().__init__()
         if skip_factor is not None and skip_factor <= 1.0:
-            raise ValueError(f"model.grad_skip_factor must be > 1 (or null to turn it off), got {skip_factor}")
+            raise ValueError(f"model.guard.grad_skip_factor must be > 1 (or null to turn it off), got {skip_factor}")
         if skip_floor < 0 or window < 1 or min_history < 1 or min_history > window:
-            raise ValueError("model.grad_skip_floor must be >= 0 and 1 <= min_history <= window")
+            raise ValueError("model.guard.grad_skip_floor must be >= 0 and 1 <= min_history <= window")
         if rollback_after < 0 or max_rollbacks < 0 or snapshot_every < 1:
-            raise ValueError("model.rollback_after and model.max_rollbacks must be >= 0, snapshot_every >= 1")
+            raise ValueError("model.guard.rollback_after and model.guard.max_rollbacks must be >= 0, snapshot_every >= 1")
         if not 0.0 < rollback_lr_factor <= 1.0:
-            raise ValueError(f"model.rollback_lr_factor must be in (0, 1], got {rollback_lr_factor}")
+            raise ValueError(f"model.guard.rollback_lr_factor must be in (0, 1], got {rollback_lr_factor}")
         self.skip_factor, self.skip_floor, self.min_history = skip_factor, skip_floor, min_history
         self.rollback_after, self.rollback_lr_factor = rollback_after, rollback_lr_factor
         self.max_rollbacks, self.snapshot_every = max_rollbacks, snapshot_every
@@ -118,7 +118,7 @@ class StepGuard(nn.Module):
                 f"{int(self.rollbacks)} rollback(s) (learning rate scaled by {float(self.lr_scale):g}) did not help"
             raise TrainingDiverged(
                 f"training diverged: {int(self.consecutive)} consecutive steps had a non-finite loss/gradient or a "
-                f"gradient spike, and {why}; lower model.learning_rate, raise model.adamax_eps or "
+                f"gradient spike, and {why}; lower model.optim.learning_rate, raise model.optim.adamax_eps or "
                 "check the data (under trainer.precision 16-mixed, try bf16-mixed)")
         own = {k: v.clone() for k, v in self.state_dict().items()}  # the guard's counters are not rolled back
         module.load_state_dict(self._snapshot["module"])

@@ -77,7 +77,7 @@ class OfficialRun:
     spec: ImageSpec
     arch: NVAEConfig
     hparams: dict[str, Any]
-    """NVAEModule keyword arguments (optimizer, schedules, regularization) besides arch and image_spec."""
+    """NVAEModule keyword arguments besides arch and image_spec: the ``optim`` and ``objective`` groups."""
     data: dict[str, Any]
     """{'class_path': ..., 'init_args': {...}} of the matching nvae data module."""
 
@@ -135,15 +135,15 @@ def run_from_args(args: Mapping[str, Any] | argparse.Namespace) -> OfficialRun:
         raise OfficialFormatError(f"official args: {err}".replace("model.arch.", "")) from None
     anneal = bool(args.get("weight_decay_norm_anneal", False))
     hparams = {
-        "learning_rate": float(_arg(args, "learning_rate")),
-        "learning_rate_min": float(_arg(args, "learning_rate_min")),
-        "weight_decay": float(_arg(args, "weight_decay")),
-        "warmup_epochs": float(_arg(args, "warmup_epochs")),
-        "kl_anneal_portion": float(_arg(args, "kl_anneal_portion")),
-        "kl_const_portion": float(_arg(args, "kl_const_portion")),
-        "kl_min_coeff": float(_arg(args, "kl_const_coeff")),
-        "spectral_reg_coeff": float(_arg(args, "weight_decay_norm")),
-        "spectral_reg_coeff_init": float(args["weight_decay_norm_init"]) if anneal else None,
+        "optim": {"learning_rate": float(_arg(args, "learning_rate")),
+                  "learning_rate_min": float(_arg(args, "learning_rate_min")),
+                  "weight_decay": float(_arg(args, "weight_decay")),
+                  "warmup_epochs": float(_arg(args, "warmup_epochs"))},
+        "objective": {"kl_anneal_portion": float(_arg(args, "kl_anneal_portion")),
+                      "kl_const_portion": float(_arg(args, "kl_const_portion")),
+                      "kl_min_coeff": float(_arg(args, "kl_const_coeff")),
+                      "spectral_reg_coeff": float(_arg(args, "weight_decay_norm")),
+                      "spectral_reg_coeff_init": float(args["weight_decay_norm_init"]) if anneal else None},
     }
     init_args: dict[str, Any] = {"root": str(args.get("data", "data")), "batch_size": int(_arg(args, "batch_size"))}
     if dataset != "mnist":

@@ -6,8 +6,9 @@
 - :class:`PreemptionCheckpoint` turns SIGTERM (cluster preemption, via Lightning's own handler)
   and the first Ctrl+C into "stop after this step", then writes ``last.ckpt``; rerunning the same
   command with ``--resume auto`` continues from it (:func:`find_resume_checkpoint`).
-- Exact resume needs the RNG streams of every process (:func:`gather_rng_states`) and the data
-  order (:class:`nvae.data.base.ResumableSampler`); everything else is Lightning's checkpoint.
+- Exact resume needs the RNG streams of every process (:class:`RNGState`, :func:`gather_rng_states`)
+  and the data order (:class:`nvae.data.base.ResumableSampler`); everything else is Lightning's
+  checkpoint.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nvae.checkpoint import STATE_KEY
+from nvae.checkpoint import RNG_KEY, STATE_KEY
 from nvae.compat import dump_checkpoint, request_stop
 from nvae.guard import nonfinite_entries
 
@@ -78,6 +79,27 @@ def gather_rng_states(trainer: L.Trainer, local_only: bool = False) -> list[dict
     return [mine]
 
 
+class RNGState(L.Callback):
+    """Saves every process's RNG states in checkpoints (``nvae_rng``) and restores them when training
+    resumes, after the sanity check, so a resumed run draws what the uninterrupted one would have."""
+
+    def __init__(self) -> None:
+        self.local_only = False
+        """Set during an emergency save (:class:`PreemptionCheckpoint`): no collective, this process's states only."""
+        self._to_load: Optional[list[dict[str, Any]]] = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = gather_rng_states(trainer, local_only=self.local_only)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._to_load = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._to_load:
+            restore_rng(self._to_load, trainer.global_rank)
+            self._to_load = None
+
+
 # ------------------------------------------------------------------------------------------ atomic writes
 class AtomicTorchCheckpointIO(TorchCheckpointIO):
     """torch.save to ``path.tmp``, fsync, rename over ``path``; non-finite weights are not written."""
@@ -129,10 +151,14 @@ def last_checkpoint_path(trainer: L.Trainer) -> str:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM or a first Ctrl+C: finish the step, write ``last.ckpt``, exit (a second Ctrl+C aborts)."""
+    """On SIGTERM or a first Ctrl+C: finish the step, write ``last.ckpt``, exit (a second Ctrl+C aborts).
 
-    def __init__(self) -> None:
+    ``rng``: the run's :class:`RNGState`, told to save without a collective during an emergency save.
+    """
+
+    def __init__(self, rng: Optional[RNGState] = None) -> None:
         self._previous: Any = None
+        self.rng = rng
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def on_interrupt(signum: int, frame: Any) -> None:
@@ -169,13 +195,15 @@ class PreemptionCheckpoint(L.Callback):
         else:
             # The processes may be at different points of Lightning's SIGTERM broadcast: no collective
             # here. The weights are identical everywhere, so rank 0 alone writes (its RNG state only).
-            pl_module._emergency_save = True
+            if self.rng is not None:
+                self.rng.local_only = True
             try:
                 if trainer.is_global_zero:
                     checkpoint = dump_checkpoint(trainer)
                     trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
             finally:
-                pl_module._emergency_save = False
+                if self.rng is not None:
+                    self.rng.local_only = False
         rank_zero_info(f"nvae: stopped at step {trainer.global_step}; checkpoint written to {path}. "
                        "Rerun the same command with --resume auto to continue.")
 

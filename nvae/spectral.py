@@ -168,7 +168,7 @@ class SpectralRegularizer(nn.Module):
     def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
         super().__init__()
         if power_iters < 1 or initial_iters < 1:
-            raise ValueError(f"model.power_iters must be >= 1 (power iterations per step), got {power_iters} "
+            raise ValueError(f"model.objective.power_iters must be >= 1 (power iterations per step), got {power_iters} "
                              f"(first step: {initial_iters})")
         self.power_iters, self.initial_iters = power_iters, initial_iters
         # Weight-normalized kernels (read as raw weights and per-row scales) and plain ones are

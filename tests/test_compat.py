@@ -22,7 +22,8 @@ class Tiny(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.seen.append((compat.completed_batches(self.trainer), compat.writes_logs_this_step(self.trainer),
-                          compat.dump_checkpoint(self.trainer)["global_step"]))
+                          compat.dump_checkpoint(self.trainer)["global_step"], compat.attached_trainer(self),
+                          compat.grad_scaler(self.trainer)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -40,6 +41,8 @@ def test_lightning_loop_state_during_fit() -> None:
     # at a batch's end the batches before it are completed (Lightning counts the batch just after the hook)
     assert [s[0] for s in model.seen] == [0, 1, 2]
     assert [s[2] for s in model.seen] == [1, 2, 3]  # the dump sees the step just taken
+    assert all(s[3] is model.trainer and s[4] is None for s in model.seen)  # float32: no scaler
+    assert compat.attached_trainer(Tiny()) is None
     logged = [s[1] for s in model.seen]
     assert all(isinstance(v, bool) for v in logged) and any(logged) and not all(logged)  # every 2nd step only
 

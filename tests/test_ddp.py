@@ -21,7 +21,8 @@ SPEC = ImageSpec(channels=1, size=16, num_bits=1, pad=2)
 
 def fit(tmp: Path, devices: int, batch: int, max_steps: int, name: str, ckpt_path: str | None = None) -> L.Trainer:
     L.seed_everything(0, verbose=False)
-    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, kl_balance=False, warmup_epochs=0.0)
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, objective={"kl_balance": False},
+                        optim={"warmup_epochs": 0.0})
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -55,7 +56,7 @@ def test_ddp_gradients_match_single_process_and_resume(tmp_path: Path) -> None:
 def test_processes_agree_to_skip_a_step_with_a_bad_loss_on_one_of_them(tmp_path: Path) -> None:
     """Rank 1 alone sees an infinite loss at step 1: both processes skip it and stay identical."""
     L.seed_everything(0, verbose=False)
-    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, warmup_epochs=0.0)
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, optim={"warmup_epochs": 0.0})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         default_root_dir=str(tmp_path), num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -102,7 +103,7 @@ def launch_pair(tmp: Path, *args: str) -> list[int]:
 def test_sigterm_to_every_process_checkpoints_and_resumes(tmp_path: Path) -> None:
     """A preempted torchrun job: every process gets SIGTERM after step 1, they stop after the step, rank 0
     writes last.ckpt (step 2) without any collective, and rerunning with the checkpoint reaches step 4."""
-    from nvae.lightning import RNG_KEY
+    from nvae.checkpoint import RNG_KEY
 
     launch_pair(tmp_path, "4", "1")
     last = tmp_path / "ck" / "last.ckpt"

@@ -69,7 +69,7 @@ def test_spectral_estimate_matches_linalg(layout: torch.memory_format) -> None:
     total.backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in model)
     assert len(reg.state_dict()) == 7  # u, v for the three shapes + initialized flag
-    with pytest.raises(ValueError, match="model.power_iters must be >= 1"):
+    with pytest.raises(ValueError, match="model.objective.power_iters must be >= 1"):
         SpectralRegularizer(model, power_iters=0)
 
 

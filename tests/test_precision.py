@@ -15,6 +15,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from conftest import random_images, tiny_config
+from nvae.hparams import group_flat_hparams
 from nvae.lightning import NVAEModule
 from nvae.ops import Conv2d
 from nvae.spec import ImageSpec
@@ -34,7 +35,8 @@ def fit(precision: str, steps: int = 12, scaler: Optional[torch.amp.GradScaler] 
         **module_args: object) -> tuple[L.Trainer, NVAEModule, list[float]]:
     """Train the tiny model on two fixed batches; "16-mixed" runs Lightning's float16 plugin on CPU."""
     L.seed_everything(0, verbose=False)
-    module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=SPEC, warmup_epochs=0.0, **module_args)
+    module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=SPEC,
+                        **group_flat_hparams({"warmup_epochs": 0.0, **module_args}))
     data = random_images(SPEC, n=8, seed=1)
     recorder = LossRecorder()
     amp = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]} if precision == "16-mixed" else {}
@@ -74,7 +76,7 @@ def test_16_mixed_runs_in_float16_and_matches_float32_trajectory(monkeypatch: py
     monkeypatch.setattr(Conv2d, "convolve", recording)
     trainer, module, half = fit("16-mixed", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
     assert dtypes == {torch.float16}  # every regular convolution ran in float16
-    assert trainer.precision_plugin.scaler.get_scale() == 256.0 and int(module.guard.skipped) == 0
+    assert trainer.precision_plugin.scaler.get_scale() == 256.0 and int(module.guarded_steps.guard.skipped) == 0
     # Tolerance 0.2% per step, as for bf16; measured 1e-5 (float16 keeps 10 mantissa bits).
     for a, b in zip(full, half):
         assert abs(a - b) <= 2e-3 * abs(a), (full, half)
@@ -88,8 +90,8 @@ def test_16_mixed_loss_scale_overflows_are_not_bad_steps() -> None:
     trainer, module, losses = fit("16-mixed", steps=16, rollback_after=3)
     scale = trainer.precision_plugin.scaler.get_scale()
     assert scale < 2.0 ** 16  # overflows happened and were left to the scaler
-    assert int(module.guard.skipped) == 0 and int(module.guard.rollbacks) == 0
-    assert int(module.guard.good_steps) < 16  # the overflow steps did not update
+    assert int(module.guarded_steps.guard.skipped) == 0 and int(module.guarded_steps.guard.rollbacks) == 0
+    assert int(module.guarded_steps.guard.good_steps) < 16  # the overflow steps did not update
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert losses[-1] < losses[0]
 

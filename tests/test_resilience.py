@@ -17,7 +17,9 @@ from nvae.checkpoint import check_compatible
 from nvae.data import register_datamodule
 from nvae.data.base import ImageDataModule
 from nvae.guard import StepGuard, TrainingDiverged
-from nvae.lightning import EMA_KEY, RNG_KEY, NVAEModule
+from nvae.checkpoint import EMA_KEY, RNG_KEY
+from nvae.hparams import group_flat_hparams
+from nvae.lightning import NVAEModule
 from nvae.resilience import AtomicTorchCheckpointIO, last_checkpoint_path
 from nvae.spec import ImageSpec
 
@@ -72,7 +74,7 @@ class Inject(L.Callback):
 def fit(tmp: Path, max_steps: int, callbacks: list[L.Callback] = (), ckpt_path: Optional[str] = None,
         **module_args: Any) -> tuple[L.Trainer, NVAEModule]:
     L.seed_everything(0, verbose=False)
-    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, warmup_epochs=0.5, **module_args)
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, **group_flat_hparams({"warmup_epochs": 0.5, **module_args}))
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp), limit_val_batches=1,
                         num_sanity_val_steps=1, callbacks=list(callbacks))
@@ -122,7 +124,7 @@ def test_nan_loss_step_is_skipped_and_training_continues(tmp_path: Path) -> None
     inject = Inject(nan_steps=(3,))
     trainer, module = fit(tmp_path, 6, [inject])
     assert trainer.global_step == 6
-    assert int(module.guard.skipped) == 1
+    assert int(module.guarded_steps.guard.skipped) == 1
     torch.testing.assert_close(inject.weights_after[3], inject.weights_before[3], rtol=0, atol=0)  # no update
     assert not torch.equal(inject.weights_after[4], inject.weights_before[4])  # the next step updates again
     assert all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
@@ -131,12 +133,12 @@ def test_nan_loss_step_is_skipped_and_training_continues(tmp_path: Path) -> None
 def test_consecutive_bad_steps_roll_back_and_lower_the_lr(tmp_path: Path) -> None:
     inject = Inject(nan_steps=(4, 5))
     trainer, module = fit(tmp_path, 8, [inject], rollback_after=2, snapshot_every=2)
-    assert int(module.guard.rollbacks) == 1 and float(module.guard.lr_scale) == 0.5
+    assert int(module.guarded_steps.guard.rollbacks) == 1 and float(module.guarded_steps.guard.lr_scale) == 0.5
     # snapshots are taken after good steps 1, 2, 4 (global steps 0, 1, 3): the rollback restores step 3's weights
     torch.testing.assert_close(inject.weights_after[5], inject.weights_after[3], rtol=0, atol=0)
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     warmup = 4  # warmup_epochs 0.5 of the 8 steps (one "epoch" when max_steps bounds the run)
-    assert lr == pytest.approx(0.5 * module.hparams.learning_rate * module._lr_factor(trainer.global_step, warmup))
+    assert lr == pytest.approx(0.5 * module.optim.learning_rate * module._lr_factor(trainer.global_step, warmup))
     assert trainer.global_step == 8
 
 
@@ -236,7 +238,7 @@ def test_ema_is_validated_saved_and_loaded_for_sampling(tmp_path: Path) -> None:
     seen = WeightsDuringValidation()
     trainer, module = fit(tmp_path, 6, [L.pytorch.callbacks.ModelCheckpoint(save_last=True), seen], ema_decay=0.5)
     live, evaluated = seen.live[-1], seen.evaluated[-1]  # the validation after step 6
-    ema = torch.cat([module.ema.params[n].flatten() for n, _ in module.model.named_parameters()])
+    ema = torch.cat([module.ema_weights.ema.params[n].flatten() for n, _ in module.model.named_parameters()])
     torch.testing.assert_close(evaluated, ema, rtol=0, atol=0)  # validation ran on the averages
     assert not torch.equal(evaluated, live)
     now = torch.cat([p.detach().flatten() for p in module.model.parameters()])
@@ -247,9 +249,9 @@ def test_ema_is_validated_saved_and_loaded_for_sampling(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.cat([p.flatten() for p in loaded.model.parameters()]), ema, rtol=0, atol=0)
     assert load_checkpoint(path, use_ema=False).weights == "raw"
     # a checkpoint written while validation holds the averages (e.g. preempted then) stores the same
-    module._swap_ema(True)
+    module.ema_weights.swap(module, True)
     trainer.save_checkpoint(tmp_path / "during_validation.ckpt")
-    module._swap_ema(False)
+    module.ema_weights.swap(module, False)
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     during, after = (torch.load(tmp_path / f, weights_only=True) for f in ("during_validation.ckpt", "after.ckpt"))
     for key in ("state_dict", EMA_KEY):
@@ -284,8 +286,8 @@ def test_incompatible_checkpoint_names_what_differs() -> None:
     ckpt = {"hyper_parameters": {"arch": {"num_channels": 16, "num_flows": 0}, "image_spec": {"channels": 1}}}
     with pytest.raises(ValueError, match=r"model.arch.num_channels: checkpoint 16, config 8"):
         check_compatible(ckpt, hparams)
-    with pytest.raises(ValueError, match="checkpoint format 3 .*upgrade nvae"):
-        check_compatible({**ckpt, "nvae_format": 3}, hparams)
+    with pytest.raises(ValueError, match="checkpoint format 4 .*upgrade nvae"):
+        check_compatible({**ckpt, "nvae_format": 4}, hparams)
     with pytest.raises(ValueError, match="checkpoint format 1 .*before the architecture became the official"):
         check_compatible({**ckpt, "nvae_format": 1}, hparams)
 
