@@ -1,16 +1,19 @@
 """One table of training speed, sampling speed and peak memory for each option of a preset.
 
     python benchmarks/options.py --config configs/cifar10.yaml --batch-size 8 [--steps 3] [--threads 2]
-        [--options "32" "32 ckpt" "bf16" ...] [--device D]
+        [--options "32" "32 ckpt" "bf16" ... | --mechanisms] [--rounds R] [--device D]
 
 Each option runs ``benchmarks/throughput.py`` in its own process (so peak memory is that option's
 alone) and the results are printed as a Markdown table, then one JSON line per option.
 Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (activation
 checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (channels_last on /
 off; default: the preset's), ``compile`` (torch.compile; its compilation is excluded by the
-warm-up step but takes minutes on CPU), and the allocator (``NVAE_MALLOC``, see nvae.runtime; by default
+warm-up step but takes minutes on CPU), a CPU mechanism replaced by plain PyTorch (``plain-ops``:
+``model.arch.fused_ops false``; ``torch-elu``; ``onednn-dw``: oneDNN's own depthwise weight
+gradient instead of the fastest of several; ``torch-adamax``: ``torch.optim.Adamax(foreach=True)``
+instead of nvae's), and the allocator (``NVAE_MALLOC``, see nvae.runtime; by default
 whatever this process's environment says, as for train.py): ``tcmalloc``, ``glibc`` (glibc with
-freed memory kept in the heap) or ``live`` (glibc giving every freed block of 64 KiB or more back to
+freed memory kept in the heap), ``glibc-default`` (glibc as it comes) or ``live`` (glibc giving every freed block of 64 KiB or more back to
 the kernel, so the peak resident set follows the memory actually in use: the allocator-independent
 peak; steps are much slower then, their times are not comparable).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +34,17 @@ sys.path.insert(0, str(HERE.parent))  # this checkout's nvae (nvae.runtime impor
 from nvae.runtime import REEXECUTED, preloads  # noqa: E402
 LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
+# --mechanisms: nvae's CPU-only mechanisms, each against the plain path it replaces (issue 18): the first
+# row is nvae as it runs; every other row swaps one mechanism for plain PyTorch.
+MECHANISM_OPTIONS = ["32", "32 plain-ops", "32 torch-elu", "32 onednn-dw", "32 torch-adamax", "32 glibc-default"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
          "ckpt": ["--checkpointing", "group"], "ckptcell": ["--checkpointing", "cell"],
          "cl": ["--channels-last"], "nchw": ["--no-channels-last"], "compile": ["--compile"],
-         "tcmalloc": [], "glibc": [], "live": []}  # the allocator words set the environment instead
-MALLOC_WORDS = {"tcmalloc": "tcmalloc", "glibc": "heap", "live": "default"}  # option word -> NVAE_MALLOC
+         "plain-ops": ["--plain", "ops"], "torch-elu": ["--plain", "elu"], "onednn-dw": ["--plain", "depthwise"],
+         "torch-adamax": ["--plain", "adamax"],
+         "tcmalloc": [], "glibc": [], "glibc-default": [], "live": []}  # the allocator words set the environment
+MALLOC_WORDS = {"tcmalloc": "tcmalloc", "glibc": "heap", "glibc-default": "default",
+                "live": "default"}  # option word -> NVAE_MALLOC
 
 
 def flags(option: str) -> list[str]:
@@ -77,16 +87,29 @@ def measure(config: str, option: str, args: argparse.Namespace) -> dict[str, Any
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| option | s / step | train images/s | sample images/s | peak memory (MB) | TFLOP/s | allocator |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown; ``x first`` is the step time over the first option's (> 1: slower than it)."""
+    lines = ["| option | s / step | x first | train images/s | sample images/s | peak memory (MB) | TFLOP/s | allocator |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = next((r["step_s"] for r in rows if "error" not in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['option']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['option']} | failed: {r['error']} | | | | | | |")
             continue
         sample = f"{r['sample_images_per_s']:.1f}" if r.get("sample_images_per_s") else "-"
-        lines.append(f"| {r['option']} | {r['step_s']:.3f} | {r['train_images_per_s']:.2f} | {sample} | "
+        ratio = f"{r['step_s'] / base:.3f}" if base else "-"
+        lines.append(f"| {r['option']} | {r['step_s']:.3f} | {ratio} | {r['train_images_per_s']:.2f} | {sample} | "
                      f"{r['peak_mem_mb']:.0f} | {r['achieved_tflops']:.3f} | {r.get('allocator', '-')} |")
     return "\n".join(lines)
+
+
+def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One option's rounds as one row: the median of the rounds' median step times (the rest from the first)."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    row = dict(good[0], step_s=statistics.median(r["step_s"] for r in good), rounds=[r["step_s"] for r in good])
+    row["train_images_per_s"] = row["batch_size"] / row["step_s"]
+    return row
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -97,13 +120,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
-    p.add_argument("--options", nargs="+", default=DEFAULT_OPTIONS, help="option sets, e.g. '32' 'bf16 ckpt'")
+    p.add_argument("--options", nargs="+", default=None, help="option sets, e.g. '32' 'bf16 ckpt'")
+    p.add_argument("--mechanisms", action="store_true",
+                   help=f"the options {' | '.join(MECHANISM_OPTIONS)}: each CPU mechanism against its plain path")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run all options this many times, interleaved (A B C A B C), and report the median round")
     args = p.parse_args(argv)
-    for option in args.options:
+    options = args.options or (MECHANISM_OPTIONS if args.mechanisms else DEFAULT_OPTIONS)
+    for option in options:
         flags(option)  # fail early on a typo
         environment(option)
-    rows = [measure(args.config, option, args) for option in args.options]
-    print(f"{args.config}, batch {args.batch_size}, {args.threads} threads, median of {args.steps} steps")
+    runs: dict[str, list[dict[str, Any]]] = {o: [] for o in options}
+    for _ in range(max(args.rounds, 1)):
+        for option in options:
+            runs[option].append(measure(args.config, option, args))
+    rows = [combine(runs[o]) for o in options]
+    capability = next((r.get("cpu_capability") for r in rows if "error" not in r), "?")
+    print(f"{args.config}, batch {args.batch_size}, {args.threads} threads, CPU capability {capability}, "
+          f"median of {args.steps} steps, median of {args.rounds} interleaved round(s)")
     print(table(rows))
     for r in rows:
         print(json.dumps(r))

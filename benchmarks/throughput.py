@@ -61,11 +61,14 @@ from nvae.compat import conv_backward  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
+from nvae.ops import ELU  # noqa: E402
+from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
 from nvae.optim import Adamax  # noqa: E402
 from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PLAIN_CHOICES = ("ops", "elu", "depthwise", "adamax")  # --plain: the mechanisms benchmarks/options.py weighs
 PHASES = ("nvae::forward", "nvae::backward", "nvae::optimizer")  # forward includes the regularizers' forward
 # Lightning spellings of the precisions above (a preset's trainer.precision may use any of them).
 _PRECISION_ALIASES = {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
@@ -103,6 +106,11 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
                         "and cell stack, the default, or per cell)")
     p.add_argument("--compile", action="store_true",
                    help="build with model.compile=true (torch.compile of the forward pass)")
+    p.add_argument("--plain", action="append", default=[], choices=PLAIN_CHOICES,
+                   help="replace one CPU mechanism by the plain PyTorch path (repeatable): ops = "
+                        "model.arch.fused_ops false (all hand-written autograd), elu = torch's ELU, depthwise = "
+                        "oneDNN's own depthwise weight gradient (no choice by timing), adamax = "
+                        "torch.optim.Adamax(foreach=True)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
     return p
@@ -122,7 +130,7 @@ def parse_args(argv: Optional[Sequence[str]] = None,
 
 
 def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = False,
-          checkpointing: Optional[str] = None, compile: bool = False) -> NVAECLI:
+          checkpointing: Optional[str] = None, compile: bool = False, plain: Sequence[str] = ()) -> NVAECLI:
     """Parse and instantiate the presets through the project's CLI, without running anything.
 
     The logger is switched off so no log directory is created; ``meta`` builds the model on the
@@ -136,6 +144,8 @@ def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = Fa
         args.append(f"--model.gradient_checkpointing={checkpointing}")
     if compile:
         args.append("--model.compile=true")
+    if "ops" in plain:
+        args.append("--model.arch.fused_ops=false")
     # LightningCLI warns when it is given args while sys.argv has some: they are this script's own.
     with torch.device("meta") if meta else nullcontext(), mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, run=False, args=args,
@@ -143,6 +153,11 @@ def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = Fa
     spec: ImageSpec = cli.datamodule.image_spec
     if cli.model.spec != spec:
         raise RuntimeError(f"the data module's image_spec {spec} did not reach the model ({cli.model.spec})")
+    if "elu" in plain:
+        for m in cli.model.modules():
+            if isinstance(m, ELU):
+                m.fused = False
+    WEIGHT_GRAD_METHODS.fixed = 0 if "depthwise" in plain else None  # 0: oneDNN's kernel on all channels
     return cli
 
 
@@ -179,11 +194,16 @@ def synchronize(device: torch.device) -> None:
 class Stepper:
     """One training step of NVAEModule as Lightning runs it, without a trainer."""
 
-    def __init__(self, module: NVAEModule, x: torch.Tensor, precision: str) -> None:
+    def __init__(self, module: NVAEModule, x: torch.Tensor, precision: str, torch_adamax: bool = False) -> None:
         h = module.optim
         self.module, self.device = module, x.device
         self.x = module._prepare(x)  # channels_last input when the module asks for it, as training_step does
-        self.optimizer = Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps)
+        if torch_adamax:  # the plain path nvae's Adamax is measured against
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adamax(
+                module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps, foreach=True)
+        else:
+            self.optimizer = Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay,
+                                    eps=h.adamax_eps)
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" and x.device.type == "cuda" else None
@@ -288,7 +308,8 @@ def time_sampling(module: NVAEModule, batch_size: int, steps: int, device: torch
 def prepare(args: argparse.Namespace, threads: int, allocator: str) -> tuple[Stepper, dict[str, Any]]:
     """Build the preset's model on the device, print what runs; return its step and a summary."""
     device = resolve_device(args.device)
-    cli = build(args.config, args.channels_last, checkpointing=args.checkpointing, compile=args.compile)
+    cli = build(args.config, args.channels_last, checkpointing=args.checkpointing, compile=args.compile,
+                plain=args.plain)
     module: NVAEModule = cli.model
     spec: ImageSpec = cli.datamodule.image_spec
     info = {"precision": resolve_precision(args.precision, cli, device), "params": count_params(module),
@@ -303,7 +324,9 @@ def prepare(args: argparse.Namespace, threads: int, allocator: str) -> tuple[Ste
     module.to(device).train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return Stepper(module, random_batch(spec, info["batch_size"], device), info["precision"]), info
+    stepper = Stepper(module, random_batch(spec, info["batch_size"], device), info["precision"],
+                      torch_adamax="adamax" in args.plain)
+    return stepper, info
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -340,6 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "step_s": median, "step_s_all": times, "train_images_per_s": batch_size / median,
               "peak_mem_mb": peak, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12,
               "checkpointing": args.checkpointing, "compile": args.compile, "allocator": allocator,
+              "plain": sorted(args.plain),
               "sample_images_per_s": batch_size / sample_s if sample_s else None,
               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(f"median step: {median:.4f} s, {batch_size / median:.1f} images/s, peak memory {peak:.0f} MB, "

@@ -95,20 +95,24 @@ def check_names(ckpt: Mapping[str, Any], source: str) -> None:
             if key != HPARAMS_KEY:
                 datamodule_class(hparams["_class_path"], entry)
             else:
-                module_class(hparams["_class_path"], entry)
+                check_module_name(hparams["_class_path"], entry)
     if ckpt.get(EMA_KEY) is not None:
         check_tensors(ckpt[EMA_KEY], f"{source}: {EMA_KEY}")
 
 
-def module_class(name: object, entry: str) -> type:
-    """``NVAEModule`` or a subclass of it already defined in this process, named by its class path."""
-    from nvae.lightning import NVAEModule
+MODULE_CLASS = "nvae.lightning.NVAEModule"  # what LightningCLI records as the model's _class_path
 
-    found = {class_path(cls): cls for cls in [NVAEModule, *subclasses(NVAEModule)]}
-    if not isinstance(name, str) or name not in found:
+
+def check_module_name(name: object, entry: str) -> None:
+    """Refuse a model class path other than ``NVAEModule`` or a subclass of it already defined in this
+    process; the name is compared, nothing is imported (nvae.lightning need not be loaded)."""
+    import lightning
+
+    defined = {class_path(cls) for cls in subclasses(lightning.LightningModule)
+               if MODULE_CLASS in (class_path(base) for base in cls.__mro__)}
+    if not isinstance(name, str) or name not in defined | {MODULE_CLASS}:
         raise UntrustedName(f"{entry}: {name!r} is not nvae.lightning.NVAEModule or a subclass of it defined "
                             "in this process; it was not imported")
-    return found[name]
 
 
 def check_tensors(state: object, entry: str) -> dict[str, torch.Tensor]:

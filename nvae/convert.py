@@ -134,9 +134,3 @@ def _loops(epoch: int, step: int) -> dict[str, Any]:
     from nvae.compat import fit_loop_state
 
     return fit_loop_state(epoch, step)
-
-
-if __name__ == "__main__":  # python -m nvae.convert SRC DST: the nvae-convert command
-    from nvae.cli.convert import main
-
-    main()

@@ -7,6 +7,7 @@ to eval mode. Readjusted statistics can be cached to a file per (checkpoint, tem
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -80,21 +81,30 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The RNG seed of image (or batch) ``index`` under the run's ``seed``: evaluation and sampling draw
+    the same numbers whatever the number of processes."""
+    return seed * 1_000_003 + index
+
+
 @torch.no_grad()
 def sample_images(model: NVAE, num: int, temperature: float = 1.0, batch_size: int = 100, seed: int = 0,
-                  mean: bool = True, progress: bool = True, quantize: Optional[bool] = None) -> torch.Tensor:
-    """``num`` images as uint8 (num, C, H, W), the data's padding cropped; same seed -> same images.
+                  mean: bool = True, progress: bool = True, quantize: Optional[bool] = None,
+                  rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's share of ``num`` images, uint8 (n, C, H, W) with the data's padding cropped.
 
-    ``mean`` decodes each latent sample to the likelihood's mean (else a sample from it), on the
-    bit grid or not by ``quantize`` (see :meth:`NVAE.sample`).
+    Batch b of the whole set is drawn by process b mod ``world`` from seed ``image_seed(seed, b)``:
+    the same seed gives the same images, for any number of processes. ``mean`` decodes each latent
+    sample to the likelihood's mean (else a sample from it), on the bit grid or not by ``quantize``
+    (see :meth:`NVAE.sample`).
     """
-    torch.manual_seed(seed)
-    pad = model.spec.pad
-    chunks = []
-    for start in tqdm(range(0, num, batch_size), desc=f"sampling t={temperature:g}", disable=not progress,
-                      leave=False):
-        images = model.sample(min(batch_size, num - start), temperature, mean=mean, quantize=quantize)
+    pad, chunks = model.spec.pad, []
+    batches = range(rank, math.ceil(num / batch_size), world)
+    for b in tqdm(batches, desc=f"sampling t={temperature:g}", disable=not progress, leave=False):
+        torch.manual_seed(image_seed(seed, b))
+        images = model.sample(min(batch_size, num - b * batch_size), temperature, mean=mean, quantize=quantize)
         if pad:
             images = images[..., pad:-pad, pad:-pad]
         chunks.append(to_uint8(images).cpu())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.spec.channels, *(2 * [model.spec.size - 2 * pad]),
+                                                         dtype=torch.uint8)

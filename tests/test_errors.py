@@ -15,7 +15,7 @@ from conftest import random_images, tiny_config
 from nvae.cli.train import main as train_main
 from nvae.data import ImageFolderDataModule
 from nvae.lightning import NVAEModule
-from nvae.model import NVAE, NVAEConfig
+from nvae.model import NVAE
 from nvae.cli.sample import main as sample_main
 from nvae.spec import ImageSpec
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fit_on_batch, random_images
+from conftest import fit_on_batch
 from nvae.checkpoint import load_checkpoint
 from nvae.cli.evaluate import main as evaluate_main
-from nvae.metrics.likelihood import evaluate_nll, importance_weighted
+from nvae.metrics.likelihood import NLLResult, importance_weighted, per_image_nll
 from nvae.model import NVAE
 from nvae.cli.sample import main as sample_main
 from nvae.sampling import batchnorm_state, readjust_batchnorm, sample_images
@@ -55,7 +55,9 @@ def test_iw_chunking_does_not_change_the_estimate(trained_binary: NVAE) -> None:
 
 def test_evaluate_nll_counts_images_and_converts_units(trained_binary: NVAE) -> None:
     x = trained_binary.fixed_batch  # type: ignore[attr-defined]
-    res = evaluate_nll(trained_binary, [x[:5], x[5:]], num_samples=4, num_images=7, progress=False)
+    rows = per_image_nll(trained_binary, x, range(7), num_samples=4, max_rows=500, seed=0, device="cpu",
+                         progress=False)
+    res = NLLResult.from_rows(rows, trained_binary.spec.num_dims, 4)
     assert res.num_images == 7 and res.K == 4
     assert res.bpd == pytest.approx(res.nll_nats / (trained_binary.spec.num_dims * np.log(2)))
     assert res.nll_nats <= res.nelbo_nats + 1.0

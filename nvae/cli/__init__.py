@@ -6,7 +6,7 @@ re-execute itself with tcmalloc preloaded), then imports torch and its command m
     train     (nvae-train,   python train.py)     the LightningCLI over NVAEModule and the data modules
     sample    (nvae-sample,  python sample.py)    images, and the latent API (latent)
     evaluate  (nvae-eval,    python evaluate.py)  nll, recon, and fid (fid)
-    convert   (nvae-convert, python -m nvae.convert)  an official checkpoint as an nvae one
+    convert   (nvae-convert, python -m nvae.cli.convert)  an official checkpoint as an nvae one
     common    what several commands share: device and data arguments, loading a checkpoint, Fabric
 
 This package imports no torch. The entry functions are named after the commands (``nvae_train``, ...):

@@ -1,7 +1,7 @@
 """``nvae-convert SRC DST``: an official NVAE checkpoint (NVlabs/NVAE) as an nvae checkpoint.
 
 The conversion is :func:`nvae.convert.convert` (what it carries over and what it does not is said
-there); this is its command line, also run by ``python -m nvae.convert`` and ``python -m nvae.cli.convert``.
+there); this is its command line, also run by ``python -m nvae.cli.convert``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from nvae.official import OfficialFormatError
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """``nvae-convert`` / ``python -m nvae.convert``: one summary line, or one error line (exit 2)."""
+    """``nvae-convert`` / ``python -m nvae.cli.convert``: one summary line, or one error line (exit 2)."""
     parser = argparse.ArgumentParser(prog="nvae-convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="The converted model evaluates with the official likelihood bins; "

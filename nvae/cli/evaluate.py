@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,8 +24,7 @@ from torchvision.utils import make_grid, save_image
 from nvae.checkpoint import LoadedCheckpoint
 from nvae.cli.common import (DEFAULT_BN_STEPS, add_bins, add_bn_batch_size, add_common, add_processes, data_loader,
                              end_distributed, eval_dataset, launch, load, positive_temperature, resolve_device)
-from nvae.metrics.likelihood import NLLResult
-from nvae.metrics.sharded import gather_rows, per_image_nll
+from nvae.metrics.likelihood import NLLResult, gather_rows, per_image_nll
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
-    """IW NLL over the split, sharded over the processes asked for (:mod:`nvae.metrics.sharded`)."""
+    """IW NLL over the split, sharded over the processes asked for (:mod:`nvae.metrics.likelihood`)."""
     k = args.num_importance_samples
     if k < 1 or args.batch_size < 1:
         raise SystemExit("evaluate.py: --num-importance-samples and --batch-size must be >= 1")
@@ -97,9 +95,7 @@ def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     rows = gather_rows(rows.to(device), n, world, fabric.all_gather if fabric is not None else None)
     if rank != 0:
         return None
-    dims = loaded.model.spec.num_dims
-    nll, nelbo = -rows[:, 1].mean().item(), -rows[:, 2].mean().item()
-    res = NLLResult(nll, nll / (dims * math.log(2)), nelbo, nelbo / (dims * math.log(2)), n, k)
+    res = NLLResult.from_rows(rows, loaded.model.spec.num_dims, k)
     if args.per_image:
         Path(args.per_image).parent.mkdir(parents=True, exist_ok=True)
         lines = ["index,log_px_nats,elbo_nats"] + [f"{int(i)},{lp:.6f},{e:.6f}" for i, lp, e in rows.tolist()]

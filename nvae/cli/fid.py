@@ -21,12 +21,10 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nvae.cli.common import data_loader, launch, load, resolve_device
 from nvae.metrics import fid as F
-from nvae.metrics.sharded import image_seed
-from nvae.sampling import bn_cache_path, readjust_batchnorm
+from nvae.sampling import bn_cache_path, readjust_batchnorm, sample_images
 
 OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH = 500, 2  # the official FID evaluation's BatchNorm readjustment
 
@@ -77,18 +75,9 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
 
 def generate(model: Any, num: int, temperature: float, batch_size: int, seed: int, rank: int, world: int,
              mean: bool, quantize: Optional[bool], progress: bool) -> torch.Tensor:
-    """This process's share of ``num`` generated images, uint8 (n, C, H, W) without the data's padding.
-
-    Batch b of the whole set is drawn by process b mod ``world`` from seed ``image_seed(seed, b)``, so the
-    set of images is the same for any number of processes.
-    """
-    pad, chunks = model.spec.pad, []
-    batches = range(rank, math.ceil(num / batch_size), world)
-    for b in tqdm(batches, desc=f"sampling t={temperature:g}", disable=not progress, leave=False):
-        torch.manual_seed(image_seed(seed, b))
-        images = model.sample(min(batch_size, num - b * batch_size), temperature, mean=mean, quantize=quantize)
-        chunks.append(F.to_uint8(images[..., pad:-pad, pad:-pad] if pad else images).cpu())
-    return torch.cat(chunks)
+    """This process's share of the ``num`` generated images (:func:`nvae.sampling.sample_images`)."""
+    return sample_images(model, num, temperature, batch_size, seed, mean=mean, progress=progress,
+                         quantize=quantize, rank=rank, world=world)
 
 
 def gathered_stats(local: F.FeatureStats, fabric: Any, average: bool) -> F.FeatureStats:

@@ -1,20 +1,27 @@
-"""Importance-weighted log-likelihood of NVAE (paper sec. 5; Burda et al. 2016).
+"""Importance-weighted log-likelihood of NVAE (paper sec. 5; Burda et al. 2016), over many processes.
 
 log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x),
 a lower bound that tightens as K grows. K = 1000 in the paper. The K samples of an image are
 drawn in chunks so that at most ``max_rows`` images go through the network at once.
+
+Process r of W evaluates the images r, r + W, r + 2W, ...; each image draws its noise (posterior
+samples and, for binarized data, its binarization) from its own seed
+(:func:`nvae.sampling.image_seed`), so an image gets the same numbers whatever the number of
+processes. The per-image rows are gathered to every process and checked (:func:`gather_rows`):
+each image counted once, none dropped, also when W does not divide N.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from nvae.model import NVAE
 from nvae.objectives import bits_per_dim
+from nvae.sampling import image_seed
 
 
 @torch.no_grad()
@@ -38,6 +45,37 @@ def importance_weighted(model: NVAE, x: torch.Tensor, num_samples: int, max_rows
     return torch.logsumexp(log_w_all, dim=0) - math.log(num_samples), torch.cat(elbo).mean(dim=0)
 
 
+@torch.no_grad()
+def per_image_nll(model: NVAE, dataset: Any, indices: Sequence[int], num_samples: int, max_rows: int, seed: int,
+                  device: torch.device | str, progress: bool = True) -> torch.Tensor:
+    """(len(indices), 3) float64 rows: image index, IW log p(x) and ELBO (nats) of each image."""
+    model.eval()
+    rows = []
+    for i in tqdm(indices, desc=f"IW NLL, K={num_samples}", unit="img", disable=not progress):
+        torch.manual_seed(image_seed(seed, i))
+        x = dataset[i]
+        x = x[0] if isinstance(x, (list, tuple)) else x
+        log_px, elbo = importance_weighted(model, x.unsqueeze(0).to(device), num_samples, max_rows)
+        rows.append(torch.tensor([float(i), log_px.item(), elbo.item()], dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+def gather_rows(rows: torch.Tensor, total: int, world_size: int, all_gather: Optional[Any] = None) -> torch.Tensor:
+    """Every process's rows, (total, 3) sorted by image index; ``all_gather`` (e.g. Fabric's) collects
+    equally sized tensors, so each process pads its rows to ceil(total / world_size) with index -1."""
+    if world_size > 1:
+        assert all_gather is not None
+        size = math.ceil(total / world_size)
+        padded = torch.full((size, 3), -1.0, dtype=torch.float64, device=rows.device)
+        padded[:rows.shape[0]] = rows
+        rows = all_gather(padded).reshape(-1, 3).cpu()  # (world_size * size, 3)
+        rows = rows[rows[:, 0] >= 0]
+    rows = rows[rows[:, 0].argsort()]
+    if not torch.equal(rows[:, 0], torch.arange(total, dtype=torch.float64)):
+        raise RuntimeError(f"gathered {rows.shape[0]} image results for {total} images: some counted twice or lost")
+    return rows
+
+
 @dataclass
 class NLLResult:
     """Averages over the evaluated images (nats per image; bits per modelled dimension)."""
@@ -49,38 +87,16 @@ class NLLResult:
     num_images: int
     K: int
 
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, num_dims: int, num_samples: int) -> "NLLResult":
+        """The averages of :func:`per_image_nll` rows (index, log p(x), ELBO)."""
+        if rows.shape[0] == 0:
+            raise ValueError("no images to evaluate (empty split or --num-images 0)")
+        nll, nelbo = -rows[:, 1].mean().item(), -rows[:, 2].mean().item()
+        return cls(nll, float(bits_per_dim(torch.tensor(nll), num_dims)), nelbo,
+                   float(bits_per_dim(torch.tensor(nelbo), num_dims)), int(rows.shape[0]), num_samples)
+
     def as_dict(self) -> dict[str, float | int]:
         d = asdict(self)
         d["elbo_nats"] = -self.nelbo_nats
         return d
-
-
-@torch.no_grad()
-def evaluate_nll(model: NVAE, batches: Iterable[torch.Tensor], num_samples: int, num_images: Optional[int] = None,
-                 max_rows: int = 500, device: torch.device | str = "cpu", progress: bool = True) -> NLLResult:
-    """IW NLL and negative ELBO over ``batches`` of images (each (B, C, H, W) in [0, 1])."""
-    model.eval()
-    nll_sum, nelbo_sum, count = 0.0, 0.0, 0
-    bar = tqdm(total=num_images, desc=f"IW NLL, K={num_samples}", unit="img", disable=not progress)
-    for x in batches:
-        x = x[0] if isinstance(x, (list, tuple)) else x
-        if num_images is not None:
-            x = x[: num_images - count]
-        if x.shape[0] == 0:
-            break
-        x = x.to(device)
-        log_px, elbo = importance_weighted(model, x, num_samples, max_rows)
-        nll_sum += -log_px.sum().item()
-        nelbo_sum += -elbo.sum().item()
-        count += x.shape[0]
-        bar.update(x.shape[0])
-        bar.set_postfix(nll=nll_sum / count)
-        if num_images is not None and count >= num_images:
-            break
-    bar.close()
-    if count == 0:
-        raise ValueError("no images to evaluate (empty split or --num-images 0)")
-    dims = model.spec.num_dims
-    nll, nelbo = nll_sum / count, nelbo_sum / count
-    return NLLResult(nll, float(bits_per_dim(torch.tensor(nll), dims)), nelbo,
-                     float(bits_per_dim(torch.tensor(nelbo), dims)), count, num_samples)

@@ -29,10 +29,14 @@ DETERMINISTIC_WEIGHT_GRAD = "folded"
 class WeightGradMethods:
     """The fastest weight-gradient method per (shape, dtype, threads), chosen once by timing (best of three)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fixed: Optional[str | int] = None) -> None:
         self.fastest: dict[tuple[tuple[int, ...], torch.dtype, int], str | int] = {}
+        self.fixed = fixed
+        """A method to use always instead of timing (benchmarks/options.py measures the choice against it)."""
 
     def choose(self, conv: "DepthwiseConv2d", grad_out: torch.Tensor, x: torch.Tensor) -> str | int:
+        if self.fixed is not None:
+            return self.fixed
         if torch.are_deterministic_algorithms_enabled():  # trainer.deterministic: no choice by timing
             return DETERMINISTIC_WEIGHT_GRAD
         key = (tuple(x.shape), x.dtype, torch.get_num_threads())
