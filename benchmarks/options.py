@@ -9,9 +9,8 @@ Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (acti
 checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (channels_last on /
 off; default: the preset's), ``compile`` (torch.compile; its compilation is excluded by the
 warm-up step but takes minutes on CPU), a CPU mechanism replaced by plain PyTorch (``plain-ops``:
-``model.arch.fused_ops false``; ``torch-elu``; ``onednn-dw``: oneDNN's own depthwise weight
-gradient instead of the fastest of several; ``torch-adamax``: ``torch.optim.Adamax(foreach=True)``
-instead of nvae's), and the allocator (``NVAE_MALLOC``, see nvae.runtime; by default
+``model.arch.fused_ops false``; ``onednn-dw``: oneDNN's own depthwise weight gradient instead
+of the fastest of several), and the allocator (``NVAE_MALLOC``, see nvae.runtime; by default
 whatever this process's environment says, as for train.py): ``tcmalloc``, ``glibc`` (glibc with
 freed memory kept in the heap), ``glibc-default`` (glibc as it comes) or ``live`` (glibc giving every freed block of 64 KiB or more back to
 the kernel, so the peak resident set follows the memory actually in use: the allocator-independent
@@ -36,12 +35,11 @@ LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=655
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 # --mechanisms: nvae's CPU-only mechanisms, each against the plain path it replaces (issue 18): the first
 # row is nvae as it runs; every other row swaps one mechanism for plain PyTorch.
-MECHANISM_OPTIONS = ["32", "32 plain-ops", "32 torch-elu", "32 onednn-dw", "32 torch-adamax", "32 glibc-default"]
+MECHANISM_OPTIONS = ["32", "32 plain-ops", "32 onednn-dw", "32 glibc-default"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],
          "ckpt": ["--checkpointing", "group"], "ckptcell": ["--checkpointing", "cell"],
          "cl": ["--channels-last"], "nchw": ["--no-channels-last"], "compile": ["--compile"],
-         "plain-ops": ["--plain", "ops"], "torch-elu": ["--plain", "elu"], "onednn-dw": ["--plain", "depthwise"],
-         "torch-adamax": ["--plain", "adamax"],
+         "plain-ops": ["--plain", "ops"], "onednn-dw": ["--plain", "depthwise"],
          "tcmalloc": [], "glibc": [], "glibc-default": [], "live": []}  # the allocator words set the environment
 MALLOC_WORDS = {"tcmalloc": "tcmalloc", "glibc": "heap", "glibc-default": "default",
                 "live": "default"}  # option word -> NVAE_MALLOC

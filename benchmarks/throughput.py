@@ -61,14 +61,12 @@ from nvae.compat import conv_backward  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
-from nvae.ops import ELU  # noqa: E402
 from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
-from nvae.optim import Adamax  # noqa: E402
 from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-PLAIN_CHOICES = ("ops", "elu", "depthwise", "adamax")  # --plain: the mechanisms benchmarks/options.py weighs
+PLAIN_CHOICES = ("ops", "depthwise")  # --plain: the mechanisms benchmarks/options.py weighs
 PHASES = ("nvae::forward", "nvae::backward", "nvae::optimizer")  # forward includes the regularizers' forward
 # Lightning spellings of the precisions above (a preset's trainer.precision may use any of them).
 _PRECISION_ALIASES = {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
@@ -108,9 +106,8 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
                    help="build with model.compile=true (torch.compile of the forward pass)")
     p.add_argument("--plain", action="append", default=[], choices=PLAIN_CHOICES,
                    help="replace one CPU mechanism by the plain PyTorch path (repeatable): ops = "
-                        "model.arch.fused_ops false (all hand-written autograd), elu = torch's ELU, depthwise = "
-                        "oneDNN's own depthwise weight gradient (no choice by timing), adamax = "
-                        "torch.optim.Adamax(foreach=True)")
+                        "model.arch.fused_ops false (all hand-written autograd), depthwise = "
+                        "oneDNN's own depthwise weight gradient (no choice by timing)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
     return p
@@ -153,10 +150,6 @@ def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = Fa
     spec: ImageSpec = cli.datamodule.image_spec
     if cli.model.spec != spec:
         raise RuntimeError(f"the data module's image_spec {spec} did not reach the model ({cli.model.spec})")
-    if "elu" in plain:
-        for m in cli.model.modules():
-            if isinstance(m, ELU):
-                m.fused = False
     WEIGHT_GRAD_METHODS.fixed = 0 if "depthwise" in plain else None  # 0: oneDNN's kernel on all channels
     return cli
 
@@ -194,16 +187,12 @@ def synchronize(device: torch.device) -> None:
 class Stepper:
     """One training step of NVAEModule as Lightning runs it, without a trainer."""
 
-    def __init__(self, module: NVAEModule, x: torch.Tensor, precision: str, torch_adamax: bool = False) -> None:
+    def __init__(self, module: NVAEModule, x: torch.Tensor, precision: str) -> None:
         h = module.optim
         self.module, self.device = module, x.device
         self.x = module._prepare(x)  # channels_last input when the module asks for it, as training_step does
-        if torch_adamax:  # the plain path nvae's Adamax is measured against
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adamax(
-                module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay, eps=h.adamax_eps, foreach=True)
-        else:
-            self.optimizer = Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay,
-                                    eps=h.adamax_eps)
+        self.optimizer = torch.optim.Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay,
+                                            eps=h.adamax_eps, foreach=True)  # as NVAEModule.configure_optimizers
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" and x.device.type == "cuda" else None
@@ -324,8 +313,7 @@ def prepare(args: argparse.Namespace, threads: int, allocator: str) -> tuple[Ste
     module.to(device).train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stepper = Stepper(module, random_batch(spec, info["batch_size"], device), info["precision"],
-                      torch_adamax="adamax" in args.plain)
+    stepper = Stepper(module, random_batch(spec, info["batch_size"], device), info["precision"])
     return stepper, info
 
 

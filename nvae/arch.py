@@ -57,7 +57,7 @@ class NVAEConfig:
     Converted official checkpoints use "official"; both are valid likelihoods of the same network."""
     fused_ops: bool = True
     """On CPU, run the hand-written autograd (fused BatchNorm-Swish-conv chains, weight norm with
-    spectral tokens, the vectorized ELU, the depthwise kernels: :mod:`nvae.ops`); false: the plain
+    spectral tokens, the depthwise kernels: :mod:`nvae.ops`); false: the plain
     PyTorch path. Same function either way (tests/test_fused_equivalence.py); GPUs always run the
     plain path until a GPU measurement says otherwise."""
 

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (ELU, Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, Step, UpsampleConv,
+from nvae.ops import (Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, Step, UpsampleConv,
                       autoregressive_mask, batch_norm, bn_swish_conv)
 
 RESIDUAL_SCALE = 0.1
@@ -131,10 +131,10 @@ class AutoregressiveShift(nn.Module):
             return Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=bias, mask=mask)
 
         self.net = nn.Sequential(
-            masked(latent_channels, hidden, 3, 1, zero_diagonal=True, bias=False), ELU(),
-            masked(hidden, hidden, 5, hidden, zero_diagonal=False, bias=False), ELU(),
+            masked(latent_channels, hidden, 3, 1, zero_diagonal=True, bias=False), nn.ELU(),
+            masked(hidden, hidden, 5, hidden, zero_diagonal=False, bias=False), nn.ELU(),
         )
-        self.mu_act = ELU()
+        self.mu_act = nn.ELU()
         self.mu = masked(hidden, latent_channels, 1, 1, zero_diagonal=False, bias=True)
         with torch.no_grad():  # start close to the identity map
             self.mu.log_weight_norm.add_(math.log(0.1))

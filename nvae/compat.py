@@ -132,10 +132,7 @@ def cpu_capability() -> str:
 # ------------------------------------------------------------------------------------------ torch kernels
 # Bound at import, so a torch without one of them fails here, when nvae is imported, naming it.
 foreach_norm = _need(torch, "_foreach_norm", "torch")  # (tensors, ord) -> per-tensor norms, one kernel launch
-foreach_add_ = _need(torch, "_foreach_add_", "torch")  # in-place a_i += alpha * b_i over lists
 foreach_lerp_ = _need(torch, "_foreach_lerp_", "torch")  # in-place a_i += w * (b_i - a_i) over lists
-flatten_dense_tensors = _need(torch._utils, "_flatten_dense_tensors", "torch._utils")  # tensors -> one flat copy
-unflatten_dense_tensors = _need(torch._utils, "_unflatten_dense_tensors", "torch._utils")  # flat -> views like tensors
 conv_backward = _need(torch.ops.aten, "convolution_backward", "torch.ops.aten")  # input/weight/bias gradients
 batch_norm_backward = _need(torch.ops.aten, "native_batch_norm_backward", "torch.ops.aten")
 silu_backward = _need(torch.ops.aten, "silu_backward", "torch.ops.aten")

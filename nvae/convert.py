@@ -80,8 +80,6 @@ def convert_optimizer(official: Mapping[str, Any], module: Any,
     likelihood head's moments reordered as its weights are). Without an official optimizer state,
     the moments start at zero.
     """
-    from nvae.optim import Adamax
-
     h = module.optim
     state = official.get("optimizer")
     groups = state.get("param_groups") if isinstance(state, dict) else None
@@ -89,9 +87,9 @@ def convert_optimizer(official: Mapping[str, Any], module: Any,
     if state is not None and not group:
         raise OfficialFormatError("official optimizer: expected one parameter group")
     lr = float(group.get("lr", h.learning_rate))
-    fresh = Adamax(module.parameters(), lr=lr, betas=tuple(group.get("betas", (0.9, 0.999))),
-                   eps=float(group.get("eps", h.adamax_eps)),
-                   weight_decay=float(group.get("weight_decay", h.weight_decay)))
+    fresh = torch.optim.Adamax(module.parameters(), lr=lr, betas=tuple(group.get("betas", (0.9, 0.999))),
+                               eps=float(group.get("eps", h.adamax_eps)),
+                               weight_decay=float(group.get("weight_decay", h.weight_decay)), foreach=True)
     out = fresh.state_dict()
     out["param_groups"][0]["initial_lr"] = h.learning_rate
     if not group:

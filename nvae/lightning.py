@@ -1,6 +1,6 @@
 """NVAEModule: the training, validation and test steps of NVAE, its optimizer and schedule (paper sec. 3.2, appendix A).
 
-Adamax (:class:`nvae.optim.Adamax`) with linear learning-rate warm-up then cosine decay, KL warm-up
+Adamax (``torch.optim.Adamax``) with linear learning-rate warm-up then cosine decay, KL warm-up
 and balancing, spectral and BatchNorm regularization. The hyper-parameters come in groups
 (:mod:`nvae.hparams`); the step guard and the weight EMA are callbacks the module adds
 (:mod:`nvae.callbacks`), exact resume and preemption those of :mod:`nvae.resilience`. Checkpoints
@@ -27,7 +27,6 @@ from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig, as_group
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
                              nelbo, regularization_coeff)
-from nvae.optim import Adamax
 from nvae.resilience import PreemptionCheckpoint, RNGState, SafeCheckpointIO
 from nvae.spec import ImageSpec
 from nvae.spectral import SpectralRegularizer
@@ -129,7 +128,8 @@ class NVAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o = self.optim
-        opt = Adamax(self.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay, eps=o.adamax_eps)
+        opt = torch.optim.Adamax(self.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay, eps=o.adamax_eps,
+                                 foreach=True)  # one kernel per operation over all tensors
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = max(min(int(o.warmup_epochs * self.total_steps / epochs), self.total_steps), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step, warmup))

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
 from nvae.arch import NVAEConfig
 from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
-from nvae.ops import ELU, CellStack, Conv2d, once_then_frozen, use_fused_ops
+from nvae.ops import CellStack, Conv2d, once_then_frozen, use_fused_ops
 from nvae.spec import ImageSpec
 
 Likelihood = Union[Bernoulli, DiscMixLogistic]
@@ -67,7 +67,7 @@ class LatentGroup(nn.Module):
         cells = 0 if first else cfg.num_cell_per_cond_dec
         self.cells = CellStack(*[DecoderCell(dec_channels, dec_channels, cfg.decoder_expand, use_se=cfg.use_se)
                                  for _ in range(cells)])
-        self.prior = None if first else nn.Sequential(ELU(), Conv2d(dec_channels, 2 * latent, 1))
+        self.prior = None if first else nn.Sequential(nn.ELU(), Conv2d(dec_channels, 2 * latent, 1))
         self.enc_combiner = None if first else EncoderCombiner(enc_channels, dec_channels)
         self.posterior = Conv2d(enc_channels, 2 * latent, 3, padding=1)
         self.flows = nn.Sequential(*[FlowPair(latent) for _ in range(cfg.num_flows)])
@@ -155,7 +155,7 @@ class NVAE(nn.Module):
             if s < len(groups) - 1:
                 self.enc_down.append(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se))
                 ch *= 2
-        self.enc_top = nn.Sequential(ELU(), Conv2d(ch, ch, 1), ELU())
+        self.enc_top = nn.Sequential(nn.ELU(), Conv2d(ch, ch, 1), nn.ELU())
 
         # Decoder, coarsest scale first: learned h0, latent groups, an up cell between scales.
         top = spec.size // cfg.downsampling
@@ -179,7 +179,7 @@ class NVAE(nn.Module):
                 ch = ch // 2 if up else ch
         self.postprocess = CellStack(*post)
         out = spec.channels if spec.likelihood == "bernoulli" else dmol_channels(spec.channels, cfg.num_mixtures)
-        self.head = nn.Sequential(ELU(), Conv2d(ch, out, 3, padding=1))
+        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out, 3, padding=1))
         self.groups_per_scale = groups
         use_fused_ops(self, cfg.fused_ops)
 

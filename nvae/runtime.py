@@ -2,19 +2,16 @@
 
 A training step frees and reallocates the same activation and gradient buffers every step.
 glibc's defaults serve big blocks with fresh ``mmap``s and give freed heap tops back to the
-kernel, so every step touches hundreds of thousands of new pages: the CIFAR-10 preset at batch 8
-took ~500,000 minor page faults per step, and elementwise ops (SiLU, BatchNorm, copies) ran 5-8x
-slower than on warm memory. Two cures, chosen by the ``NVAE_MALLOC`` environment variable:
+kernel, so every step touches hundreds of thousands of new pages (page faults, and elementwise ops
+several times slower than on warm memory; docs/performance.md has the measurements). Two cures,
+chosen by the ``NVAE_MALLOC`` environment variable:
 
 - ``tcmalloc`` (gperftools' allocator, e.g. Debian's ``libtcmalloc-minimal4``): keeps freed blocks
   in per-size free lists, so pages are reused without faults and with little fragmentation.
   ``LD_PRELOAD`` must name it before the process starts, so the script entry points
-  (:func:`select_allocator`) re-execute themselves once with it preloaded. CIFAR-10 batch 8 with
-  checkpointing per group: 2.95 GiB peak resident at 8.6 s per step, against 3.85 GiB at 8.9 s
-  with glibc's heap kept (MNIST batch 8: 0.49 vs 0.53-0.62 s).
-- ``heap``: glibc, with freed memory kept in the heap (no mmap, no trimming; :func:`keep_heap_memory`).
-  Page faults per CIFAR-10 step ~500,000 -> ~36,000 and a step 10.1 -> 8.1 s, but a fragmented heap
-  holds ~1 GiB more than is in use.
+  (:func:`select_allocator`) re-execute themselves once with it preloaded.
+- ``heap``: glibc, with freed memory kept in the heap (no mmap, no trimming; :func:`keep_heap_memory`);
+  a fragmented heap holds more memory than is in use.
 
 ``auto`` (the default) takes tcmalloc where it is installed and the heap otherwise; ``default``
 keeps glibc's behaviour (a long-lived process that must give memory back between jobs).

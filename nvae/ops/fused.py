@@ -18,7 +18,6 @@ from torch import nn
 
 from nvae.compat import batch_norm_backward, silu_backward
 from nvae.ops.conv import Conv2d
-from nvae.ops.layers import ELU
 
 
 class Step(NamedTuple):
@@ -30,11 +29,11 @@ class Step(NamedTuple):
 
 
 def use_fused_ops(module: nn.Module, on: bool) -> None:
-    """Turn the hand-written CPU autograd of every convolution and ELU in ``module`` on or off
+    """Turn the hand-written CPU autograd of every convolution in ``module`` on or off
     (``NVAEConfig.fused_ops``; set once, when the model is built). Off, or on another device than
     the CPU, every op is the plain PyTorch composition."""
     for m in module.modules():
-        if isinstance(m, (Conv2d, ELU)):
+        if isinstance(m, Conv2d):
             m.fused = on
 
 
@@ -90,8 +89,8 @@ def _normalize(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: 
     """The BatchNorm output from saved batch statistics: h * scale + shift per channel.
 
     Maps in another dtype than the statistics (bf16 under autocast) go through BatchNorm's own
-    inference kernel: a mixed-dtype addcmul takes TensorIterator's scalar casting path, 6.8 ms
-    against 0.2 ms on (8, 1536, 16, 16) bf16.
+    inference kernel: a mixed-dtype addcmul takes TensorIterator's slow scalar casting path
+    (docs/performance.md).
     """
     if h.dtype != invstd.dtype:
         return torch.native_batch_norm(h, weight, bias, mean, invstd.pow(-2) - eps, False, 0.0, eps)[0]

@@ -1,9 +1,7 @@
 """Small layers of NVAE's cells (paper sec. 3.1, fig. 3; appendix A): BatchNorm with the paper's
-momentum, ELU, squeeze-excitation, the down- and up-sampling skips, and the autoregressive mask
+momentum, squeeze-excitation, the down- and up-sampling skips, and the autoregressive mask
 of the flow cells (sec. 3.2, "normalizing flows")."""
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,42 +16,6 @@ BN_EPS = 1e-5
 def batch_norm(channels: int) -> nn.BatchNorm2d:
     """BatchNorm with the paper's momentum (0.05); sec. 3.1 notes the default 0.1 hurts sampling."""
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-
-
-class ELU(nn.Module):
-    """ELU (alpha 1). On CPU (``fused`` on) as exp(min(x, 0)) - 1 + max(x, 0), storing only its output.
-
-    Same function as ``nn.ELU`` to within 3e-7 (absolute; exp(x) - 1 instead of expm1 near 0), but
-    vectorized on CPU, where torch evaluates expm1 element by element. The gradient is 1 for x > 0
-    and exp(x) = y + 1 otherwise, so the output suffices for backward.
-    """
-
-    fused: bool = True
-    """The CPU rewrite above; off: ``F.elu``. Set by :func:`nvae.ops.fused.use_fused_ops`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused or x.device.type != "cpu":
-            return F.elu(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _ELUFunction.apply(x)
-        return _elu(x)
-
-
-def _elu(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp(x.clamp_max(0)).sub_(1).add_(x.clamp_min(0))
-
-
-class _ELUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        y = _elu(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return grad * y.clamp_max(0).add_(1)  # 1 where x > 0, exp(x) = y + 1 elsewhere
 
 
 class SqueezeExcite(nn.Module):
