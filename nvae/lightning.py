@@ -100,12 +100,12 @@ class NVAEModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The guard, the EMA, RNG states, atomic finite-only checkpoints and a checkpoint on
-        SIGTERM/SIGINT; the same objects on every call, so fit, then test, share them."""
+        SIGTERM/SIGINT, once per trainer: fit, then test, share the same objects."""
         own = [self.guarded_steps, self.ema_weights, self.rng_state, SafeCheckpointIO(),
                PreemptionCheckpoint(self.rng_state)]
         trainer = attached_trainer(self)
         present = {type(c) for c in trainer.callbacks} if trainer is not None else set()
-        return [c for c in own if c is not None and (type(c) not in present or c in trainer.callbacks)]
+        return [c for c in own if c is not None and type(c) not in present]  # attached once per trainer
 
     # ----------------------------------------------------------------------------- schedules
     @property
