@@ -132,7 +132,8 @@ def check_format(ckpt: Mapping[str, Any], source: str) -> None:
     if isinstance(fmt, int) and fmt > FORMAT_VERSION:
         raise ValueError(f"{source}: checkpoint format {fmt} is newer than the format {FORMAT_VERSION} this nvae "
                          "reads; upgrade nvae")
-    raise ValueError(f"{source}: checkpoint format {fmt} is not one this nvae reads (2, 3): it was "
+    readable = ", ".join(map(str, READABLE_FORMATS))
+    raise ValueError(f"{source}: checkpoint format {fmt} is not one this nvae reads ({readable}): it was "
                      "written by nvae 0.1 before the architecture became the official NVAE's (up-sampling skip and "
                      "flow convolutions without bias, ELU twice in the flows, top prior sigma 1.01); retrain it, "
                      "or use it with the nvae that wrote it")

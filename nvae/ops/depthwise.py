@@ -78,8 +78,7 @@ class DepthwiseConv2d(Conv2d):
 
     def convolve_backward(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                           mask: tuple[bool, bool, bool]) -> tuple[Optional[torch.Tensor], ...]:
-        if x.device.type != "cpu":
-            return super().convolve_backward(grad_out, x, weight, mask)
+        """Gradients on CPU, where the fused chains (the only callers) run: both in channels_last."""
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         x = x.contiguous(memory_format=torch.channels_last)
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
