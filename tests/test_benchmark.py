@@ -197,3 +197,24 @@ def test_plain_switches_replace_each_cpu_mechanism() -> None:
     assert options.environment("32 glibc-default")["NVAE_MALLOC"] == "default"
     row = {"option": "a", "batch_size": 4}
     assert options.combine([{**row, "step_s": s} for s in (1.0, 3.0, 2.0)])["step_s"] == 2.0  # median round
+
+
+def test_wall_time_splits_a_real_train_run(tmp_path: Path) -> None:
+    """benchmarks/wall_time.py runs train.py fit itself: every step is counted once, and the shares add up."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "wall_time.py"), "--threads", "1", "--batch-size", "4",
+         "--output-dir", str(tmp_path / "run"), "--", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+         "--trainer.limit_test_batches", "1", "--data.init_args.eval_batch_size", "4",
+         "--model.arch.num_groups_per_scale", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "held-out negative ELBO" in proc.stdout  # the run is the real command, final test pass included
+    assert result["steps"] == 3 and result["images"] == 12
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and result["threads"] == 1
+    outside = result["outside_s"]
+    assert all(v >= 0 for v in outside.values()) and outside["test"] > 0 and outside["startup"] > 0
+    # the parts and the steps make up the wall time (each figure is rounded to 0.01 s)
+    assert abs(sum(outside.values()) + result["step_time_s"] - result["wall_s"]) < 0.1
+    assert abs(result["outside_steps_share"] - (1 - result["step_time_s"] / result["wall_s"])) < 1e-3
+    assert (tmp_path / "run").is_dir()  # --output-dir got the logs and checkpoints

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -124,8 +125,10 @@ def apply_gpu_recipe(config: Namespace) -> str:
     return ", ".join(changes)
 
 
-def main(args: Optional[list[str]] = None) -> Optional[NVAECLI]:
-    """Entry point of train.py: the quickstart preset with no arguments; ``presets`` lists the presets."""
+def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = ()) -> Optional[NVAECLI]:
+    """Entry point of train.py: the quickstart preset with no arguments; ``presets`` lists the presets.
+
+    ``callbacks`` join the configured ones (benchmarks/wall_time.py times a run with one)."""
     argv = list(sys.argv[1:] if args is None else args)
     if not argv:
         argv = ["fit", "--config", "quickstart"]
@@ -134,7 +137,8 @@ def main(args: Optional[list[str]] = None) -> Optional[NVAECLI]:
         return None
     try:
         return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=argv,
-                       save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                       save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                       trainer_defaults={"callbacks": list(callbacks)} if callbacks else None)
     except (ValueError, FileNotFoundError, DataError, TrainingDiverged, MisconfigurationException) as err:
         if os.environ.get("NVAE_DEBUG"):
             raise
