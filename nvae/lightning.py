@@ -126,12 +126,23 @@ class NVAEModule(L.LightningModule):
         progress = min((step - warmup_steps) / max(self.total_steps - warmup_steps, 1), 1.0)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def _steps_per_epoch(self) -> float:
+        """Optimizer steps per epoch: the epoch's batches when known (a run cut short by max_steps has
+        fewer steps than max_epochs full epochs), else the run's steps over its epochs (max_steps
+        without max_epochs: one epoch)."""
+        trainer = self.trainer
+        total = self.total_steps  # with max_epochs set, this loads the training data (its batches are known)
+        batches = trainer.num_training_batches
+        if isinstance(batches, int) and batches > 0:
+            return max(batches // max(trainer.accumulate_grad_batches, 1), 1)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        return total / epochs
+
     def configure_optimizers(self) -> Any:
         o = self.optim
         opt = torch.optim.Adamax(self.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay, eps=o.adamax_eps,
                                  foreach=True)  # one kernel per operation over all tensors
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = max(min(int(o.warmup_epochs * self.total_steps / epochs), self.total_steps), 1)
+        warmup = max(min(int(o.warmup_epochs * self._steps_per_epoch()), self.total_steps), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -301,3 +301,17 @@ def test_resume_into_another_architecture_fails_before_training(tmp_path: Path) 
                   default_root_dir=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="model.arch.num_channels: checkpoint 8, config 16"):
         t.fit(other, datamodule=RandomBinary(), ckpt_path=last)
+
+
+def test_warmup_epochs_count_the_real_batches_of_an_epoch(tmp_path: Path) -> None:
+    """warmup_epochs 0.5 of an epoch of 6 batches is 3 steps, also when max_steps ends the run mid-epoch
+    (4 epochs planned, 8 steps run: 8 / 4 = 2 steps per epoch would be wrong)."""
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, optim={"warmup_epochs": 0.5})
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, max_steps=8, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=RandomBinary())
+    factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert trainer.global_step == 8 and module.total_steps == 8
+    assert [factor(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])  # linear warm-up over 3 steps
+    assert factor(3) == pytest.approx(1.0)  # then the cosine starts at the peak
