@@ -31,13 +31,13 @@ START = time.perf_counter()  # before torch: its import is part of a user's wall
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional, Sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or not
+sys.path.insert(0, str(ROOT / "benchmarks"))  # throughput.py's default thread count
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -166,7 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     import torch
 
-    threads = args.threads or len(os.sched_getaffinity(0))
+    from throughput import default_threads
+
+    threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     from nvae.cli.train import main as train_main
 
