@@ -179,7 +179,7 @@ class ImageDataModule(L.LightningDataModule):
         ``weights_only=True`` and its names checked (:func:`nvae.checkpoint.check_names`); the class is
         ``cls``, or the recorded one (an allowed data module) when called on ``ImageDataModule``.
         ``kwargs`` override the recorded arguments."""
-        from nvae.checkpoint import DATA_KEY, DATAMODULE_HPARAMS_KEY, instantiate_datamodule, read_checkpoint
+        from nvae.checkpoint import DATA_KEY, DATAMODULE_HPARAMS_KEY, instantiate_datamodule, offline, read_checkpoint
         from nvae.data.registry import datamodule_class
 
         if hparams_file is not None:
@@ -191,7 +191,7 @@ class ImageDataModule(L.LightningDataModule):
         if cls is ImageDataModule:
             target = datamodule_class(recorded.get("class_path") or saved.get("_class_path"),
                                       f"checkpoint '{checkpoint_path}': {DATA_KEY}.class_path")
-        init_args = {k: v for k, v in saved.items() if not k.startswith("_")}
+        init_args = offline({k: v for k, v in saved.items() if not k.startswith("_")})
         return instantiate_datamodule(target, {**init_args, **kwargs}, {})
 
     # -- to implement ---------------------------------------------------------------------------
@@ -206,9 +206,34 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        """Build the datasets once (idempotent over fit/validate/test stages)."""
+        """Build the datasets once (idempotent over fit/validate/test stages); for ``fit``, check that
+        training would take a step and has held-out images to report on."""
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()
+        if stage == "fit":
+            self.check_fit_sizes()
+
+    def check_fit_sizes(self) -> None:
+        """ValueError (one line, naming the numbers and the field) when an epoch would have no
+        training batch, or the held-out split is empty: such a run would train nothing and report
+        an untrained model's NELBO, or report nothing.
+
+        Each of ``world`` processes gets ``n // world`` training images (:class:`ResumableSampler`
+        drops the remainder) and the train loader drops its last incomplete batch, so a process
+        needs at least ``batch_size`` of them. Data sets without a length are not checked.
+        """
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        n = sized(self.train_set)
+        if n is not None and n // world < self.batch_size:
+            shared = f" shared by {world} processes ({n // world} each)" if world > 1 else ""
+            raise ValueError(f"data.batch_size {self.batch_size} is larger than the {n} training images{shared}: "
+                             "lower data.batch_size or add images (an incomplete batch is dropped, so training "
+                             "would take no step)")
+        for split, dataset in (("validation", self.val_set), ("test", self.test_set)):
+            if sized(dataset) == 0:
+                raise ValueError(f"the held-out ({split}) split of {type(self).__name__} under data.root '{self.root}' "
+                                 "has no images: add held-out images")
 
     def _train_sampler(self, dataset: Dataset) -> "ResumableSampler":
         """Seeded, sharded shuffle that starts where a resumed run's epoch stopped."""
@@ -246,6 +271,14 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The held-out test split, in order."""
         return self._loader(self.test_set, train=False)
+
+
+def sized(dataset: Optional[Dataset]) -> Optional[int]:
+    """``len(dataset)``, or None for a data set without a length (an iterable one) or none at all."""
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def seeded_permutation(n: int, seed: int) -> np.ndarray:

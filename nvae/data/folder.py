@@ -19,18 +19,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from nvae.data.base import DataError, ImageDataModule, TensorImages, ToGrid, missing_data_error, random_hflip, seeded_permutation
+from nvae.data.files import IMAGE_EXTENSIONS, list_images, read_image
 from nvae.spec import ImageSpec
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def list_images(folder: str) -> list[str]:
-    """All image files under ``folder`` (recursive, case-insensitive extensions), sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
 
 
 class CenterSquare:
@@ -62,11 +52,11 @@ class ImageFiles(Dataset):
 
     def _read(self, path: str) -> Image.Image:
         try:
-            with Image.open(path) as img:
-                return img.convert(self.mode)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-            hint = "" if self.skip_unreadable else " (delete it, or set data.skip_unreadable=true to skip such files)"
-            raise DataError(f"cannot read image '{path}': {e}{hint}") from None
+            return read_image(path, self.mode)
+        except DataError as err:
+            if self.skip_unreadable:
+                raise
+            raise DataError(f"{err} (delete it, or set data.skip_unreadable=true to skip such files)") from None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         for offset in range(len(self.files)):
