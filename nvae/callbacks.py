@@ -136,7 +136,18 @@ class GuardedSteps(L.Callback):
         return {k: v.clone() for k, v in self.guard.state_dict().items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.guard.load_state_dict(state_dict)
+        """The counters from a checkpoint; ValueError naming the entry unless each is a finite tensor
+        of its shape, counts non-negative (a file cannot make the guard misjudge or crash later)."""
+        own = self.guard.state_dict()
+        entry = f"checkpoint callbacks.{GUARD_STATE_KEY}"
+        if not isinstance(state_dict, dict) or set(state_dict) != set(own):
+            raise ValueError(f"{entry} must hold exactly {', '.join(sorted(own))}")
+        for key, value in state_dict.items():
+            ok = (isinstance(value, torch.Tensor) and value.shape == own[key].shape and not value.is_complex()
+                  and bool(torch.isfinite(value).all()) and bool((value >= 0).all()))
+            if not ok:
+                raise ValueError(f"{entry}.{key} must be a finite, non-negative tensor of shape {tuple(own[key].shape)}")
+        self.guard.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Counters of this process's own: under ddp_spawn the processes receive this object with its

@@ -25,6 +25,7 @@ import torch
 
 from nvae.data.registry import UntrustedName, class_path, datamodule_class, subclasses
 from nvae.hparams import group_flat_hparams
+from nvae.limits import check_fits
 from nvae.model import NVAE, NVAEConfig
 from nvae.spec import ImageSpec
 
@@ -216,26 +217,59 @@ def model_hparams(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
     return hparams
 
 
-def build_model(hparams: Mapping[str, Any], source: str) -> NVAE:
-    """The NVAE that ``hparams`` (a checkpoint's hyper-parameters) describe; one-line ValueError otherwise."""
+def described_model(hparams: Mapping[str, Any], source: str) -> tuple[ImageSpec, NVAEConfig]:
+    """The image spec and architecture ``hparams`` (a checkpoint's hyper-parameters) describe, after the
+    model's size was checked against this machine's memory on the meta device
+    (:func:`nvae.limits.check_fits`); one-line ValueError otherwise."""
     try:
-        return NVAE(ImageSpec(**hparams["image_spec"]), NVAEConfig(**hparams["arch"]))
+        spec, cfg = ImageSpec(**hparams["image_spec"]), NVAEConfig(**hparams["arch"])
     except (TypeError, KeyError) as err:
         raise ValueError(f"{source}: hyper_parameters do not describe an NVAE ({err})") from None
+    check_fits(spec, cfg, source)
+    return spec, cfg
+
+
+def build_model(hparams: Mapping[str, Any], source: str) -> NVAE:
+    """The NVAE that ``hparams`` describe, built once :func:`described_model` has checked its size."""
+    return NVAE(*described_model(hparams, source))
+
+
+def check_state(state: object, expected: Mapping[str, torch.Tensor], entry: str) -> dict[str, torch.Tensor]:
+    """``state`` if it holds exactly the tensors of ``expected`` (a model's state dict), each of its shape
+    and kind (floating or integer) and finite; ValueError naming ``entry`` and the first bad key otherwise."""
+    state = check_tensors(state, entry)
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what = f"{len(missing)} missing (first {missing[0]!r})" if missing else ""
+        what += ("; " if missing and extra else "") + (f"{len(extra)} unexpected (first {extra[0]!r})" if extra else "")
+        raise ValueError(f"{entry}: tensors do not match the model its hyper-parameters describe: {what}")
+    for key, like in expected.items():
+        value = state[key]
+        if value.shape != like.shape:
+            raise ValueError(f"{entry}: {key!r} has shape {tuple(value.shape)}, the model needs {tuple(like.shape)}")
+        if value.is_complex() or value.is_floating_point() != like.is_floating_point():
+            raise ValueError(f"{entry}: {key!r} is {value.dtype}, the model needs {like.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{entry}: {key!r} holds non-finite values (NaN or inf): the weights are broken")
+    return state
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
     """Read ``path`` safely (:func:`read_checkpoint`) and rebuild its NVAE (EMA weights when present and
-    ``use_ema``)."""
+    ``use_ema``); the weights are checked (:func:`check_state`) before they are loaded."""
     path = Path(path)
     ckpt = read_checkpoint(path)
+    source = f"checkpoint '{path}'"
     hparams = model_hparams(ckpt, f"'{path}'")
-    model = build_model(hparams, f"checkpoint '{path}'")
+    model = build_model(hparams, source)
     weights = "raw"
-    state = {k[len("model."):]: v for k, v in ckpt[STATE_KEY].items() if k.startswith("model.")}
+    raw = check_tensors(ckpt[STATE_KEY], f"{source}: {STATE_KEY}")
+    state = {k[len("model."):]: v for k, v in raw.items() if k.startswith("model.")}
+    entry = f"{source}: {STATE_KEY}"
     if use_ema and ckpt.get(EMA_KEY):
-        state, weights = ckpt[EMA_KEY], "ema"
-    model.load_state_dict(state)
+        state, weights, entry = ckpt[EMA_KEY], "ema", f"{source}: {EMA_KEY}"
+    model.load_state_dict(check_state(state, model.state_dict(), entry))
     if hparams.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     model.to(device).eval()
@@ -248,7 +282,13 @@ def build_datamodule(data: Optional[dict[str, Any]], **overrides: Any) -> Any:
     if not data:
         raise ValueError("the checkpoint records no data module: name one with --data CLASS_PATH [--data-root DIR]")
     cls = datamodule_class(data.get("class_path"), f"{DATA_KEY}.class_path")
-    return instantiate_datamodule(cls, data.get("init_args", {}), overrides)
+    return instantiate_datamodule(cls, offline(data.get("init_args", {})), overrides)
+
+
+def offline(init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A data module's arguments read from a file, with downloading off: a checkpoint never chooses
+    network access, nor (torchvision creates its root to download into) a folder to create."""
+    return {**init_args, "download": False} if "download" in init_args else dict(init_args)
 
 
 def instantiate_datamodule(cls: type, init_args: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:

@@ -25,6 +25,20 @@ def _need(obj: Any, attr: str, owner: str) -> Any:
     return getattr(obj, attr)
 
 
+# ------------------------------------------------------------------------------------------ jsonargparse
+def jsonargparse_settings() -> dict[str, Any]:
+    """jsonargparse's process-wide parsing settings (a dict), so that :func:`nvae.config_check.import_policy`
+    can restore the import-path policy it set once the command line is done."""
+    from jsonargparse import _common
+
+    settings = _need(_common, "parsing_settings", "jsonargparse._common")
+    for key in ("import_path_verdicts", "import_paths_enforced", "instantiate_subclass_spec_in_any"):
+        if key not in settings:
+            raise IncompatibleVersion(f"nvae needs jsonargparse's parsing setting {key!r}, which this install lacks; "
+                                      "install the versions pyproject.toml allows")
+    return settings
+
+
 # ------------------------------------------------------------------------------------------ Lightning
 def request_stop(trainer: Any) -> None:
     """Ask the trainer to stop after this step, as Lightning's own SIGTERM handler does."""

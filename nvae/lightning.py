@@ -19,8 +19,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nvae.callbacks import EMAWeights, GuardedSteps
-from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, model_hparams,
-                             read_checkpoint, upgrade)
+from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, described_model,
+                             model_hparams, read_checkpoint, upgrade)
+from nvae.checkpoint_state import check_training_state, sanitize_paths
 from nvae.compat import (attached_trainer, cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
                          writes_logs_this_step)
 from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig, as_group
@@ -172,6 +173,7 @@ class NVAEModule(L.LightningModule):
         checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
         source = f"checkpoint '{checkpoint_path}'"
         saved = model_hparams(checkpoint, source)
+        described_model(saved, source)  # its size checked before NVAEModule builds it
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in {**saved, **kwargs}.items() if k in accepted and k != "self"}
         try:
@@ -193,6 +195,12 @@ class NVAEModule(L.LightningModule):
         check_names(checkpoint, source)
         upgrade(checkpoint, source)
         check_compatible(checkpoint, dict(self.hparams))
+        check_training_state(checkpoint, source)
+        if trainer is not None:  # Lightning hands the callbacks their states after this hook
+            folders = [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]
+            for dropped in sanitize_paths(checkpoint, [f for f in folders if f]):
+                rank_zero_warn(f"{source}: {dropped} is not a file in this run's checkpoint folder; forgotten "
+                               "(nvae never lets a checkpoint name files to remove)")
 
     def setup(self, stage: str) -> None:
         """Refuse precisions the model does not run in, and SyncBatchNorm under CPU DDP, before any work.

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
 from nvae.arch import NVAEConfig
 from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
+from nvae.limits import check_structure
 from nvae.ops import CellStack, Conv2d, once_then_frozen, use_fused_ops
 from nvae.spec import ImageSpec
 
@@ -125,6 +126,7 @@ class NVAE(nn.Module):
 
     def __init__(self, spec: ImageSpec, cfg: NVAEConfig) -> None:
         super().__init__()
+        check_structure(spec, cfg)  # a file's numbers bounded before any module is built
         if spec.size % cfg.downsampling:
             raise ValueError(
                 f"image size {spec.size} is not divisible by {cfg.downsampling}, the model's total downsampling "

@@ -22,6 +22,10 @@ class ImageSpec:
     """Border (pixels per side) added by the data pipeline; the likelihood ignores it."""
 
     def __post_init__(self) -> None:
+        for name in ("channels", "size", "num_bits", "pad"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"image_spec.{name} must be an integer, got {value!r}")
         if self.channels < 1:
             raise ValueError(f"image_spec.channels must be >= 1, got {self.channels}")
         if not 1 <= self.num_bits <= 8:

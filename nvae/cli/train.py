@@ -16,9 +16,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from nvae.checkpoint import read_checkpoint
+from nvae.checkpoint import described_model, model_hparams, read_checkpoint
+from nvae.checkpoint_state import check_training_state
 from nvae.cli.common import end_distributed
-from nvae.config_check import check_command_line
+from nvae.config_check import check_command_line, import_policy
 from nvae.data import ImageDataModule
 from nvae.data.base import DataError
 from nvae.guard import TrainingDiverged
@@ -44,18 +45,17 @@ class NVAECLI(LightningCLI):
                                  "(start fresh if there is none); or a checkpoint path")
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (jsonargparse parser, LightningCLI's ArgsType)
-        """Preset names to files, config files checked for names of code (:mod:`nvae.config_check`), and a
-        ``--ckpt_path`` file checked (:func:`nvae.checkpoint.check_names`) before LightningCLI reads its
-        hyper-parameters; then Lightning's parsing."""
+        """Preset names to files, and a ``--ckpt_path`` file checked (:func:`nvae.checkpoint.check_names`)
+        before LightningCLI reads its hyper-parameters; then Lightning's parsing. (:func:`main` has
+        checked the config files for names of code, :mod:`nvae.config_check`.)"""
         if isinstance(args, (dict, Namespace)):
             return super().parse_arguments(parser, args)
         argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
-        check_command_line(argv)
         self.config = parser.parse_args(argv)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path, mmap=True)
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_WORDS:
+            check_resume_file(ckpt_path, "--ckpt_path")
 
     def before_instantiate_classes(self) -> None:
         """Apply ``--gpu_recipe`` to the trainer settings before the trainer is built."""
@@ -80,9 +80,7 @@ class NVAECLI(LightningCLI):
                 rank_zero_info(f"--resume auto: no last.ckpt under {self.trainer.default_root_dir}; starting a new run")
                 return
             resume = str(found)
-        if not Path(resume).is_file():
-            raise SystemExit(f"--resume: checkpoint '{resume}' does not exist")
-        read_checkpoint(resume, mmap=True)  # refuse a file that names code before any work
+        check_resume_file(resume, "--resume")
         rank_zero_info(f"resuming from {resume}")
         config["ckpt_path"] = resume
 
@@ -97,6 +95,24 @@ class NVAECLI(LightningCLI):
                   f"({r['test/bpd']:.4f} bits/dim) on the test split")
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none"
             print(f"checkpoint: {ckpt}\nlogs and samples: {log_dir}")
+
+
+LIGHTNING_CKPT_WORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+
+
+def check_resume_file(path: str, option: str) -> None:
+    """Before any work: ``path`` is a checkpoint file that names no code (:func:`nvae.checkpoint.read_checkpoint`)
+    and whose training state is sane (:func:`nvae.checkpoint_state.check_training_state`); one line otherwise."""
+    if Path(path).is_dir():
+        raise SystemExit(f"train.py: error: {option}: '{path}' is a folder, not a checkpoint file (e.g. "
+                         f"{Path(path) / 'checkpoints' / 'last.ckpt'})")
+    if not Path(path).is_file():
+        raise SystemExit(f"train.py: error: {option}: checkpoint '{path}' does not exist")
+    ckpt = read_checkpoint(path, mmap=True)  # refuse a file that names code before any work
+    source = f"checkpoint '{path}'"
+    check_training_state(ckpt, source)
+    if option == "--ckpt_path":  # LightningCLI builds the model from the file's hyper-parameters
+        described_model(model_hparams(ckpt, source), source)
 
 
 def runs_on_gpu(accelerator: object) -> bool:
@@ -136,9 +152,11 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = ()) -
         print(describe())
         return None
     try:
-        return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=argv,
-                       save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                       trainer_defaults={"callbacks": list(callbacks)} if callbacks else None)
+        argv = resolve_config_args(argv)
+        with import_policy(check_command_line(argv)):  # config files checked, jsonargparse's own lock on
+            return NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, args=argv,
+                           save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                           trainer_defaults={"callbacks": list(callbacks)} if callbacks else None)
     except (ValueError, FileNotFoundError, DataError, TrainingDiverged, MisconfigurationException) as err:
         if os.environ.get("NVAE_DEBUG"):
             raise

@@ -179,7 +179,7 @@ class ImageDataModule(L.LightningDataModule):
         ``weights_only=True`` and its names checked (:func:`nvae.checkpoint.check_names`); the class is
         ``cls``, or the recorded one (an allowed data module) when called on ``ImageDataModule``.
         ``kwargs`` override the recorded arguments."""
-        from nvae.checkpoint import DATA_KEY, DATAMODULE_HPARAMS_KEY, instantiate_datamodule, read_checkpoint
+        from nvae.checkpoint import DATA_KEY, DATAMODULE_HPARAMS_KEY, instantiate_datamodule, offline, read_checkpoint
         from nvae.data.registry import datamodule_class
 
         if hparams_file is not None:
@@ -191,7 +191,7 @@ class ImageDataModule(L.LightningDataModule):
         if cls is ImageDataModule:
             target = datamodule_class(recorded.get("class_path") or saved.get("_class_path"),
                                       f"checkpoint '{checkpoint_path}': {DATA_KEY}.class_path")
-        init_args = {k: v for k, v in saved.items() if not k.startswith("_")}
+        init_args = offline({k: v for k, v in saved.items() if not k.startswith("_")})
         return instantiate_datamodule(target, {**init_args, **kwargs}, {})
 
     # -- to implement ---------------------------------------------------------------------------

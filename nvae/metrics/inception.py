@@ -2,6 +2,7 @@
 weights, the network torchmetrics' FID uses, from a local file (nothing downloads by default)."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -45,28 +46,58 @@ def _cached_inception_weights() -> Optional[Path]:
     return None
 
 
+def read_inception_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of an Inception weights file, read with ``weights_only=True`` (a pickle payload in the
+    file cannot run); ValueError naming the file when it holds anything but a dict of tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any refusal of the unpickler means "not a weights file"
+        raise ValueError(f"Inception weights '{path}' are not a plain weights file ({type(err).__name__}); "
+                         "it was not unpickled") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"Inception weights '{path}' must hold a dict of tensors")
+    return state
+
+
 def inception_extractor(weights_path: Optional[str] = None, allow_download: bool = False) -> nn.Module:
     """The FID network: torch-fidelity's InceptionV3 ("inception-v3-compat", 2048-D pool features).
 
     Same network and weights (``pt_inception-2015-12-05``) as torchmetrics' FID (paper sec. 5).
     ``weights_path`` is the local weights file; when None, torch hub's cache
-    (``$TORCH_HOME/hub/checkpoints``) is searched, and torch-fidelity's own download is used only
-    if ``allow_download`` is True. Otherwise a FileNotFoundError says how to supply the file.
+    (``$TORCH_HOME/hub/checkpoints``) is searched, and the file is downloaded there only if
+    ``allow_download`` is True. Otherwise a FileNotFoundError says how to supply the file.
+
+    torch-fidelity unpickles its weights file without ``weights_only``; nvae never lets it read a
+    file from elsewhere: the tensors are read here with ``weights_only=True`` and handed to it as a
+    file nvae wrote from those tensors alone.
     """
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
     if weights_path is not None:
         path: Optional[Path] = Path(weights_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights file not found: '{path}'")
     else:
         path = _cached_inception_weights()
-        if path is None and not allow_download:
+        if path is None and allow_download:
+            path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHT_FILES[0]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(tf_inception.URL_INCEPTION_V3, str(path))
+        if path is None:
             raise FileNotFoundError(
                 "Inception-v3 weights for FID not found: pass --inception-weights FILE "
                 f"(pt_inception-2015-12-05-6726825d.pth) or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}")
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    net = FeatureExtractorInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
-                                      feature_extractor_weights_path=None if path is None else str(path))
+    state = read_inception_weights(path)
+    with tempfile.TemporaryDirectory(prefix="nvae-inception-") as folder:
+        tensors_only = Path(folder) / "weights.pth"
+        torch.save(state, tensors_only)
+        try:
+            net = tf_inception.FeatureExtractorInceptionV3(name="inception-v3-compat",
+                                                           features_list=[str(INCEPTION_FEATURES)],
+                                                           feature_extractor_weights_path=str(tensors_only))
+        except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
+            first = str(err).strip().splitlines()[-1].strip()[:200]
+            raise ValueError(f"Inception weights '{path}' do not fit torch-fidelity's InceptionV3: {first}") from None
     return InceptionFeatures(net, extractor_id="inception-v3-compat-2015-12-05-pool2048")
 
 

@@ -1,0 +1,104 @@
+"""How large a model a file may describe, checked before anything is allocated.
+
+A checkpoint, a model directory or an official ``args`` describes a network by a few numbers; a
+hostile or broken file can ask for ``num_channels 100000`` (a 360 GB weight) or 200,000 latent
+groups (millions of modules). Two checks stop such a file before memory is touched:
+
+1. :func:`check_structure` (pure arithmetic, also run by ``NVAE.__init__``): the counts that decide
+   how many modules are built and how large the image is, bounded far above the paper's models
+   (each bound says by how much).
+2. :func:`check_fits`: the network built on PyTorch's ``meta`` device (shapes only, no memory), its
+   parameters and buffers summed, and compared with the memory this machine has available.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from nvae.arch import NVAEConfig
+from nvae.spec import ImageSpec
+
+MAX_IMAGE_SIZE = 4096  # 16x the paper's largest images (256)
+MAX_GROUPS = 1024  # latent groups of all scales: 28x the paper's largest model (36)
+MAX_CELLS = 2048  # residual cells (encoder, decoder, pre/post, flows): 14x the paper's largest (~150)
+MAX_WIDTH = 2**16  # channels of the widest convolution (base x 2^downsamplings x expansion); paper: 2,880
+MAX_MIXTURES = 1024  # likelihood components (paper: 10)
+LOADING_COPIES = 2  # reading a file holds its tensors and the model's at once
+
+
+def _groups(cfg: NVAEConfig) -> int:
+    return sum(cfg.groups_per_scale())
+
+
+def cells(cfg: NVAEConfig) -> int:
+    """Residual cells the network builds (flow cells counted as cells)."""
+    per_group = cfg.num_cell_per_cond_enc + cfg.num_cell_per_cond_dec + 2 * cfg.num_flows
+    pre_post = cfg.num_preprocess_blocks * cfg.num_preprocess_cells + cfg.num_postprocess_blocks * cfg.num_postprocess_cells
+    return _groups(cfg) * per_group + pre_post + 2 * cfg.num_latent_scales
+
+
+def check_structure(spec: ImageSpec, cfg: NVAEConfig, source: str = "model") -> None:
+    """ValueError naming the field when the description exceeds a bound of this module (cheap: no
+    module is built). Call before building on any device, meta included."""
+    levels = cfg.num_preprocess_blocks + cfg.num_latent_scales - 1
+    if spec.size > MAX_IMAGE_SIZE:
+        raise ValueError(f"{source}: image_spec.size {spec.size} exceeds {MAX_IMAGE_SIZE}, the largest image nvae builds")
+    max_levels = MAX_IMAGE_SIZE.bit_length() - 1  # halvings of the largest image down to one pixel
+    if levels > max_levels:
+        raise ValueError(f"{source}: model.arch has {levels} downsamplings (num_preprocess_blocks + "
+                         f"num_latent_scales - 1); images of at most {MAX_IMAGE_SIZE} pixels allow {max_levels}")
+    if cfg.num_groups_per_scale > MAX_GROUPS or _groups(cfg) > MAX_GROUPS:
+        raise ValueError(f"{source}: model.arch asks for {_groups(cfg)} latent groups (num_groups_per_scale "
+                         f"{cfg.num_groups_per_scale} x num_latent_scales {cfg.num_latent_scales}); at most {MAX_GROUPS}")
+    if cells(cfg) > MAX_CELLS:
+        raise ValueError(f"{source}: model.arch asks for {cells(cfg)} cells (cells per group, flows, pre/post "
+                         f"blocks); at most {MAX_CELLS}")
+    width = cfg.num_channels * 2**levels * max(cfg.decoder_expand, cfg.postprocess_expand)
+    if width > MAX_WIDTH or cfg.num_latent_per_group > MAX_WIDTH:
+        raise ValueError(f"{source}: model.arch.num_channels {cfg.num_channels} gives convolutions {width} channels "
+                         f"wide (x2 per downsampling, x expansion); at most {MAX_WIDTH}")
+    if spec.channels > MAX_WIDTH:
+        raise ValueError(f"{source}: image_spec.channels {spec.channels} exceeds {MAX_WIDTH}")
+    if cfg.num_mixtures > MAX_MIXTURES:
+        raise ValueError(f"{source}: model.arch.num_mixtures {cfg.num_mixtures} exceeds {MAX_MIXTURES}")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this machine can still give (Linux ``MemAvailable``; else total physical memory; None if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def model_bytes(spec: ImageSpec, cfg: NVAEConfig) -> int:
+    """Bytes of the parameters and buffers of the NVAE ``spec``/``cfg`` describe, measured on the meta
+    device (nothing allocated); :func:`check_structure` first."""
+    from nvae.model import NVAE
+
+    check_structure(spec, cfg)
+    with torch.device("meta"):
+        model = NVAE(spec, cfg)
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def check_fits(spec: ImageSpec, cfg: NVAEConfig, source: str = "model", available: Optional[int] = None) -> int:
+    """ValueError naming the size when the model's tensors, held twice while a file is read
+    (:data:`LOADING_COPIES`), exceed the memory available; returns the model's bytes."""
+    check_structure(spec, cfg, source)
+    size = model_bytes(spec, cfg)
+    free = available_memory() if available is None else available
+    if free is not None and LOADING_COPIES * size > free:
+        raise ValueError(f"{source}: the model it describes needs {size / 2**30:.1f} GiB of weights "
+                         f"({LOADING_COPIES}x while loading), more than the {free / 2**30:.1f} GiB this machine has "
+                         "available; nothing was allocated")
+    return size
