@@ -225,6 +225,8 @@ def described_model(hparams: Mapping[str, Any], source: str) -> tuple[ImageSpec,
         spec, cfg = ImageSpec(**hparams["image_spec"]), NVAEConfig(**hparams["arch"])
     except (TypeError, KeyError) as err:
         raise ValueError(f"{source}: hyper_parameters do not describe an NVAE ({err})") from None
+    except ValueError as err:  # a field out of range (ImageSpec / NVAEConfig name it)
+        raise ValueError(f"{source}: {err}") from None
     check_fits(spec, cfg, source)
     return spec, cfg
 

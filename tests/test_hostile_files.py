@@ -116,3 +116,212 @@ def test_a_config_larger_than_any_config_is_not_read(tmp_path: Path) -> None:
     big.write_bytes(b"#" * (config_check.MAX_CONFIG_BYTES + 1))
     with pytest.raises(UntrustedName, match="is not a config file"):
         config_check.check_command_line(["fit", "--config", str(big)])
+
+
+# ------------------------------------------------------------------------------------------ paths in callback state
+def test_resuming_never_removes_what_a_checkpoint_names(clean: dict, tmp_path: Path) -> None:
+    """ModelCheckpoint state naming a folder by another fsspec scheme and one through '..' segments of
+    the run's own checkpoint folder: Lightning would remove both at the next save (recursively)."""
+    out = tmp_path / "run"
+    dirpath = out / "quickstart" / "version_0" / "checkpoints"  # where the resumed run keeps checkpoints
+    victims = [tmp_path / "victim_scheme", tmp_path / "victim_dotdot", tmp_path / "victim_best_k"]
+    for victim in victims:
+        victim.mkdir()
+        (victim / "precious.txt").write_text("keep me")
+    ck = copy.deepcopy(clean)
+    key = next(k for k in ck["callbacks"] if k.startswith("ModelCheckpoint"))
+    ck["callbacks"][key].update(
+        dirpath=str(dirpath), best_model_path=f"local://{victims[0]}",
+        last_model_path=f"{dirpath}/../../../../{victims[1].name}",
+        kth_best_model_path=f"{dirpath}/../../../../{victims[2].name}",
+        best_k_models={f"{dirpath}/../../../../{victims[2].name}": torch.tensor(1.0)})
+    crafted = save(ck, tmp_path / "shared.ckpt")
+    train_cli.main(train_args(out, "--resume", str(crafted), "--trainer.max_steps", "4", "--trainer.max_epochs", "3"))
+    assert (dirpath / "last.ckpt").is_file()  # the run went on and saved
+    for victim in victims:
+        assert (victim / "precious.txt").read_text() == "keep me", victim
+
+
+def test_sanitize_keeps_the_runs_own_files_only(tmp_path: Path) -> None:
+    from nvae.checkpoint_state import sanitize_paths
+
+    run = tmp_path / "ckpts"
+    run.mkdir()
+    state = {"best_model_path": str(run / "epoch=0.ckpt"), "last_model_path": str(run / ".." / "x.ckpt"),
+             "kth_best_model_path": "s3://bucket/x.ckpt", "best_k_models": {str(run / "a.ckpt"): 1.0, "/etc": 2.0}}
+    dropped = sanitize_paths({"callbacks": {"ModelCheckpoint{...}": state}}, [run])
+    assert state["best_model_path"] == str(run / "epoch=0.ckpt")  # a plain file inside the folder stays
+    assert state["last_model_path"] == "" and state["kth_best_model_path"] == ""
+    assert list(state["best_k_models"]) == [str(run / "a.ckpt")]
+    assert len(dropped) == 3 and all(d.startswith("ModelCheckpoint.") for d in dropped)
+
+
+# ------------------------------------------------------------------------------------------ network and folders
+def test_a_checkpoint_cannot_turn_downloading_on(clean: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets as tvd
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("download attempted")
+
+    monkeypatch.setattr(tvd.MNIST, "download", no_network)
+    root = tmp_path / "new" / "tree"
+    ck = copy.deepcopy(clean)
+    ck["nvae_data"] = {"class_path": "nvae.data.MNISTDataModule", "init_args": {"root": str(root), "download": True}}
+    crafted = save(ck, tmp_path / "dl.ckpt")
+    message = one_line(lambda: eval_cli.main(["nll", "--checkpoint", str(crafted), "-K", "1", "--num-images", "1",
+                                              "--device", "cpu", "--quiet"]))
+    assert str(root) in message
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------ unpickling
+class Payload:
+    """Unpickling this runs ``touch marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("where", ["option", "cache"])
+def test_inception_weights_are_never_unpickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    from nvae.metrics.inception import INCEPTION_WEIGHT_FILES, inception_extractor
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHT_FILES[1]
+    path.parent.mkdir(parents=True)
+    torch.save({"Conv2d_1a_3x3.conv.weight": Payload(marker)}, path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="not a plain weights file") as err:
+        inception_extractor(str(path) if where == "option" else None)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+    assert pickle.loads(pickle.dumps(1)) == 1  # (pickle itself untouched)
+
+
+# ------------------------------------------------------------------------------------------ sizes before allocation
+@pytest.mark.parametrize("group, field, value, expected", [
+    ("arch", "num_channels", 100000, "convolutions"),
+    ("arch", "num_groups_per_scale", 200000, "latent groups"),
+    ("image_spec", "size", 65536, "image_spec.size 65536"),
+    ("arch", "num_cell_per_cond_dec", 5000, "cells"),
+    ("arch", "num_channels", 2000, "GiB"),  # within the structural bounds: refused by its size on meta
+    ("image_spec", "size", "32", "must be an integer"),
+    ("arch", "num_flows", -1, "num_flows"),
+])
+def test_model_sizes_from_a_file_are_checked_before_allocating(clean: dict, tmp_path: Path, group: str, field: str,
+                                                              value: object, expected: str) -> None:
+    import resource
+
+    ck = copy.deepcopy(clean)
+    ck["hyper_parameters"][group][field] = value
+    crafted = save(ck, tmp_path / "big.ckpt")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for run in (lambda: sample_cli.main(["--checkpoint", str(crafted), "--num-samples", "1", "--device", "cpu",
+                                         "--output", str(tmp_path / "s.png")]),
+                lambda: NVAEModule.load_from_checkpoint(crafted)):
+        message = one_line(run)
+        assert expected in message and str(crafted) in message, message
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 1024, grown_mib  # the refused models need 30 GiB to 360 GB; nothing close was allocated
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_check_fits_counts_the_real_model_on_meta(tiny_rgb: torch.nn.Module) -> None:
+    from nvae.limits import check_fits
+
+    real = sum(t.numel() * t.element_size() for t in [*tiny_rgb.parameters(), *tiny_rgb.buffers()])
+    assert check_fits(tiny_rgb.spec, tiny_rgb.cfg, available=10 * real) == real
+    with pytest.raises(ValueError, match="more than the"):
+        check_fits(tiny_rgb.spec, tiny_rgb.cfg, available=real)  # needs 2x while loading
+
+
+# ------------------------------------------------------------------------------------------ weights
+def _first_weight(ck: dict) -> str:
+    return next(k for k, v in ck["state_dict"].items() if k.startswith("model.") and v.is_floating_point()
+                and v.dim() == 4)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("shape", "has shape"), ("missing", "1 missing"), ("extra", "1 unexpected"), ("string", "dict of tensors"),
+    ("nan", "non-finite"), ("inf", "non-finite"), ("complex", "complex"), ("integer", "torch.int64"),
+])
+def test_broken_weights_are_one_line(clean: dict, tmp_path: Path, case: str, expected: str) -> None:
+    ck = copy.deepcopy(clean)
+    ck.pop("nvae_ema", None)
+    key = _first_weight(ck)
+    w = ck["state_dict"][key]
+    edits: dict[str, Callable[[], None]] = {
+        "shape": lambda: ck["state_dict"].__setitem__(key, w[:1]),
+        "missing": lambda: ck["state_dict"].pop(key),
+        "extra": lambda: ck["state_dict"].__setitem__("model.extra.weight", torch.zeros(1)),
+        "string": lambda: ck["state_dict"].__setitem__(key, "os.system"),
+        "nan": lambda: ck["state_dict"].__setitem__(key, torch.full_like(w, math.nan)),
+        "inf": lambda: ck["state_dict"].__setitem__(key, torch.full_like(w, math.inf)),
+        "complex": lambda: ck["state_dict"].__setitem__(key, w.to(torch.complex64)),
+        "integer": lambda: ck["state_dict"].__setitem__(key, w.long()),
+    }
+    edits[case]()
+    crafted = save(ck, tmp_path / f"{case}.ckpt")
+    message = one_line(lambda: sample_cli.main(["--checkpoint", str(crafted), "--num-samples", "1", "--device", "cpu",
+                                                "--output", str(tmp_path / "s.png")]))
+    assert expected in message, message
+    assert not (tmp_path / "s.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ training state
+def _rng_bad(ck: dict) -> None:
+    ck["nvae_rng"][0]["torch"] = torch.zeros(3, dtype=torch.uint8)
+
+
+def _guard_bad(ck: dict) -> None:
+    ck["callbacks"]["GuardedSteps"]["norms"] = torch.zeros(7, dtype=torch.float64)
+
+
+def _guard_nan(ck: dict) -> None:
+    ck["callbacks"]["GuardedSteps"]["lr_scale"] = torch.tensor(math.nan, dtype=torch.float64)
+
+
+def _lr_nan(ck: dict) -> None:
+    ck["optimizer_states"][0]["param_groups"][0]["lr"] = math.nan
+
+
+def _step_negative(ck: dict) -> None:
+    ck["global_step"] = -5
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_rng_bad, "nvae_rng[0] is not an RNG state"), (_guard_bad, "GuardedSteps.norms"),
+    (_guard_nan, "GuardedSteps.lr_scale"), (_lr_nan, "param_groups[0].lr"), (_step_negative, "global_step"),
+])
+def test_resuming_refuses_a_broken_training_state(clean: dict, tmp_path: Path, edit: Callable[[dict], None],
+                                                  expected: str) -> None:
+    ck = copy.deepcopy(clean)
+    edit(ck)
+    crafted = save(ck, tmp_path / "state.ckpt")
+    message = one_line(lambda: train_cli.main(train_args(tmp_path / "run", "--resume", str(crafted),
+                                                         "--trainer.max_steps", "4", "--trainer.max_epochs", "3")))
+    assert expected in message, message
+
+
+def test_rng_states_are_tried_then_put_back(clean: dict) -> None:
+    import random
+
+    from nvae.checkpoint_state import check_rng_states
+
+    before = (torch.get_rng_state(), random.getstate())
+    check_rng_states(clean["nvae_rng"], "nvae_rng")  # a real state: accepted
+    bad = copy.deepcopy(clean["nvae_rng"])
+    bad[0]["python"] = (3, (1, 2), None)
+    with pytest.raises(ValueError, match=r"nvae_rng\[0\] is not an RNG state"):
+        check_rng_states(bad, "nvae_rng")
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+
+
+def test_ckpt_path_that_is_a_folder_is_one_line(tmp_path: Path) -> None:
+    message = one_line(lambda: train_cli.main(train_args(tmp_path, "--ckpt_path", str(tmp_path))))
+    assert "is a folder, not a checkpoint file" in message
