@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -64,8 +64,12 @@ def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({k: v.cpu() for k, v in batchnorm_state(model).items()}, tmp)
-        tmp.replace(cache)
+        try:
+            torch.save({k: v.cpu() for k, v in batchnorm_state(model).items()}, tmp)
+            tmp.replace(cache)
+        except BaseException:  # disk full, Ctrl-C: no half-written cache file is left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return False
 
 
@@ -88,23 +92,36 @@ def image_seed(seed: int, index: int) -> int:
 
 
 @torch.no_grad()
-def sample_images(model: NVAE, num: int, temperature: float = 1.0, batch_size: int = 100, seed: int = 0,
-                  mean: bool = True, progress: bool = True, quantize: Optional[bool] = None,
-                  rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This process's share of ``num`` images, uint8 (n, C, H, W) with the data's padding cropped.
+def iter_samples(model: NVAE, num: int, temperature: float = 1.0, batch_size: int = 100, seed: int = 0,
+                 mean: bool = True, progress: bool = True, quantize: Optional[bool] = None,
+                 rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    """This process's share of ``num`` images, batch by batch: uint8 (b, C, H, W) on the CPU with the
+    data's padding cropped. Only one batch is alive at a time, whatever ``num``.
 
     Batch b of the whole set is drawn by process b mod ``world`` from seed ``image_seed(seed, b)``:
     the same seed gives the same images, for any number of processes. ``mean`` decodes each latent
     sample to the likelihood's mean (else a sample from it), on the bit grid or not by ``quantize``
     (see :meth:`NVAE.sample`).
     """
-    pad, chunks = model.spec.pad, []
+    pad = model.spec.pad
     batches = range(rank, math.ceil(num / batch_size), world)
     for b in tqdm(batches, desc=f"sampling t={temperature:g}", disable=not progress, leave=False):
         torch.manual_seed(image_seed(seed, b))
         images = model.sample(min(batch_size, num - b * batch_size), temperature, mean=mean, quantize=quantize)
         if pad:
             images = images[..., pad:-pad, pad:-pad]
-        chunks.append(to_uint8(images).cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.spec.channels, *(2 * [model.spec.size - 2 * pad]),
-                                                         dtype=torch.uint8)
+        yield to_uint8(images).cpu()
+
+
+def image_shape(model: NVAE) -> tuple[int, int, int]:
+    """(C, H, W) of the images :func:`iter_samples` yields (the data's padding cropped)."""
+    inner = model.spec.size - 2 * model.spec.pad
+    return model.spec.channels, inner, inner
+
+
+def sample_images(model: NVAE, num: int, temperature: float = 1.0, batch_size: int = 100, seed: int = 0,
+                  mean: bool = True, progress: bool = True, quantize: Optional[bool] = None,
+                  rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's share of ``num`` images at once, uint8 (n, C, H, W): :func:`iter_samples` joined."""
+    chunks = list(iter_samples(model, num, temperature, batch_size, seed, mean, progress, quantize, rank, world))
+    return torch.cat(chunks) if chunks else torch.zeros(0, *image_shape(model), dtype=torch.uint8)

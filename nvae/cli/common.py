@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import math
+import re
+from typing import Any, Callable
 
 import torch
 
@@ -45,15 +47,60 @@ def device_arg(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ arguments
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse ``type``: an integer >= ``minimum`` (anything else is a usage error naming the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = at_least(1)
+SEED_LIMIT = 10 ** 12  # image_seed(seed, i) = seed * 1_000_003 + i must fit torch's 64-bit seeds
+
+
+def seed_arg(text: str) -> int:
+    """argparse ``type`` of ``--seed``: an integer whose per-image seeds fit 64 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or abs(value) >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer between -10**12 and 10**12, got {text!r}")
+    return value
+
+
+def devices_arg(text: str) -> str:
+    """argparse ``type`` of ``--devices``: a number of processes >= 1, 'auto', -1 (every GPU) or GPU
+    indices '0,1' (as Lightning reads them)."""
+    if text in ("auto", "-1") or re.fullmatch(r"[1-9]\d*|\d+(,\d+)+,?|\d+,", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be a number of processes >= 1, 'auto', -1 or GPU indices like "
+                                     f"'0,1', got {text!r}")
+
+
 def add_bn_batch_size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bn-batch-size", type=int, default=DEFAULT_BN_BATCH,
+    p.add_argument("--bn-batch-size", type=positive_int, default=DEFAULT_BN_BATCH,
                    help=f"samples per BN readjustment pass ({DEFAULT_BN_BATCH}: the official code's)")
 
 
+def add_readjust_bn(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--readjust-bn", type=positive_int, nargs="?", const=DEFAULT_BN_STEPS, default=None,
+                   metavar="STEPS", help=help)
+
+
 def positive_temperature(text: str) -> float:
+    """argparse ``type`` of ``--temperature``: a finite number >= 0."""
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"temperature must be >= 0, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0, got {value}")
     return value
 
 
@@ -65,16 +112,16 @@ def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> 
     p.add_argument("--data-root", default=None, help="override the data root recorded in the checkpoint")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split to evaluate on")
     p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0, help="random seed (posterior samples, binarization, sampling)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed (posterior samples, binarization, sampling)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_processes(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", default="1",
+    p.add_argument("--devices", type=devices_arg, default="1",
                    help="processes per node (Lightning Fabric): e.g. 8 GPUs, or 2 CPU processes with --strategy ddp; "
                         "each evaluates every (devices x num_nodes)-th image and the results are gathered")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun / SLURM, as for train.py)")
+    p.add_argument("--num-nodes", type=positive_int, default=1, help="nodes (torchrun / SLURM, as for train.py)")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
 
 

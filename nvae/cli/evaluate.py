@@ -13,17 +13,17 @@ The data set comes from the checkpoint's own data settings (``--data-root`` etc.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from nvae.checkpoint import LoadedCheckpoint
-from nvae.cli.common import (DEFAULT_BN_STEPS, add_bins, add_bn_batch_size, add_common, add_processes, data_loader,
-                             end_distributed, eval_dataset, launch, load, positive_temperature, resolve_device)
+from nvae.cli.common import (add_bins, add_bn_batch_size, add_common, add_processes, add_readjust_bn, data_loader,
+                             end_distributed, eval_dataset, launch, load, positive_int, positive_temperature,
+                             resolve_device)
+from nvae.cli.outputs import check_file, check_folder, json_line, one_line_errors, save_grid, save_text
 from nvae.metrics.likelihood import NLLResult, gather_rows, per_image_nll
 
 
@@ -34,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     nll = sub.add_parser("nll", help="importance-weighted NLL and ELBO on a data split", formatter_class=fmt)
     add_common(nll)
-    nll.add_argument("--num-importance-samples", "-K", type=int, default=1000, help="K (the paper uses 1000)")
-    nll.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
-    nll.add_argument("--batch-size", type=int, default=500, help="images x samples per forward pass (memory bound)")
+    nll.add_argument("--num-importance-samples", "-K", type=positive_int, default=1000,
+                     help="K (the paper uses 1000)")
+    nll.add_argument("--num-images", type=positive_int, default=None,
+                     help="evaluate the first N images (default: all)")
+    nll.add_argument("--batch-size", type=positive_int, default=500,
+                     help="images x samples per forward pass (memory bound)")
     nll.add_argument("--per-image", default=None, metavar="CSV",
                      help="also write each image's IW log p(x) and ELBO (nats) to this CSV file")
     add_bins(nll)
@@ -51,15 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "mean, against the training split at 8 bits")
     fid.add_argument("--images", default=None, help="score these images (.npz or folder) instead of sampling")
     fid.add_argument("--reference", default=None,
-                     help="reference images (.npz or folder) or statistics (.npz with mu, sigma) instead of the data split")
-    fid.add_argument("--num-samples", type=int, default=50_000, help="generated images (the paper uses 50,000)")
-    fid.add_argument("--num-reference", type=int, default=None, help="reference images to use (default: whole split)")
+                     help="reference images (.npz or folder) or statistics (.npz with mu and sigma: nvae's, "
+                          "pytorch-fid's or torch-fidelity's) instead of the data split")
+    fid.add_argument("--num-samples", type=positive_int, default=50_000,
+                     help="generated images (the paper uses 50,000)")
+    fid.add_argument("--num-reference", type=positive_int, default=None,
+                     help="reference images to use (default: whole split)")
     fid.add_argument("--temperature", type=positive_temperature, default=1.0, help="prior temperature of the samples")
-    fid.add_argument("--readjust-bn", type=int, nargs="?", const=DEFAULT_BN_STEPS, default=None, metavar="STEPS",
-                     help="re-estimate BatchNorm statistics at the temperature before sampling")
+    add_readjust_bn(fid, "re-estimate BatchNorm statistics at the temperature before sampling")
     add_bn_batch_size(fid)
     fid.add_argument("--decode", choices=["mean", "sample"], default="mean", help="likelihood mean or sample")
-    fid.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
+    fid.add_argument("--batch-size", type=positive_int, default=100, help="images per forward pass")
     fid.add_argument("--inception-weights", default=None,
                      help="local pt_inception-2015-12-05 weights file (nothing is downloaded unless --allow-download)")
     fid.add_argument("--allow-download", action="store_true", help="let torch-fidelity download the Inception weights")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recon", help="reconstructions beside their inputs, and per-image NELBO", formatter_class=fmt)
     add_common(rec)
     rec.add_argument("--output", default="reconstructions.png", help="PNG grid: input, reconstruction, ...")
-    rec.add_argument("--num-images", type=int, default=32, help="test images to reconstruct")
+    rec.add_argument("--num-images", type=positive_int, default=32, help="test images to reconstruct")
     add_bins(rec)
     return parser
 
@@ -78,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     """IW NLL over the split, sharded over the processes asked for (:mod:`nvae.metrics.likelihood`)."""
     k = args.num_importance_samples
-    if k < 1 or args.batch_size < 1:
-        raise SystemExit("evaluate.py: --num-importance-samples and --batch-size must be >= 1")
     fabric = launch(args)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = fabric.device if fabric is not None else resolve_device(args.device)
@@ -97,9 +100,8 @@ def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         return None
     res = NLLResult.from_rows(rows, loaded.model.spec.num_dims, k)
     if args.per_image:
-        Path(args.per_image).parent.mkdir(parents=True, exist_ok=True)
         lines = ["index,log_px_nats,elbo_nats"] + [f"{int(i)},{lp:.6f},{e:.6f}" for i, lp, e in rows.tolist()]
-        Path(args.per_image).write_text("\n".join(lines) + "\n")
+        save_text("\n".join(lines) + "\n", Path(args.per_image))
     unit = "nats" if loaded.model.spec.num_bits == 1 else "bits/dim"
     headline = f"{res.nll_nats:.2f} nats" if unit == "nats" else f"{res.bpd:.4f} bits/dim"
     print(f"IW NLL (K={k}, {res.num_images} {args.split} images, {world} process(es)): {headline} "
@@ -128,8 +130,7 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2N, C, H, W): input, reconstruction, ...
     if pad:
         pairs = pairs[..., pad:-pad, pad:-pad]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(pairs.float().cpu(), nrow=16, padding=2, pad_value=0.5), args.output)
+    save_grid(pairs, Path(args.output), nrow=16)
     print(f"{x.shape[0]} reconstructions -> {args.output} (columns: input, reconstruction); "
           f"negative ELBO {nelbo.mean():.2f} nats per image")
     return {"nelbo_nats_mean": nelbo.mean().item(), "nelbo_nats": [round(v, 3) for v in nelbo.tolist()],
@@ -147,16 +148,29 @@ def _take(loader: Any, n: int) -> Any:
             return
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """The files and folders a command will write, checked before any work."""
+    if args.command == "nll" and args.per_image:
+        check_file(Path(args.per_image), "--per-image")
+    elif args.command == "recon":
+        check_file(Path(args.output))
+    elif args.command == "fid" and not args.reference:
+        check_folder(Path(args.stats_cache), "--stats-cache")
+
+
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     args = build_parser().parse_args(argv)
-    if args.command == "fid":
-        from nvae.cli.fid import run_fid
+    with one_line_errors("evaluate.py"):
+        check_outputs(args)
+        try:
+            if args.command == "fid":
+                from nvae.cli.fid import run_fid
 
-        result = run_fid(args)
-    else:
-        result = {"nll": run_nll, "recon": run_recon}[args.command](args)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # --devices / --num-nodes
-        end_distributed()
+                result = run_fid(args)
+            else:
+                result = {"nll": run_nll, "recon": run_recon}[args.command](args)
+        finally:
+            end_distributed()  # --devices / --num-nodes: the process group this run made, if any
     if result is not None:  # None: a process other than rank 0
-        print(json.dumps(result))
+        print(json_line(result, "evaluate.py"))
     return result

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from nvae.cli.common import data_loader, launch, load, resolve_device
 from nvae.metrics import fid as F
-from nvae.sampling import bn_cache_path, readjust_batchnorm, sample_images
+from nvae.sampling import bn_cache_path, iter_samples, readjust_batchnorm
 
 OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH = 500, 2  # the official FID evaluation's BatchNorm readjustment
 
@@ -46,13 +45,12 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
     """Reference statistics: a stats/image file given by --reference, or the checkpoint's data split."""
     if args.reference:
         path = Path(args.reference)
-        stats_file = path.suffix == ".npz" and path.is_file()
-        if stats_file and {"mu", "sigma"} <= set(np.load(path, allow_pickle=False).files):
-            return F.FeatureStats.load(path), str(path)
         try:
+            if path.suffix == ".npz" and path.is_file() and {"mu", "sigma"} & set(F.npz_arrays(path)):
+                return F.FeatureStats.load(path), str(path)  # statistics, as nvae, pytorch-fid or torch-fidelity save
             images = F.load_images(path)
         except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"evaluate.py: {err}") from None
+            raise SystemExit(f"evaluate.py: --reference: {err}") from None
         return F.compute_stats(_batches(images, args.batch_size), extractor, device, not args.quiet,
                                args.num_reference), str(path)
     if loaded is None:
@@ -74,10 +72,11 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
 
 
 def generate(model: Any, num: int, temperature: float, batch_size: int, seed: int, rank: int, world: int,
-             mean: bool, quantize: Optional[bool], progress: bool) -> torch.Tensor:
-    """This process's share of the ``num`` generated images (:func:`nvae.sampling.sample_images`)."""
-    return sample_images(model, num, temperature, batch_size, seed, mean=mean, progress=progress,
-                         quantize=quantize, rank=rank, world=world)
+             mean: bool, quantize: Optional[bool], progress: bool) -> Iterator[torch.Tensor]:
+    """This process's share of the ``num`` generated images, batch by batch (:func:`nvae.sampling.iter_samples`):
+    their features are taken as they come, so memory does not grow with ``num``."""
+    return iter_samples(model, num, temperature, batch_size, seed, mean=mean, progress=progress,
+                        quantize=quantize, rank=rank, world=world)
 
 
 def gathered_stats(local: F.FeatureStats, fabric: Any, average: bool) -> F.FeatureStats:
@@ -112,9 +111,9 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         args.split, args.num_bits = "train", 8  # the official statistics: the training set at 8 bits
     if args.images:
         try:
-            images = F.load_images(args.images)[rank::world]
+            batches = _batches(F.load_images(args.images)[rank::world], args.batch_size)
         except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"evaluate.py: {err}") from None
+            raise SystemExit(f"evaluate.py: --images: {err}") from None
         protocol["images"] = args.images
     else:
         if math.ceil(args.num_samples / args.batch_size) < 2 * world:
@@ -132,19 +131,24 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
                     readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=False)
             bn = f"{steps} steps of {bn_batch} at t={args.temperature:g} ({'cached' if cached else 'computed'})"
         sample_t = 1.0 if official else args.temperature
-        images = generate(model, args.num_samples, sample_t, args.batch_size, args.seed, rank, world,
-                          mean=official or args.decode == "mean", quantize=False if official else None,
-                          progress=progress)
+        batches = generate(model, args.num_samples, sample_t, args.batch_size, args.seed, rank, world,
+                           mean=official or args.decode == "mean", quantize=False if official else None,
+                           progress=progress)
         protocol.update(temperature=args.temperature, sample_temperature=sample_t, bn_readjust=bn,
                         decode="unrounded mean" if official else args.decode, weights=loaded.weights)
-    local = F.compute_stats(_batches(images, args.batch_size), extractor, device, progress)
-    generated = gathered_stats(local, fabric, average=official)  # official: per-process statistics averaged
-    if rank != 0:
-        return None
-    reference, described = _reference(args, loaded, extractor, device)
-    fid = F.fid_from_stats(generated, reference)
+    try:
+        local = F.compute_stats(batches, extractor, device, progress)
+        generated = gathered_stats(local, fabric, average=official)  # official: per-process statistics averaged
+        if rank != 0:
+            return None
+        reference, described = _reference(args, loaded, extractor, device)
+        fid = F.fid_from_stats(generated, reference)
+    except ValueError as err:  # too few images, statistics of another extractor, ...
+        raise SystemExit(f"evaluate.py: {err}") from None
     seconds = time.perf_counter() - start
     how = ", ".join(f"{k}={v}" for k, v in protocol.items())
-    print(f"FID {fid:.3f}: {generated.count} generated images ({how}) vs {reference.count} images of {described}")
-    return {"fid": fid, "num_generated": generated.count, "num_reference": reference.count, **protocol,
-            "seconds": round(seconds, 2)}
+    known = reference.count_known
+    against = f"{reference.count} images of {described}" if known else f"the statistics in {described}"
+    print(f"FID {fid:.3f}: {generated.count} generated images ({how}) vs {against}")
+    return {"fid": fid, "num_generated": generated.count, "num_reference": reference.count if known else None,
+            **protocol, "seconds": round(seconds, 2)}

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, resize
-from torchvision.utils import make_grid, save_image
 
+from nvae.cli.common import at_least
+from nvae.cli.outputs import save_grid, save_torch
 from nvae.data.base import quantize
 from nvae.data.folder import IMAGE_EXTENSIONS, CenterSquare
 from nvae.model import NVAE
@@ -60,53 +61,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latent API (instead of sampling)")
     g.add_argument("--reconstruct", nargs="+", metavar="IMAGE_OR_DIR",
                    help="write the images above their reconstructions (default output reconstructions.png)")
-    g.add_argument("--keep-groups", type=int, nargs="+", default=None, metavar="K",
+    g.add_argument("--keep-groups", type=at_least(0), nargs="+", default=None, metavar="K",
                    help="with --reconstruct: take the top K groups from the posterior and sample the rest from "
                         "the prior at --temperature; one row per K (default: all groups)")
     g.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                    help="decode points on the line between the latents of two images (default interpolation.png)")
-    g.add_argument("--steps", type=int, default=8, help="with --interpolate: images from A to B")
+    g.add_argument("--steps", type=at_least(2), default=8, help="with --interpolate: images from A to B")
     g.add_argument("--encode", nargs="+", metavar="IMAGE_OR_DIR",
                    help="save every group's posterior mean, std and latent to a .pt file (default latents.pt)")
 
 
+def chosen(args: argparse.Namespace) -> list[str]:
+    """The latent tasks asked for (more than one is a usage error)."""
+    return [name for name in ("reconstruct", "interpolate", "encode") if getattr(args, name)]
+
+
 def wanted(args: argparse.Namespace) -> bool:
-    return bool(args.reconstruct or args.interpolate or args.encode)
+    return bool(chosen(args))
+
+
+DEFAULT_OUTPUTS = {"reconstruct": "reconstructions.png", "interpolate": "interpolation.png", "encode": "latents.pt"}
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """Where the latent task asked for writes (``--output`` or its default)."""
+    task = next(name for name in DEFAULT_OUTPUTS if getattr(args, name))
+    return Path(args.output or DEFAULT_OUTPUTS[task])
 
 
 @torch.no_grad()
 def run(args: argparse.Namespace, model: NVAE, device: torch.device) -> dict[str, Any]:
     """Do the one latent task asked for; returns what was written."""
-    chosen = [name for name in ("reconstruct", "interpolate", "encode") if getattr(args, name)]
-    if len(chosen) > 1:
-        raise ValueError(f"choose one of --{', --'.join(chosen)}")
     torch.manual_seed(args.seed)
     t = args.temperature[0]
     if args.reconstruct:
         x = load_for_model(image_files(args.reconstruct), model).to(device)
         keeps = args.keep_groups or [model.num_groups]
         rows = [x] + [model.reconstruct(x, k, t) for k in keeps]
-        path = Path(args.output or "reconstructions.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_grid(torch.cat(rows).float().cpu(), nrow=x.shape[0], padding=2, pad_value=0.5), path)
+        path = output_path(args)
+        save_grid(torch.cat(rows), path, nrow=x.shape[0])
         print(f"{x.shape[0]} images and their reconstructions (rows: input, keep_groups {keeps}) -> {path}")
         return {"task": "reconstruct", "path": str(path), "num_images": x.shape[0], "keep_groups": keeps,
                 "num_groups": model.num_groups}
     if args.interpolate:
-        if args.steps < 2:
-            raise ValueError(f"--steps must be >= 2, got {args.steps}")
         a, b = load_for_model(image_files(args.interpolate), model).to(device).split(1)
         frames = model.interpolate(a, b, args.steps)[:, 0]  # (steps, C, H, W)
-        path = Path(args.output or "interpolation.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_grid(frames.float().cpu(), nrow=args.steps, padding=2, pad_value=0.5), path)
+        path = output_path(args)
+        save_grid(frames, path, nrow=args.steps)
         print(f"{args.steps} images from {args.interpolate[0]} to {args.interpolate[1]} -> {path}")
         return {"task": "interpolate", "path": str(path), "steps": args.steps}
     files = image_files(args.encode)
     groups = model.encode(load_for_model(files, model).to(device))
-    path = Path(args.output or "latents.pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"files": [str(f) for f in files], "mean": [g.mean.cpu() for g in groups],
+    path = output_path(args)
+    save_torch({"files": [str(f) for f in files], "mean": [g.mean.cpu() for g in groups],
                 "std": [g.std.cpu() for g in groups], "z": [g.z.cpu() for g in groups]}, path)
     print(f"latents of {len(files)} images ({len(groups)} groups, top first) -> {path}")
     return {"task": "encode", "path": str(path), "num_images": len(files), "num_groups": len(groups)}

@@ -1,48 +1,56 @@
 """`sample.py`: draw images from a trained NVAE checkpoint (paper sec. 5.2, temperature and BN readjustment).
 
     python sample.py --checkpoint CKPT [--num-samples N] [--temperature T ...] [--seed S]
-        [--batch-size B] [--output PATH] [--readjust-bn [STEPS]] [--format png|pngs|npz]
+        [--batch-size B] [--output PATH] [--overwrite] [--readjust-bn [STEPS]] [--format png|pngs|npz]
         [--decode mean|sample] [--device D] [--no-ema]
     python sample.py --checkpoint CKPT --reconstruct DIR [--keep-groups K ...] | --interpolate A B [--steps N]
         | --encode DIR        (the latent API, see nvae/cli/latent.py)
 
+Outputs are checked before the work and written complete or not at all (see nvae/cli/outputs.py).
 The last line printed is one JSON object describing what was written.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 
-from nvae.checkpoint import load_checkpoint
+from nvae.checkpoint import LoadedCheckpoint, load_checkpoint
 from nvae.cli import latent
-from nvae.cli.common import DEFAULT_BN_STEPS, add_bn_batch_size, device_arg, positive_temperature, resolve_device
-from nvae.sampling import batchnorm_state, bn_cache_path, load_batchnorm_state, readjust_batchnorm, sample_images
+from nvae.cli.common import (add_bn_batch_size, add_readjust_bn, device_arg, positive_int, positive_temperature,
+                             resolve_device, seed_arg)
+from nvae.cli.outputs import (OutputError, check_file, json_line, npz_stream, one_line_errors, save_grid, save_png,
+                              stale_files)
+from nvae.sampling import (batchnorm_state, bn_cache_path, image_shape, iter_samples, load_batchnorm_state,
+                           readjust_batchnorm)
+
+MAX_GRID = 4096  # images in one --format png grid: 64 x 64 tiles, already more than one can look at, and
+#                  the grid is built in memory as floats (4096 CIFAR images: 50 MB; 256x256 ones: 3.2 GB)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Lightning checkpoint written by train.py")
-    p.add_argument("--num-samples", type=int, default=64, help="images per temperature")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="images per temperature")
     p.add_argument("--temperature", type=positive_temperature, nargs="+", default=[1.0],
                    help="prior temperature(s): scales the prior standard deviations; one output each")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
+    p.add_argument("--seed", type=seed_arg, default=0, help="same seed, same images")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per forward pass")
     p.add_argument("--output", default=None,
                    help="file (png grid / npz) or folder (pngs); default samples.png, samples.npz or samples/")
-    p.add_argument("--readjust-bn", type=int, nargs="?", const=DEFAULT_BN_STEPS, default=None, metavar="STEPS",
-                   help=f"re-estimate BatchNorm statistics on STEPS batches of samples at each temperature "
-                        f"(paper sec. 5.2; {DEFAULT_BN_STEPS} when no number is given); cached beside the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--format pngs: replace the NNNNNN.png images of an earlier run in the output folder "
+                        "(a folder holding other files is refused)")
+    add_readjust_bn(p, "re-estimate BatchNorm statistics on STEPS batches of samples at each temperature "
+                       "(paper sec. 5.2; 500 when no number is given); cached beside the checkpoint")
     add_bn_batch_size(p)
     p.add_argument("--format", choices=["png", "pngs", "npz"], default="png",
-                   help="png: one grid per temperature; pngs: one file per image; npz: uint8 array 'images' (N, C, H, W)")
+                   help=f"png: one grid per temperature (at most {MAX_GRID} images); pngs: one file per image; "
+                        f"npz: uint8 array 'images' (N, C, H, W)")
     p.add_argument("--decode", choices=["mean", "sample"], default="mean",
                    help="output the likelihood's mean for each latent sample, or a sample from it")
     p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
@@ -61,26 +69,98 @@ def output_path(base: Optional[str], fmt: str, temperature: float, several: bool
     return path
 
 
-def write(images: torch.Tensor, path: Path, fmt: str) -> None:
-    """Save uint8 (N, C, H, W) images as a grid, as individual PNGs or as one npz."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def check_outputs(args: argparse.Namespace) -> dict[Path, list[Path]]:
+    """Every output path, checked before any work; for --format pngs, the files of an earlier run that
+    --overwrite will remove (refused without it, or when the folder holds other files)."""
+    if latent.wanted(args):
+        check_file(latent.output_path(args))
+        return {}
+    paths = [output_path(args.output, args.format, t, len(args.temperature) > 1) for t in args.temperature]
+    if len(set(paths)) < len(paths):
+        raise OutputError(f"--temperature {' '.join(f'{t:g}' for t in args.temperature)}: two outputs share a name")
+    stale = {}
+    for path in paths:
+        if args.format == "pngs":
+            stale[path] = stale_files(path, args.overwrite)
+        else:
+            check_file(path)
+            stale[path] = []
+    return stale
+
+
+def timed(batches: Iterable[torch.Tensor], clock: list[float]) -> Iterator[torch.Tensor]:
+    """``batches``, adding the seconds spent making each to ``clock[0]`` (writing them is not counted)."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(it, None)
+        clock[0] += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
+
+
+def write(batches: Iterable[torch.Tensor], path: Path, fmt: str, num: int, shape: tuple[int, int, int]) -> None:
+    """Save uint8 (b, C, H, W) batches as one grid, as individual PNGs or as one npz, each file complete
+    or absent (:mod:`nvae.cli.outputs`); pngs and npz hold one batch in memory at a time."""
     if fmt == "npz":
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, images=images.numpy())
-        tmp.replace(path)
+        with npz_stream(path, (num, *shape)) as add:
+            for batch in batches:
+                add(batch.numpy())
     elif fmt == "pngs":
         path.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
-            save_image(img.float() / 255.0, path / f"{i:06d}.png")
+        done = 0
+        try:
+            for batch in batches:
+                for image in batch:
+                    save_png(image, path / f"{done:06d}.png")
+                    done += 1
+        except OutputError as err:
+            raise OutputError(f"{err}; {done} of {num} images (complete) are in '{path}'") from err
     else:
-        nrow = max(1, int(round(images.shape[0] ** 0.5)))
-        save_image(make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=0.5), path)
+        images = torch.cat(list(batches))
+        save_grid(images.float() / 255.0, path, nrow=max(1, int(round(images.shape[0] ** 0.5))))
+
+
+def sample_all(args: argparse.Namespace, loaded: LoadedCheckpoint, stale: dict[Path, list[Path]]) -> dict:
+    """Draw and write the images of every temperature; the JSON result."""
+    model, checkpoint = loaded.model, loaded.path
+    original_bn = batchnorm_state(model)
+    outputs, clock = [], [0.0]
+    for t, (path, old) in zip(args.temperature, stale.items()):
+        load_batchnorm_state(model, original_bn)  # each temperature starts from the trained statistics
+        bn = "none"
+        if args.readjust_bn:
+            cache = bn_cache_path(checkpoint, t, args.readjust_bn, args.bn_batch_size)
+            cached = readjust_batchnorm(model, t, args.readjust_bn, args.bn_batch_size, cache, progress=not args.quiet)
+            bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
+        for p in old:  # --overwrite: the earlier run's images, removed only now that new ones come
+            p.unlink(missing_ok=True)
+        batches = iter_samples(model, args.num_samples, t, args.batch_size, args.seed,
+                               mean=args.decode == "mean", progress=not args.quiet)
+        write(timed(batches, clock), path, args.format, args.num_samples, image_shape(model))
+        print(f"t={t:g}: {args.num_samples} images -> {path} (BN readjustment: {bn})")
+        outputs.append({"temperature": t, "path": str(path), "bn_readjust": bn})
+    return {"outputs": outputs, "num_samples": args.num_samples, "weights": loaded.weights, "decode": args.decode,
+            "seed": args.seed,
+            "images_per_s": args.num_samples * len(args.temperature) / max(clock[0], 1e-9)}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise SystemExit("sample.py: --num-samples and --batch-size must be >= 1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(latent.chosen(args)) > 1:
+        parser.error(f"choose one of --{', --'.join(latent.chosen(args))}")
+    if args.format == "png" and args.num_samples > MAX_GRID and not latent.wanted(args):
+        parser.error(f"argument --num-samples: {args.num_samples} images are too many for one --format png grid "
+                     f"(at most {MAX_GRID}); use --format pngs or npz")
+    with one_line_errors("sample.py"):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check the outputs, load the checkpoint, then sample (or run the latent task asked for)."""
+    stale = check_outputs(args)
     device = resolve_device(args.device)
     try:
         loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
@@ -93,27 +173,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             result = latent.run(args, model, device)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"sample.py: {err}") from None
-        print(json.dumps(result))
-        return result
-    original_bn = batchnorm_state(model)
-    outputs, seconds = [], 0.0
-    for t in args.temperature:
-        load_batchnorm_state(model, original_bn)  # each temperature starts from the trained statistics
-        bn = "none"
-        if args.readjust_bn:
-            cache = bn_cache_path(loaded.path, t, args.readjust_bn, args.bn_batch_size)
-            cached = readjust_batchnorm(model, t, args.readjust_bn, args.bn_batch_size, cache, progress=not args.quiet)
-            bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
-        start = time.perf_counter()
-        images = sample_images(model, args.num_samples, t, args.batch_size, args.seed,
-                               mean=args.decode == "mean", progress=not args.quiet)
-        seconds += time.perf_counter() - start
-        path = output_path(args.output, args.format, t, len(args.temperature) > 1)
-        write(images, path, args.format)
-        print(f"t={t:g}: {images.shape[0]} images -> {path} (BN readjustment: {bn})")
-        outputs.append({"temperature": t, "path": str(path), "bn_readjust": bn})
-    result = {"outputs": outputs, "num_samples": args.num_samples, "weights": loaded.weights,
-              "decode": args.decode, "seed": args.seed,
-              "images_per_s": args.num_samples * len(args.temperature) / max(seconds, 1e-9)}
-    print(json.dumps(result))
+    else:
+        result = sample_all(args, loaded, stale)
+    print(json_line(result, "sample.py"))
     return result

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +85,7 @@ class FeatureStats:
 
     def __init__(self, key: str = "") -> None:
         self.key = key
+        self.count_known = True  # False: read from a file of mu and sigma only (count stands in, as 2)
         self._count = 0
         self._shift: Optional[Tensor] = None  # (D,)
         self._sum: Optional[Tensor] = None  # (D,)  sum of (x - shift)
@@ -90,6 +94,8 @@ class FeatureStats:
     def update(self, features: ArrayLike) -> None:
         """Add a batch of features (N, D)."""
         x = torch.as_tensor(features).detach()
+        if not self.count_known:
+            raise ValueError("statistics read without their image count cannot be updated")
         if x.dim() != 2:
             raise ValueError(f"features must be (N, D), got {tuple(x.shape)}")
         if x.device.type == "mps":  # no float64 there
@@ -148,15 +154,23 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "FeatureStats":
-        """Read statistics written by :meth:`save` (further updates continue from them)."""
+        """Read statistics written by :meth:`save` (further updates continue from them), or the ``mu`` and
+        ``sigma`` of pytorch-fid / torch-fidelity (:attr:`count_known` False); ValueError naming what is missing."""
+        names = npz_arrays(path)
+        missing = [k for k in ("mu", "sigma") if k not in names]
+        if missing:
+            raise ValueError(f"'{path}': FID statistics need arrays mu and sigma; {' and '.join(missing)} missing "
+                             f"(the file has: {', '.join(names) or 'nothing'})")
         with np.load(path, allow_pickle=False) as data:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            count, key = int(data["count"]), str(data["key"])
+            count = int(data["count"]) if "count" in names else None
+            key = str(data["key"]) if "key" in names else ""
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"'{path}': mu (D,) and sigma (D, D) expected, got {mu.shape} and {sigma.shape}")
         stats = cls(key=key)
-        stats._count = count
-        stats._shift = torch.from_numpy(mu)
+        stats.count_known, stats._count = count is not None, 2 if count is None else count
+        stats._shift, stats._outer = torch.from_numpy(mu), torch.from_numpy(sigma) * (stats._count - 1)
         stats._sum = torch.zeros_like(stats._shift)
-        stats._outer = torch.from_numpy(sigma) * (count - 1)
         return stats
 
 
@@ -266,6 +280,31 @@ def reference_stats(loader_or_iterable: Iterable[Tensor], extractor: nn.Module, 
 # ----------------------------------------------------------------------------------------------
 # Images from disk
 # ----------------------------------------------------------------------------------------------
+def npz_arrays(path: Union[str, Path]) -> list[str]:
+    """The names of the arrays in an ``.npz`` (ValueError naming the file if it is not a readable one)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"cannot read '{path}' as .npz: {err}") from None
+
+
+def _read_image(f: Path) -> np.ndarray:
+    """One image file as uint8 (H, W, C); ValueError naming it when truncated or unreadable (PIL decodes a
+    PNG cut after its pixel data, so a PNG must also end with its IEND chunk)."""
+    from PIL import Image
+
+    try:
+        if f.suffix.lower() == ".png":
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - len(PNG_END)))
+                if fh.read() != PNG_END:
+                    raise OSError("the file does not end with a PNG's IEND chunk")
+        with Image.open(f) as img:
+            a = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image '{f}': {err} (truncated or not an image: delete or replace it)") from None
+    return a[:, :, None] if a.ndim == 2 else a
 def _array_to_nchw(a: np.ndarray, source: str) -> Tensor:
     if a.ndim == 3:
         a = a[:, None]  # (N, H, W) -> (N, 1, H, W)
@@ -287,22 +326,23 @@ def load_images(path: Union[str, Path]) -> Tensor:
     NCHW) or from a folder of PNG/JPG files (sorted by name, all the same size)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if not data.files:
-                raise ValueError(f"{path}: no arrays in the file")
-            return _array_to_nchw(data["images" if "images" in data.files else data.files[0]], str(path))
+        names = npz_arrays(path)
+        if not names:
+            raise ValueError(f"{path}: no arrays in the file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                a = data["images" if "images" in names else names[0]]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise ValueError(f"cannot read '{path}' as .npz: {err}") from None
+        return _array_to_nchw(a, str(path))
     if not path.is_dir():
         raise FileNotFoundError(f"no .npz file or image folder at '{path}'")
-    from PIL import Image
-
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no PNG/JPG images in '{path}'")
     arrays: list[np.ndarray] = []
     for f in files:
-        with Image.open(f) as img:
-            a = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB"))
-        a = a[:, :, None] if a.ndim == 2 else a  # (H, W, C)
+        a = _read_image(f)  # (H, W, C)
         if arrays and a.shape[:2] != arrays[0].shape[:2]:
             raise ValueError(f"image size mismatch: {f} is {a.shape[0]}x{a.shape[1]}, "
                              f"expected {arrays[0].shape[0]}x{arrays[0].shape[1]} (as {files[0].name})")

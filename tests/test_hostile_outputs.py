@@ -1,0 +1,340 @@
+"""Hostile arguments and outputs for sample.py and evaluate.py (issue 26): each case stops with one line and
+no traceback, checked before the work where it can be; outputs are complete or absent; memory does not
+grow with --num-samples (the images are streamed batch by batch)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nvae.checkpoint import load_checkpoint
+from nvae.cli.evaluate import main as evaluate_main
+from nvae.cli.sample import main as sample_main
+from nvae.sampling import image_seed
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def refusal(run: Callable[[list[str]], Any], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line ``run(argv)`` stops with (its SystemExit message, else its last stderr line)."""
+    with pytest.raises(SystemExit) as exit_:
+        run(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = exit_.value.code if isinstance(exit_.value.code, str) else err.strip().splitlines()[-1]
+    assert "\n" not in message, message
+    return message
+
+
+def strict_last_json(out: str) -> dict:
+    """The last stdout line, parsed as strict JSON (NaN and Infinity refused)."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(out.strip().splitlines()[-1], parse_constant=refuse)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed random conv net standing in for Inception (no weights can be downloaded here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float().expand(-1, 3, -1, -1) / 255.0).flatten(1)
+
+
+@pytest.fixture
+def tiny_inception(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nvae.metrics.fid as fid
+
+    monkeypatch.setattr(fid, "inception_extractor", lambda *a, **k: TinyFeatures())
+
+
+def image_npz(path: Path, n: int, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    np.savez(path, images=torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8).numpy())
+    return path
+
+
+# ------------------------------------------------------------------------------------------ 1. numbers
+SAMPLE_NUMBERS = [(["--num-samples", "-5"], "--num-samples"), (["--num-samples", "0"], "--num-samples"),
+                  (["--batch-size", "0"], "--batch-size"), (["--bn-batch-size", "0"], "--bn-batch-size"),
+                  (["--readjust-bn", "-5"], "--readjust-bn"), (["--readjust-bn", "0"], "--readjust-bn"),
+                  (["--temperature", "nan"], "--temperature"), (["--temperature", "1", "inf"], "--temperature"),
+                  (["--seed", str(10 ** 20)], "--seed"), (["--steps", "1"], "--steps"),
+                  (["--keep-groups", "-1"], "--keep-groups"),
+                  (["--num-samples", "5000"], "--num-samples")]  # over the png grid's 4096
+EVAL_NUMBERS = [(["nll", "-K", "0"], "--num-importance-samples/-K"), (["nll", "--batch-size", "0"], "--batch-size"),
+                (["nll", "--num-images", "-5"], "--num-images"), (["nll", "--devices", "0"], "--devices"),
+                (["nll", "--num-nodes", "0"], "--num-nodes"), (["fid", "--num-samples", "0"], "--num-samples"),
+                (["fid", "--num-reference", "-3"], "--num-reference"), (["fid", "--batch-size", "0"], "--batch-size"),
+                (["fid", "--readjust-bn", "0"], "--readjust-bn"), (["fid", "--temperature", "inf"], "--temperature"),
+                (["recon", "--num-images", "0"], "--num-images")]
+
+
+@pytest.mark.parametrize("args, option", SAMPLE_NUMBERS)
+def test_sample_numbers_are_usage_errors_naming_the_option(args: list[str], option: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    line = refusal(sample_main, ["--checkpoint", str(tmp_path / "never-read.ckpt"), *args], capsys)
+    assert line.startswith(f"sample.py: error: argument {option}"), line
+
+
+@pytest.mark.parametrize("args, option", EVAL_NUMBERS)
+def test_evaluate_numbers_are_usage_errors_naming_the_option(args: list[str], option: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    line = refusal(evaluate_main, [*args, "--checkpoint", str(tmp_path / "never-read.ckpt")], capsys)
+    assert line.startswith("evaluate.py") and f"error: argument {option}" in line, line
+
+
+# ------------------------------------------------------------------------------------------ 2. JSON
+def test_non_finite_nll_is_null_in_strict_json_and_named_on_stderr(
+        quickstart_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.cli.evaluate as evaluate
+
+    def nan_rows(model: Any, dataset: Any, indices: Any, *rest: Any, **kw: Any) -> torch.Tensor:
+        return torch.tensor([[float(i), float("nan"), -90.0] for i in indices], dtype=torch.float64)
+
+    monkeypatch.setattr(evaluate, "per_image_nll", nan_rows)
+    evaluate_main(["nll", "--checkpoint", str(quickstart_checkpoint), "--num-images", "2", "-K", "2", "--quiet"])
+    out, err = capsys.readouterr()
+    result = strict_last_json(out)
+    assert result["nll_nats"] is None and result["bpd"] is None and result["nelbo_nats"] == 90.0
+    assert "evaluate.py: not finite, written as null in the JSON line: nll_nats (nan), bpd (nan)" in err
+
+
+def test_non_finite_fid_is_null_in_strict_json(tmp_path: Path, tiny_inception: None, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.metrics.fid as fid
+
+    monkeypatch.setattr(fid, "fid_from_stats", lambda a, b: float("inf"))
+    gen, ref = image_npz(tmp_path / "gen.npz", 8, 0), image_npz(tmp_path / "ref.npz", 8, 1)
+    evaluate_main(["fid", "--images", str(gen), "--reference", str(ref), "--quiet"])
+    out, err = capsys.readouterr()
+    assert strict_last_json(out)["fid"] is None and "fid (inf)" in err
+
+
+# ------------------------------------------------------------------------------------------ 3. mu/sigma
+def test_reference_statistics_in_the_mu_sigma_form_load(tmp_path: Path, tiny_inception: None,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from nvae.metrics.fid import compute_stats
+
+    gen, ref = image_npz(tmp_path / "gen.npz", 8, 0), image_npz(tmp_path / "ref.npz", 10, 1)
+    stats = compute_stats([torch.from_numpy(np.load(ref)["images"])], TinyFeatures(), progress=False)
+    np.savez(tmp_path / "stats.npz", mu=stats.mean.numpy(), sigma=stats.cov.numpy())  # pytorch-fid's form
+    by_images = evaluate_main(["fid", "--images", str(gen), "--reference", str(ref), "--quiet"])
+    by_stats = evaluate_main(["fid", "--images", str(gen), "--reference", str(tmp_path / "stats.npz"), "--quiet"])
+    assert by_stats["fid"] == pytest.approx(by_images["fid"], rel=1e-9) and by_stats["num_reference"] is None
+    np.savez(tmp_path / "mu_only.npz", mu=stats.mean.numpy())
+    line = refusal(evaluate_main, ["fid", "--images", str(gen), "--reference", str(tmp_path / "mu_only.npz")], capsys)
+    assert "mu_only.npz': FID statistics need arrays mu and sigma; sigma missing (the file has: mu)" in line
+
+
+# ------------------------------------------------------------------------------------------ 4. paths
+def test_output_paths_are_checked_before_the_checkpoint_is_read(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    file.write_text("keep me")
+    never = ["--checkpoint", str(tmp_path / "never-read.ckpt")]
+    cases = [(sample_main, [*never, "--output", str(folder)], f"--output '{folder}' is a folder; give a file name"),
+             (sample_main, [*never, "--format", "npz", "--output", str(file / "s.npz")], f"'{file}' is a file, not"),
+             (sample_main, [*never, "--format", "pngs", "--output", str(file)],
+              f"--output '{file}' is a file; a folder is to be written there"),
+             (sample_main, [*never, "--encode", "x.png", "--output", str(folder)], "is a folder"),
+             (evaluate_main, ["recon", *never, "--output", str(folder)], "is a folder"),
+             (evaluate_main, ["nll", *never, "--per-image", str(file / "n.csv")], "--per-image"),
+             (evaluate_main, ["fid", *never, "--stats-cache", str(file)], "--stats-cache")]
+    for run, argv, expected in cases:
+        assert expected in refusal(run, argv, capsys), argv
+    assert file.read_text() == "keep me" and not any(folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ 5. complete or absent
+def test_a_png_folder_of_an_earlier_run_needs_overwrite_which_never_deletes_other_files(
+        quickstart_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "samples"
+    out.mkdir()
+    for i in range(5):
+        (out / f"{i:06d}.png").write_bytes(b"old")
+    (out / ".000002.png.4242.tmp").write_bytes(b"left by a killed run")
+    argv = ["--checkpoint", str(quickstart_checkpoint), "--num-samples", "2", "--format", "pngs", "--output", str(out),
+            "--quiet"]
+    assert "already holds 6 file(s)" in refusal(sample_main, argv, capsys)
+    (out / "notes.txt").write_text("mine")
+    line = refusal(sample_main, [*argv, "--overwrite"], capsys)
+    assert "holds 1 file(s) nvae did not write (notes.txt)" in line
+    assert len(list(out.iterdir())) == 7 and (out / "notes.txt").read_text() == "mine"  # nothing deleted
+    (out / "notes.txt").unlink()
+    sample_main([*argv, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert Image.open(out / "000001.png").size == (28, 28)  # a real PNG
+
+
+def partial_then(error: BaseException, after: int) -> Callable[..., None]:
+    """A ``save_image`` that writes ``after`` files, then half a file and raises ``error``."""
+    from torchvision.utils import save_image
+
+    calls = []
+
+    def fake(tensor: torch.Tensor, fp: Any, format: Any = None) -> None:
+        calls.append(fp)
+        if len(calls) > after:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+            raise error
+        save_image(tensor, fp, format=format)
+
+    return fake
+
+
+@pytest.mark.parametrize("error, expected", [(ENOSPC, "No space left on device; nothing was written there; "
+                                                      "2 of 4 images (complete) are in"),
+                                             (KeyboardInterrupt(), "sample.py: interrupted")])
+def test_a_failed_or_interrupted_png_write_leaves_no_partial_file(
+        quickstart_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], error: BaseException, expected: str) -> None:
+    import nvae.cli.outputs as outputs
+
+    monkeypatch.setattr(outputs, "save_image", partial_then(error, after=2))
+    out = tmp_path / "pngs"
+    line = refusal(sample_main, ["--checkpoint", str(quickstart_checkpoint), "--num-samples", "4", "--format", "pngs",
+                                 "--output", str(out), "--quiet"], capsys)
+    assert expected in line
+    if error is ENOSPC:
+        assert f"cannot write '{out / '000002.png'}'" in line
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]  # no 000002.png, no .tmp
+    for name in ("000000.png", "000001.png"):
+        Image.open(out / name).load()  # complete
+
+
+def test_a_failed_grid_or_recon_write_leaves_nothing_at_the_output_name(
+        quickstart_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.cli.outputs as outputs
+
+    monkeypatch.setattr(outputs, "save_image", partial_then(ENOSPC, after=0))
+    grid, recon = tmp_path / "grid.png", tmp_path / "recon.png"
+    ck = str(quickstart_checkpoint)
+    line = refusal(sample_main, ["--checkpoint", ck, "--num-samples", "3", "--output", str(grid), "--quiet"], capsys)
+    assert line == f"sample.py: error: cannot write '{grid}': No space left on device; nothing was written there"
+    line = refusal(evaluate_main, ["recon", "--checkpoint", ck, "--num-images", "2", "--output", str(recon)], capsys)
+    assert line.startswith(f"evaluate.py: error: cannot write '{recon}'")
+    assert not grid.exists() and not recon.exists() and leftovers(tmp_path) == []
+
+
+class DiskFull:
+    """A binary file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, path: Any, mode: str, room: int) -> None:
+        self.file, self.room = open(path, mode), room
+
+    def write(self, data: bytes) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise ENOSPC
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+    def __enter__(self) -> "DiskFull":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def test_a_disk_filling_up_mid_npz_leaves_no_file(quickstart_checkpoint: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.cli.outputs as outputs
+
+    monkeypatch.setattr(outputs, "open", lambda path, mode: DiskFull(path, mode, room=3000), raising=False)
+    out = tmp_path / "s.npz"
+    line = refusal(sample_main, ["--checkpoint", str(quickstart_checkpoint), "--num-samples", "40", "--batch-size",
+                                 "10", "--format", "npz", "--output", str(out), "--quiet"], capsys)
+    assert line == f"sample.py: error: cannot write '{out}': No space left on device; nothing was written there"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_fid_refuses_a_damaged_png_naming_it(tmp_path: Path, tiny_inception: None, damage: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(images / f"{i:06d}.png")
+    bad = images / "000002.png"
+    bad.write_bytes(bad.read_bytes()[:-20] if damage == "truncated" else b"text, not a PNG")
+    ref = image_npz(tmp_path / "ref.npz", 8, 1)
+    line = refusal(evaluate_main, ["fid", "--images", str(images), "--reference", str(ref), "--quiet"], capsys)
+    assert line.startswith(f"evaluate.py: --images: cannot read image '{bad}'"), line
+
+
+# ------------------------------------------------------------------------------------------ 6. streaming
+def one_batch_alive(real: Callable[..., Iterator[torch.Tensor]], seen: list[int]) -> Callable[..., Iterator]:
+    """``real`` (an image generator) checking that batches before the last one given out are freed."""
+    def spy(*args: Any, **kwargs: Any) -> Iterator[torch.Tensor]:
+        refs: list[weakref.ref] = []
+        for batch in real(*args, **kwargs):
+            assert all(r() is None for r in refs[:-1]), "earlier batches are still held"
+            refs.append(weakref.ref(batch))
+            seen.append(batch.shape[0])
+            yield batch
+            del batch
+
+    return spy
+
+
+@pytest.mark.parametrize("fmt", ["npz", "pngs"])
+def test_sample_streams_batches_and_keeps_the_images_of_each_seed(
+        quickstart_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    import nvae.cli.sample as sample
+    from nvae.sampling import iter_samples
+
+    seen: list[int] = []
+    monkeypatch.setattr(sample, "iter_samples", one_batch_alive(iter_samples, seen))
+    out = tmp_path / f"out.{fmt}"
+    sample_main(["--checkpoint", str(quickstart_checkpoint), "--num-samples", "11", "--batch-size", "4", "--seed",
+                 "7", "--temperature", "0.8", "--format", fmt, "--output", str(out), "--quiet"])
+    assert seen == [4, 4, 3]
+    if fmt == "npz":
+        images = np.load(out, allow_pickle=False)["images"]
+    else:
+        images = np.stack([np.asarray(Image.open(out / f"{i:06d}.png"))[..., :1].transpose(2, 0, 1) for i in range(11)])
+    model = load_checkpoint(quickstart_checkpoint).model
+    expected = []
+    for b, n in enumerate([4, 4, 3]):  # the per-batch seeds, as sampling has always drawn them
+        torch.manual_seed(image_seed(7, b))
+        x = model.sample(n, 0.8, mean=True)[..., 2:-2, 2:-2]
+        expected.append((x.float() * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+    assert images.dtype == np.uint8 and np.array_equal(images, np.concatenate(expected))
+
+
+def test_fid_takes_features_of_each_generated_batch_as_it_comes(
+        quickstart_checkpoint: Path, tmp_path: Path, tiny_inception: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nvae.cli.fid as fid_cli
+    from nvae.sampling import iter_samples
+
+    seen: list[int] = []
+    monkeypatch.setattr(fid_cli, "iter_samples", one_batch_alive(iter_samples, seen))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=np.random.default_rng(0).integers(0, 256, (12, 1, 28, 28), dtype=np.uint8))
+    res = evaluate_main(["fid", "--checkpoint", str(quickstart_checkpoint), "--num-samples", "12", "--batch-size", "5",
+                         "--reference", str(ref), "--quiet"])
+    assert seen == [5, 5, 2] and res["num_generated"] == 12
