@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nvae.callbacks import EMAWeights, GuardedSteps
@@ -227,8 +228,12 @@ class NVAEModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Hyperparameters with the final validation bits/dim (TensorBoard's HPARAMS tab)."""
         bpd = self.trainer.callback_metrics.get("val/bpd")
-        if self.logger is not None and bpd is not None:
+        if self.logger is None or bpd is None:
+            return
+        if isinstance(self.logger, TensorBoardLogger):  # the only logger whose log_hyperparams takes metrics
             self.logger.log_hyperparams(dict(self.hparams), {"hp/val_bpd": float(bpd)})
+        else:
+            self.logger.log_hyperparams(dict(self.hparams))
 
     # ----------------------------------------------------------------------------- steps
     def _prepare(self, x: Union[torch.Tensor, list, tuple]) -> torch.Tensor:

@@ -111,6 +111,16 @@ def test_allowed_compares_the_object_a_name_reaches(monkeypatch: pytest.MonkeyPa
     assert "antigravity" not in sys.modules
 
 
+def test_a_config_may_name_the_csv_logger(tmp_path: Path) -> None:
+    """One of the two loggers a config may name runs through both locks (and logs its hyper-parameters)."""
+    config = tmp_path / "csv.yaml"
+    config.write_text(f"trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
+                      f"    init_args: {{save_dir: {tmp_path}}}\n")
+    train_cli.main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "debug.yaml"),
+                    "--config", str(config), "--trainer.default_root_dir", str(tmp_path)])
+    assert list(tmp_path.glob("*/version_0/hparams.yaml")) and list(tmp_path.glob("*/version_0/metrics.csv"))
+
+
 def test_a_config_larger_than_any_config_is_not_read(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_bytes(b"#" * (config_check.MAX_CONFIG_BYTES + 1))
