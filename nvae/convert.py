@@ -14,78 +14,124 @@ per-epoch cosine (the warm-up and KL schedules are the same functions of the ste
 """
 from __future__ import annotations
 
+import math
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
 from nvae.checkpoint import training_checkpoint
-from nvae.guard import nonfinite_entries
-from nvae.official import (OfficialFormatError, head_permutation, key_map, parameter_names, place, read_official,
-                           run_from_args, to_nvae)
+from nvae.limits import check_fits
+from nvae.model import NVAE
+from nvae.official import (OfficialRun, check_layout, head_permutation, key_map, parameter_names, place,
+                           read_official, run_from_args, to_nvae)
+from nvae.official_checks import OfficialFormatError, check_count, check_optimizer, check_step
 
 
 def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
             overwrite: bool = False) -> dict[str, Any]:
     """Convert ``src`` (official format) into the nvae checkpoint ``dst``; returns a summary.
 
-    ``data_root`` replaces the data folder recorded by the official run (``args.data``). The file is
-    written atomically; an existing ``dst`` is refused unless ``overwrite``.
+    ``data_root`` replaces the data folder recorded by the official run (``args.data``). Everything
+    in ``src`` nvae uses is checked before a model is allocated (:mod:`nvae.official_checks`, then the
+    names and shapes against the model laid out on the meta device), so the model built is no larger
+    than the file's own tensors. ``dst`` is written atomically and is never ``src`` itself; an existing
+    ``dst`` is refused unless ``overwrite``.
     """
     from nvae.lightning import NVAEModule
-    from nvae.resilience import AtomicTorchCheckpointIO
 
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it")
+    _check_destination(Path(src), dst, overwrite)
     official = read_official(src)
     run = run_from_args(official["args"])
     if data_root is not None:
         run.data["init_args"]["root"] = data_root
+    epoch, step = check_count(official, "epoch"), check_count(official, "global_step")
+    keys = planned_keys(run, official["state_dict"])
+    group = check_optimizer(official.get("optimizer"), parameter_names(official["state_dict"]))
     module = NVAEModule(arch=run.arch, image_spec=run.spec, **run.hparams)
-    keys = key_map(module.model)
     module.model.load_state_dict(to_nvae(official["state_dict"], module.model, keys))
-    bad = nonfinite_entries(module.model.state_dict())
-    if bad:
-        raise OfficialFormatError(f"'{src}': non-finite values in {len(bad)} tensor(s), e.g. official '{keys[bad[0]]}'")
-    epoch, step = _count(official, "epoch"), _count(official, "global_step")
-    optimizer, lr = convert_optimizer(official, module, keys)
+    optimizer, lr = convert_optimizer(official, group, module, keys)
     origin = {"source": str(src), "epoch": epoch, "global_step": step,
-              "args": {k: v for k, v in vars(official["args"]).items()
-                       if isinstance(v, (str, int, float, bool)) or v is None}}
+              "args": {k: v for k, v in vars(official["args"]).items() if _recordable(v)}}
     ckpt = training_checkpoint(module.state_dict(), dict(module.hparams), run.data, epoch, step, _loops(epoch, step),
                                optimizer, _scheduler_state(module, step, lr), official=origin)
-    AtomicTorchCheckpointIO().save_checkpoint(ckpt, dst)
+    save_atomically(ckpt, dst)
     return {"source": str(src), "checkpoint": str(dst), "dataset": official["args"].dataset,
             "parameters": sum(p.numel() for p in module.model.parameters()), "tensors": len(keys),
             "epoch": epoch, "global_step": step, "optimizer_state": bool(optimizer["state"]),
             "data_module": run.data["class_path"]}
 
 
-def _count(official: Mapping[str, Any], key: str) -> int:
-    value = official.get(key, 0)
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if not isinstance(value, int) or value < 0:
-        raise OfficialFormatError(f"official checkpoint: '{key}' must be a count, got {value!r}")
-    return value
+def planned_keys(run: OfficialRun, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """nvae key -> official key, once the model ``run`` describes fits this machine's memory
+    (:func:`nvae.limits.check_fits`) and, laid out on the meta device (no memory), has the names and
+    shapes of ``state``: the model then allocated is the size of the file's own tensors."""
+    try:
+        check_fits(run.spec, run.arch, source="official args")
+        with torch.device("meta"):
+            model = NVAE(run.spec, run.arch)
+    except ValueError as err:  # nvae's own bounds on a model (nvae.limits, the geometry)
+        message = str(err)
+        raise OfficialFormatError(message if message.startswith("official args") else f"official args: {message}") \
+            from None
+    keys = key_map(model)
+    check_layout(state, model, keys)
+    return keys
 
 
-def convert_optimizer(official: Mapping[str, Any], module: Any,
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """``dst`` may not be ``src`` (by any path or link), nor a folder, nor an existing file without ``overwrite``."""
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise FileExistsError(f"'{dst}' is the official checkpoint being converted; write to another file")
+    if dst.is_dir():
+        raise IsADirectoryError(f"'{dst}' is a folder; name the checkpoint file to write")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it")
+
+
+def save_atomically(ckpt: dict[str, Any], dst: Path) -> None:
+    """``torch.save`` to a fresh temporary name beside ``dst``, fsync, rename over ``dst``: a failure
+    midway (a full disk) leaves ``dst`` as it was and no temporary file; it raises one ``OSError`` line."""
+    tmp: Optional[Path] = None
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        name = dst.with_name(f".{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file, the umask's permissions
+        tmp = name
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except (OSError, RuntimeError) as err:  # torch's zip writer turns a failed write into a RuntimeError
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(f"cannot write '{dst}' ({cause.strerror or cause}); nothing written") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def _recordable(value: Any) -> bool:
+    """An official argument worth recording in the converted file: a string, bool, int, finite float or None."""
+    return isinstance(value, (str, int, bool)) or value is None or (isinstance(value, float) and math.isfinite(value))
+
+
+def convert_optimizer(official: Mapping[str, Any], group: Optional[Mapping[str, Any]], module: Any,
                       keys: Mapping[str, str]) -> tuple[dict[str, Any], float]:
     """nvae's Adamax state (``optimizer.state_dict()`` layout) from the official one, and its current lr.
 
-    The official optimizer indexes the official model's parameters in ``parameters()`` order; each
-    parameter's ``step``, ``exp_avg`` and ``exp_inf`` move to the nvae parameter it maps to (the
-    likelihood head's moments reordered as its weights are). Without an official optimizer state,
-    the moments start at zero.
+    ``group``: the official parameter group, checked by :func:`nvae.official_checks.check_optimizer`
+    (None without an official optimizer state: the moments then start at zero). The official
+    optimizer indexes the official model's parameters in ``parameters()`` order; each parameter's
+    ``step``, ``exp_avg`` and ``exp_inf`` move to the nvae parameter it maps to (the likelihood
+    head's moments reordered as its weights are).
     """
-    h = module.optim
-    state = official.get("optimizer")
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) else {}
-    if state is not None and not group:
-        raise OfficialFormatError("official optimizer: expected one parameter group")
+    h, group = module.optim, group or {}
     lr = float(group.get("lr", h.learning_rate))
     fresh = torch.optim.Adamax(module.parameters(), lr=lr, betas=tuple(group.get("betas", (0.9, 0.999))),
                                eps=float(group.get("eps", h.adamax_eps)),
@@ -94,30 +140,21 @@ def convert_optimizer(official: Mapping[str, Any], module: Any,
     out["param_groups"][0]["initial_lr"] = h.learning_rate
     if not group:
         return out, lr
+    state = official["optimizer"]["state"]
     names = parameter_names(official["state_dict"])
-    if len(group.get("params", ())) != len(names):
-        raise OfficialFormatError(f"official optimizer holds {len(group.get('params', ()))} parameters, its model "
-                                  f"{len(names)}: not this checkpoint's optimizer")
-    per_name = {names[pos]: state["state"][idx] for pos, idx in enumerate(group["params"]) if idx in state["state"]}
+    per_name = {name: state[idx] for name, idx in zip(names, group["params"]) if idx in state}
     perm = head_permutation(module.model)
     for i, (name, p) in enumerate(module.named_parameters()):
         ours = name[len("model."):]
         entry = per_name.get(keys[ours])
         if entry is None:
             continue
-        moved: dict[str, torch.Tensor] = {"step": torch.tensor(float(_step(entry)), dtype=torch.float32)}
+        step = check_step(entry.get("step", 0), f"official optimizer state of '{keys[ours]}': 'step'")
+        moved: dict[str, torch.Tensor] = {"step": torch.tensor(float(step), dtype=torch.float32)}
         for kind in ("exp_avg", "exp_inf"):
-            what = f"official optimizer '{kind}' of '{keys[ours]}'"
-            if not isinstance(entry.get(kind), torch.Tensor):
-                raise OfficialFormatError(f"{what}: missing")
-            moved[kind] = place(entry[kind], ours, p, perm, what)
+            moved[kind] = place(entry[kind], ours, p, perm, f"official optimizer state of '{keys[ours]}': '{kind}'")
         out["state"][i] = moved
     return out, lr
-
-
-def _step(entry: Mapping[str, Any]) -> int:
-    step = entry.get("step", 0)
-    return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
 
 
 def _scheduler_state(module: Any, step: int, lr: float) -> dict[str, Any]:

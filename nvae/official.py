@@ -25,6 +25,7 @@ from torch import nn
 
 from nvae.cells import DecoderCell, EncoderCell
 from nvae.model import NVAE, NVAEConfig
+from nvae.official_checks import OfficialFormatError, check_args, check_checkpoint, check_state_dict
 from nvae.ops import FactorizedReduce, UpsampleConv
 from nvae.spec import ImageSpec
 
@@ -42,30 +43,23 @@ BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 ALIAS_SUFFIX = ".weight_normalized"
 
 
-class OfficialFormatError(ValueError):
-    """An official checkpoint nvae cannot read or map (the message names the field or tensor)."""
-
-
 # ------------------------------------------------------------------------------------------ reading
 def read_official(path: str | Path) -> dict[str, Any]:
     """The official checkpoint at ``path``, loaded with ``weights_only=True``: only ``argparse.Namespace``
-    (what the format pickles for ``args``) is allowed besides tensors and containers; nothing runs."""
+    (what the format pickles for ``args``) is allowed besides tensors and containers; nothing runs.
+    The state dict's entries are checked as tensors (:func:`nvae.official_checks.check_state_dict`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"official checkpoint '{path}' does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"official checkpoint '{path}' {what}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not such a checkpoint"
         raise OfficialFormatError(f"'{path}' is not a readable official NVAE checkpoint ({type(err).__name__}: "
                                   f"{(str(err).splitlines() or [''])[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
-        raise OfficialFormatError(f"'{path}' is not an official NVAE checkpoint (no 'state_dict' and 'args')")
-    if not isinstance(ckpt["args"], argparse.Namespace):
-        raise OfficialFormatError(f"'{path}': 'args' is a {type(ckpt['args']).__name__}, not the official Namespace")
-    state = ckpt["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise OfficialFormatError(f"'{path}': 'state_dict' must be a dict of tensors")
+    check_checkpoint(ckpt, str(path))
+    check_state_dict(ckpt["state_dict"], counters=(".num_batches_tracked",))
     return ckpt
 
 
@@ -89,8 +83,10 @@ def _arg(args: Mapping[str, Any], name: str) -> Any:
 
 
 def run_from_args(args: Mapping[str, Any] | argparse.Namespace) -> OfficialRun:
-    """Map the official training flags to nvae; one line naming the field for what nvae does not build."""
+    """Map the official training flags to nvae; one line naming the field for what nvae does not build
+    or for a value of the wrong type or out of range (:func:`nvae.official_checks.check_args`)."""
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    check_args(args, {name: size for name, (_, size, _, _) in DATASETS.items()})
     dataset = _arg(args, "dataset")
     if dataset not in DATASETS:
         raise OfficialFormatError(f"official args: dataset {dataset!r} is not one nvae maps "
@@ -261,12 +257,18 @@ def head_permutation(model: NVAE) -> torch.Tensor | None:
 
 def to_nvae(official: Mapping[str, torch.Tensor], model: NVAE,
             keys: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """An nvae state dict for ``model`` from an official one; refuses missing, leftover or misshapen tensors.
-
-    A ``weight_normalized`` entry must be the same values as its ``weight`` (the official alias) and is
-    then not a tensor of its own.
-    """
+    """An nvae state dict for ``model`` from an official one (checked by :func:`check_layout` first)."""
     keys = key_map(model) if keys is None else keys
+    check_layout(official, model, keys)
+    perm, target = head_permutation(model), model.state_dict()
+    return {ours: place(official[theirs], ours, target[ours], perm, f"official '{theirs}'")
+            for ours, theirs in keys.items()}
+
+
+def check_layout(official: Mapping[str, torch.Tensor], model: NVAE, keys: Mapping[str, str]) -> None:
+    """Refuses missing, leftover or misshapen official tensors; copies nothing (``model`` may be on the
+    meta device). A ``weight_normalized`` entry must be the same values as its ``weight`` (the official
+    alias) and is then not a tensor of its own."""
     missing = [o for o in keys.values() if o not in official]
     if missing:
         raise OfficialFormatError(f"official state dict has no '{missing[0]}' ({len(missing)} missing): it is not "
@@ -276,19 +278,23 @@ def to_nvae(official: Mapping[str, torch.Tensor], model: NVAE,
     if leftover:
         raise OfficialFormatError(f"official tensor '{leftover[0]}' ({len(leftover)} in all) has no place in the "
                                   "nvae model: an architecture nvae does not build")
-    perm, target = head_permutation(model), model.state_dict()
-    return {ours: place(official[theirs], ours, target[ours], perm, f"official '{theirs}'")
-            for ours, theirs in keys.items()}
+    target = model.state_dict()
+    for ours, theirs in keys.items():
+        _check_shape(official[theirs], ours, target[ours], f"official '{theirs}'")
 
 
 def place(tensor: torch.Tensor, ours: str, like: torch.Tensor, perm: torch.Tensor | None, what: str) -> torch.Tensor:
     """An official tensor (or an optimizer moment of it) laid out as nvae's ``ours``: the likelihood
     head's output channels reordered by ``perm``, shape checked, ``like``'s dtype."""
+    _check_shape(tensor, ours, like, what)  # first: a misshapen head would not take the permutation
     if perm is not None and ours.startswith("head.1."):
         tensor = tensor[perm.to(tensor.device)]
+    return tensor.to(like.dtype).contiguous()
+
+
+def _check_shape(tensor: torch.Tensor, ours: str, like: torch.Tensor, what: str) -> None:
     if tensor.shape != like.shape:
         raise OfficialFormatError(f"{what} has shape {tuple(tensor.shape)}, nvae's '{ours}' {tuple(like.shape)}")
-    return tensor.to(like.dtype).contiguous()
 
 
 def _is_alias(key: str, value: torch.Tensor, official: Mapping[str, torch.Tensor], used: set[str]) -> bool:

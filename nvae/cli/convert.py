@@ -28,10 +28,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         summary = convert(args.src, args.dst, args.data_root, args.overwrite)
-    except (OfficialFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (OfficialFormatError, OSError, ValueError) as err:  # OSError: a missing SRC, DST not writable
         if os.environ.get("NVAE_DEBUG"):
             raise
-        parser.exit(2, f"nvae-convert: error: {err}\n")
+        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a name holds
+        parser.exit(2, f"nvae-convert: error: {message}\n")
     opt = "with its optimizer state" if summary["optimizer_state"] else "without optimizer state (moments start at 0)"
     print(f"converted {summary['source']} (official {summary['dataset']}, epoch {summary['epoch']}, step "
           f"{summary['global_step']}): {summary['parameters']:,} parameters, {summary['tensors']} tensors, {opt}; "
