@@ -22,8 +22,8 @@ from nvae.spec import ImageSpec
 
 MAX_IMAGE_SIZE = 4096  # 16x the paper's largest images (256)
 MAX_GROUPS = 1024  # latent groups of all scales: 28x the paper's largest model (36)
-MAX_CELLS = 2048  # residual cells (encoder, decoder, pre/post, flows): 14x the paper's largest (~150)
-MAX_WIDTH = 2**16  # channels of the widest convolution (base x 2^downsamplings x expansion); paper: 2,880
+MAX_CELLS = 2048  # residual cells (encoder, decoder, pre/post, flow cells, scale changes): 6.8x the paper's largest (302)
+MAX_WIDTH = 2**16  # channels of the widest convolution (base x 2^downsamplings x expansion): 11x the paper's 5,760
 MAX_MIXTURES = 1024  # likelihood components (paper: 10)
 LOADING_COPIES = 2  # reading a file holds its tensors and the model's at once
 
