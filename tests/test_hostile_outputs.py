@@ -145,6 +145,26 @@ def test_reference_statistics_in_the_mu_sigma_form_load(tmp_path: Path, tiny_inc
     assert "mu_only.npz': FID statistics need arrays mu and sigma; sigma missing (the file has: mu)" in line
 
 
+def test_fid_inputs_are_read_before_inception_loads_or_images_are_drawn(
+        quickstart_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.cli.fid as fid_cli
+
+    monkeypatch.setattr(fid_cli, "iter_samples", lambda *a, **k: pytest.fail("images drawn before the check"))
+    gen, mu_only, junk = image_npz(tmp_path / "gen.npz", 8, 0), tmp_path / "mu_only.npz", tmp_path / "junk.npz"
+    np.savez(mu_only, mu=np.zeros(4))
+    junk.write_text("not a zip")
+    no_inception = ["--inception-weights", str(tmp_path / "none.pth"), "--quiet"]  # would stop with its own line
+    cases = [(["--checkpoint", str(quickstart_checkpoint), "--reference", str(mu_only)],
+              f"evaluate.py: --reference: '{mu_only}': FID statistics need arrays mu and sigma; sigma missing"),
+             (["--images", str(junk), "--reference", str(gen)],
+              f"evaluate.py: --images: cannot read '{junk}' as .npz: it is not a zip archive"),
+             (["--images", str(gen), "--reference", str(tmp_path / "none.npz")],
+              f"evaluate.py: --reference: no .npz file or image folder at '{tmp_path / 'none.npz'}'")]
+    for argv, expected in cases:
+        assert refusal(evaluate_main, ["fid", *argv, *no_inception], capsys).startswith(expected), argv
+
+
 # ------------------------------------------------------------------------------------------ 4. paths
 def test_output_paths_are_checked_before_the_checkpoint_is_read(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,14 +40,38 @@ def _cropped(loader: Iterable[Any], pad: int) -> Iterator[torch.Tensor]:
         yield x[..., pad:-pad, pad:-pad] if pad else x
 
 
-def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module, device: torch.device
-               ) -> tuple[F.FeatureStats, str]:
+def _reference_file(reference: Optional[str]) -> Optional[F.FeatureStats]:
+    """``--reference`` read before any work when it holds statistics (an .npz with mu and sigma, as nvae,
+    pytorch-fid and torch-fidelity save them; one line when one is missing); None for images or no file."""
+    path = Path(reference or "")
+    if not reference or path.is_dir():
+        return None
+    if not path.is_file():
+        raise SystemExit(f"evaluate.py: --reference: no .npz file or image folder at '{path}'")
+    try:
+        if path.suffix == ".npz" and {"mu", "sigma"} & set(F.npz_arrays(path)):
+            return F.FeatureStats.load(path)
+    except ValueError as err:
+        raise SystemExit(f"evaluate.py: --reference: {err}") from None
+    return None
+
+
+def _read_images(path: str, rank: int, world: int) -> torch.Tensor:
+    """This process's share of the ``--images`` to score (one line naming a damaged file)."""
+    try:
+        return F.load_images(path)[rank::world]
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: --images: {err}") from None
+
+
+def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module, device: torch.device,
+               stats: Optional[F.FeatureStats]) -> tuple[F.FeatureStats, str]:
     """Reference statistics: a stats/image file given by --reference, or the checkpoint's data split."""
     if args.reference:
         path = Path(args.reference)
+        if stats is not None:
+            return stats, str(path)
         try:
-            if path.suffix == ".npz" and path.is_file() and {"mu", "sigma"} & set(F.npz_arrays(path)):
-                return F.FeatureStats.load(path), str(path)  # statistics, as nvae, pytorch-fid or torch-fidelity save
             images = F.load_images(path)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"evaluate.py: --reference: {err}") from None
@@ -98,10 +122,16 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     device = fabric.device if fabric is not None else resolve_device(args.device)
     args.quiet_rank = rank != 0
     progress = not args.quiet and rank == 0
-    loaded = load(args, device) if args.checkpoint else None  # a bad checkpoint fails before Inception loads
+    # the inputs are checked before the work: checkpoint, counts, reference statistics, images, then Inception
+    loaded = load(args, device) if args.checkpoint else None
+    if not args.images and math.ceil(args.num_samples / args.batch_size) < 2 * world:
+        raise SystemExit(f"evaluate.py: --num-samples {args.num_samples} gives fewer than 2 batches of "
+                         f"--batch-size {args.batch_size} per process ({world} processes)")
+    reference_stats = _reference_file(args.reference) if rank == 0 else None
+    images = _read_images(args.images, rank, world) if args.images else None
     try:
         extractor = F.inception_extractor(args.inception_weights, allow_download=args.allow_download)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # missing, or not a plain weights file of the right network
         raise SystemExit(f"evaluate.py: {err}") from None
     extractor = extractor.to(device).eval()
     start = time.perf_counter()
@@ -109,16 +139,10 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     protocol: dict[str, Any] = {"protocol": args.protocol, "processes": world}
     if official and not args.reference:
         args.split, args.num_bits = "train", 8  # the official statistics: the training set at 8 bits
-    if args.images:
-        try:
-            batches = _batches(F.load_images(args.images)[rank::world], args.batch_size)
-        except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"evaluate.py: --images: {err}") from None
+    if images is not None:
+        batches = _batches(images, args.batch_size)
         protocol["images"] = args.images
     else:
-        if math.ceil(args.num_samples / args.batch_size) < 2 * world:
-            raise SystemExit(f"evaluate.py: --num-samples {args.num_samples} gives fewer than 2 batches of "
-                             f"--batch-size {args.batch_size} per process ({world} processes)")
         model = loaded.model
         steps, bn_batch = (OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH) if official else (args.readjust_bn, args.bn_batch_size)
         bn = "none"
@@ -141,7 +165,7 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         generated = gathered_stats(local, fabric, average=official)  # official: per-process statistics averaged
         if rank != 0:
             return None
-        reference, described = _reference(args, loaded, extractor, device)
+        reference, described = _reference(args, loaded, extractor, device, reference_stats)
         fid = F.fid_from_stats(generated, reference)
     except ValueError as err:  # too few images, statistics of another extractor, ...
         raise SystemExit(f"evaluate.py: {err}") from None

@@ -36,9 +36,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
 
 
-# ----------------------------------------------------------------------------------------------
-# Maths
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- maths
 def _as_float64(x: ArrayLike) -> Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().to("cpu", torch.float64)
 
@@ -72,9 +70,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     return float(diff @ diff + s1.trace() + s2.trace() - 2.0 * tr_covmean)
 
 
-# ----------------------------------------------------------------------------------------------
-# Running statistics
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- running statistics
 class FeatureStats:
     """Running mean and unbiased covariance of feature vectors, accumulated in float64.
 
@@ -206,9 +202,7 @@ def stats_key(dataset: str, split: str, num_images: Optional[int], extractor: nn
     return f"dataset={dataset}|split={split}|num_images={num_images or 'all'}|extractor={extractor_id(extractor)}"
 
 
-# ----------------------------------------------------------------------------------------------
-# Pipeline
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- pipeline
 def to_uint8(batch: Union[Tensor, tuple, list]) -> Tensor:
     """A loader batch -> uint8 (B, C, H, W): takes the first element of (x, y) tuples; float
     images in [0, 1] (the data modules' n-bit grid) are mapped to round(255 x)."""
@@ -277,11 +271,13 @@ def reference_stats(loader_or_iterable: Iterable[Tensor], extractor: nn.Module, 
     return stats
 
 
-# ----------------------------------------------------------------------------------------------
-# Images from disk
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- images from disk
 def npz_arrays(path: Union[str, Path]) -> list[str]:
     """The names of the arrays in an ``.npz`` (ValueError naming the file if it is not a readable one)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no file '{path}'")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"cannot read '{path}' as .npz: it is not a zip archive (an .npz is one)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return list(data.files)
@@ -305,6 +301,8 @@ def _read_image(f: Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image '{f}': {err} (truncated or not an image: delete or replace it)") from None
     return a[:, :, None] if a.ndim == 2 else a
+
+
 def _array_to_nchw(a: np.ndarray, source: str) -> Tensor:
     if a.ndim == 3:
         a = a[:, None]  # (N, H, W) -> (N, 1, H, W)
