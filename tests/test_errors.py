@@ -113,7 +113,7 @@ def test_unreadable_images_can_be_skipped_and_are_counted(tmp_path: Path) -> Non
 def test_sampling_with_negative_temperature_is_refused(quickstart_checkpoint: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         sample_main(["--checkpoint", str(quickstart_checkpoint), "--temperature", "-0.5"])
-    assert "temperature must be >= 0, got -0.5" in capsys.readouterr().err
+    assert "temperature must be a finite number >= 0, got -0.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("devices, strategy, refused", [(2, "ddp", True), (1, "auto", False)])
