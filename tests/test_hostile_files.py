@@ -335,3 +335,45 @@ def test_rng_states_are_tried_then_put_back(clean: dict) -> None:
 def test_ckpt_path_that_is_a_folder_is_one_line(tmp_path: Path) -> None:
     message = one_line(lambda: train_cli.main(train_args(tmp_path, "--ckpt_path", str(tmp_path))))
     assert "is a folder, not a checkpoint file" in message
+
+
+# ------------------------------------------------------------------------------------------ images given to commands
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A real 1x1 PNG whose IHDR (and its CRC) claims ``width`` x ``height`` pixels."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_images_given_to_the_latent_api_are_read_like_training_data(quickstart_checkpoint: Path,
+                                                                    tmp_path: Path) -> None:
+    """sample.py --reconstruct reads with the data pipeline's reader: a header claiming 30000 x 30000
+    pixels is one line naming the file (no decompression-bomb traceback, nothing decoded)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    bomb = _png_claiming(folder / "bomb.png", 30000, 30000)
+    message = one_line(lambda: sample_cli.main(["--checkpoint", str(quickstart_checkpoint), "--reconstruct",
+                                                str(folder), "--device", "cpu", "--output", str(tmp_path / "r.png")]))
+    assert str(bomb) in message and "900000000 pixels" in message  # 30000 x 30000
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_evaluate_turns_an_unreadable_image_met_while_loading_into_one_line() -> None:
+    from nvae.cli.outputs import one_line_errors
+    from nvae.data.base import DataError
+
+    with pytest.raises(SystemExit) as exit_:
+        with one_line_errors("evaluate.py"):
+            raise DataError("cannot read image 'a/b.png': truncated")
+    assert exit_.value.code == "evaluate.py: error: cannot read image 'a/b.png': truncated"

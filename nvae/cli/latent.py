@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, resize
 
 from nvae.cli.common import at_least
 from nvae.cli.outputs import save_grid, save_torch
-from nvae.data.base import quantize
+from nvae.data.base import DataError, quantize
+from nvae.data.files import read_image
 from nvae.data.folder import IMAGE_EXTENSIONS, CenterSquare
 from nvae.model import NVAE
 
@@ -47,11 +47,10 @@ def load_for_model(files: Sequence[Path], model: NVAE) -> torch.Tensor:
     inner = spec.size - 2 * spec.pad
     out = []
     for f in files:
-        try:
-            with Image.open(f) as img:
-                img = img.convert("L" if spec.channels == 1 else "RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read image '{f}': {err}") from None
+        try:  # the data pipeline's reader: header size checked before decoding, 16-bit scaled, no pipes
+            img = read_image(str(f), "L" if spec.channels == 1 else "RGB")
+        except DataError as err:
+            raise ValueError(str(err)) from None
         x = resize(pil_to_tensor(CenterSquare()(img)), [inner, inner], antialias=True)  # uint8 (C, inner, inner)
         out.append(torch.nn.functional.pad(quantize(x, spec.num_bits), [spec.pad] * 4))
     return torch.stack(out)

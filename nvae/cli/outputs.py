@@ -171,11 +171,13 @@ def json_line(result: dict[str, Any], prog: str) -> str:
 
 @contextmanager
 def one_line_errors(prog: str) -> Iterator[None]:
-    """An OutputError or OSError -> ``SystemExit("PROG: error: ...")``, Ctrl-C -> "PROG: interrupted"
+    """An OutputError, OSError or DataError -> ``SystemExit("PROG: error: ...")``, Ctrl-C -> "PROG: interrupted"
     (exit status 130); ``NVAE_DEBUG=1`` lets the exception and its traceback through."""
+    from nvae.data.base import DataError  # an image that cannot be read, met while the data loads
+
     try:
         yield
-    except (OutputError, OSError) as err:
+    except (OutputError, OSError, DataError) as err:
         if os.environ.get("NVAE_DEBUG"):
             raise
         raise SystemExit(f"{prog}: error: {err}") from None
