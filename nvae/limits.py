@@ -102,3 +102,22 @@ def check_fits(spec: ImageSpec, cfg: NVAEConfig, source: str = "model", availabl
                          f"({LOADING_COPIES}x while loading), more than the {free / 2**30:.1f} GiB this machine has "
                          "available; nothing was allocated")
     return size
+
+
+def min_pass_bytes(spec: ImageSpec, cfg: NVAEConfig, batch: int) -> int:
+    """A lower bound on the memory one pass of the network over ``batch`` images holds: the
+    full-resolution feature map that the stem makes (encoding) and the last postprocessing cell makes
+    (decoding, sampling), ``num_channels`` float32 maps of the image size per image. The real need is
+    several times larger; a batch this bound already refuses cannot run here."""
+    return batch * cfg.num_channels * spec.size * spec.size * 4
+
+
+def check_batch(spec: ImageSpec, cfg: NVAEConfig, batch: int, what: str, available: Optional[int] = None) -> None:
+    """ValueError naming ``what`` (an option) when a pass over ``batch`` images cannot fit this machine's
+    available memory (:func:`min_pass_bytes`), before any image is drawn or read."""
+    need = min_pass_bytes(spec, cfg, batch)
+    free = available_memory() if available is None else available
+    if free is not None and need > free:
+        raise ValueError(f"{what} {batch}: one pass over that many images needs at least {need / 2**30:.1f} GiB "
+                         f"({cfg.num_channels} channels of {spec.size}x{spec.size} per image), more than the "
+                         f"{free / 2**30:.1f} GiB this machine has available; lower it")

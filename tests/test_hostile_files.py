@@ -377,3 +377,30 @@ def test_evaluate_turns_an_unreadable_image_met_while_loading_into_one_line() ->
         with one_line_errors("evaluate.py"):
             raise DataError("cannot read image 'a/b.png': truncated")
     assert exit_.value.code == "evaluate.py: error: cannot read image 'a/b.png': truncated"
+
+
+@pytest.mark.parametrize("command", ["sample", "recon", "nll"])
+def test_a_batch_no_machine_could_hold_is_refused_before_any_work(quickstart_checkpoint: Path, tmp_path: Path,
+                                                                  command: str) -> None:
+    """A pass over 10^9 images of the quickstart model holds at least 16 x 32 x 32 float32 per image
+    (61 TiB): one line naming the option, before a single image is drawn or read."""
+    from nvae.limits import check_batch
+
+    huge = str(10**9)
+    runs = {
+        "sample": (["--num-samples", huge, "--batch-size", huge, "--format", "npz", "--output", str(tmp_path / "s.npz")],
+                   "--batch-size"),
+        "recon": (["recon", "--num-images", huge, "--output", str(tmp_path / "r.png")], "--num-images"),
+        "nll": (["nll", "--batch-size", huge, "-K", huge], "--batch-size"),  # K samples of one image per pass
+    }
+    args, option = runs[command]
+    main = sample_cli.main if command == "sample" else eval_cli.main
+    message = one_line(lambda: main([*args, "--checkpoint", str(quickstart_checkpoint), "--device", "cpu"]))
+    assert f"{option} {huge}: one pass over that many images needs at least" in message, message
+    assert not list(tmp_path.iterdir())
+    from nvae.spec import ImageSpec
+    from nvae.arch import NVAEConfig
+
+    check_batch(ImageSpec(1, 32, 1, 2), NVAEConfig(num_channels=16), 100, "--batch-size", available=2**30)  # 6 MiB
+    with pytest.raises(ValueError, match="--batch-size 100000"):
+        check_batch(ImageSpec(1, 32, 1, 2), NVAEConfig(num_channels=16), 100000, "--batch-size", available=2**30)

@@ -15,6 +15,8 @@ import torch
 from nvae.checkpoint import LoadedCheckpoint, build_datamodule, instantiate_datamodule, load_checkpoint
 from nvae.data.registry import command_line_datamodule
 from nvae.distributions import DMOL_BINS
+from nvae.limits import check_batch
+from nvae.model import NVAE
 
 DEFAULT_BN_STEPS = 500
 DEFAULT_BN_BATCH = 16  # samples per BN-readjustment pass, as the official code's sampling uses
@@ -153,6 +155,7 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
         loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
+    check_pass_sizes(loaded.model, args, "evaluate.py")
     bins = getattr(args, "dmol_bins", None)
     if bins is not None:
         loaded.model.cfg = dataclasses.replace(loaded.model.cfg, dmol_bins=bins)
@@ -160,6 +163,28 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
     if not getattr(args, "quiet_rank", False):
         print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
     return loaded
+
+
+def pass_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """Images one pass of the network holds, by the option that sets it (a batch never exceeds the images asked)."""
+    sizes = {}
+    if getattr(args, "batch_size", None):  # sample.py, fid: images; nll: rows of one image's K samples
+        most = getattr(args, "num_samples", None) or getattr(args, "num_importance_samples", None) or args.batch_size
+        sizes["--batch-size"] = min(args.batch_size, most)
+    if getattr(args, "readjust_bn", None) and getattr(args, "bn_batch_size", None):
+        sizes["--bn-batch-size"] = args.bn_batch_size
+    if getattr(args, "command", None) == "recon" and getattr(args, "num_images", None):
+        sizes["--num-images"] = args.num_images  # recon runs all of them in one pass
+    return sizes
+
+
+def check_pass_sizes(model: NVAE, args: argparse.Namespace, prog: str) -> None:
+    """Before any image is drawn or read: each pass size must fit this machine (:func:`nvae.limits.check_batch`)."""
+    for option, size in pass_sizes(args).items():
+        try:
+            check_batch(model.spec, model.cfg, size, option)
+        except ValueError as err:
+            raise SystemExit(f"{prog}: error: {err}") from None
 
 
 def eval_dataset(loaded: LoadedCheckpoint, args: argparse.Namespace) -> Any:

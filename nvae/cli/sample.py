@@ -20,8 +20,8 @@ import torch
 
 from nvae.checkpoint import LoadedCheckpoint, load_checkpoint
 from nvae.cli import latent
-from nvae.cli.common import (add_bn_batch_size, add_readjust_bn, device_arg, positive_int, positive_temperature,
-                             resolve_device, seed_arg)
+from nvae.cli.common import (add_bn_batch_size, add_readjust_bn, check_pass_sizes, device_arg, positive_int,
+                             positive_temperature, resolve_device, seed_arg)
 from nvae.cli.outputs import (OutputError, check_file, json_line, npz_stream, one_line_errors, save_grid, save_png,
                               stale_files)
 from nvae.sampling import (batchnorm_state, bn_cache_path, image_shape, iter_samples, load_batchnorm_state,
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"sample.py: {err}") from None
     model = loaded.model
+    check_pass_sizes(model, args, "sample.py")
     print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}, decode: {args.decode}")
     if latent.wanted(args):
         try:
