@@ -20,8 +20,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nvae.callbacks import EMAWeights, GuardedSteps
-from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, described_model,
-                             model_hparams, read_checkpoint, upgrade)
+from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, check_state,
+                             described_model, model_hparams, read_checkpoint, upgrade)
 from nvae.checkpoint_state import check_training_state, sanitize_paths
 from nvae.compat import (attached_trainer, cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
                          writes_logs_this_step)
@@ -182,7 +182,10 @@ class NVAEModule(L.LightningModule):
         except TypeError as err:
             raise ValueError(f"{source}: hyper_parameters do not describe an {cls.__name__} ({err})") from None
         module.on_load_checkpoint(checkpoint)
-        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading if strict is None else strict)
+        strict = module.strict_loading if strict is None else strict
+        if strict:  # every tensor there, of its shape and kind, finite: one line naming the first that is not
+            check_state(checkpoint["state_dict"], module.state_dict(), f"{source}: state_dict")
+        module.load_state_dict(checkpoint["state_dict"], strict=strict)
         if isinstance(map_location, (str, torch.device)):
             module.to(map_location)
         return module

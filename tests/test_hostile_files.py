@@ -280,6 +280,7 @@ def test_broken_weights_are_one_line(clean: dict, tmp_path: Path, case: str, exp
     message = one_line(lambda: sample_cli.main(["--checkpoint", str(crafted), "--num-samples", "1", "--device", "cpu",
                                                 "--output", str(tmp_path / "s.png")]))
     assert expected in message, message
+    assert expected in one_line(lambda: NVAEModule.load_from_checkpoint(crafted))
     assert not (tmp_path / "s.png").exists()
 
 
