@@ -25,7 +25,7 @@ import torch
 
 from nvae.data.registry import UntrustedName, class_path, datamodule_class, subclasses
 from nvae.hparams import group_flat_hparams
-from nvae.limits import check_fits
+from nvae.limits import check_archive, check_fits
 from nvae.model import NVAE, NVAEConfig
 from nvae.spec import ImageSpec
 
@@ -56,6 +56,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    check_archive(path, f"checkpoint '{path}'")  # nothing inflates beyond what the file holds
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
@@ -248,12 +249,18 @@ def check_state(state: object, expected: Mapping[str, torch.Tensor], entry: str)
         raise ValueError(f"{entry}: tensors do not match the model its hyper-parameters describe: {what}")
     for key, like in expected.items():
         value = state[key]
+        if value.layout != torch.strided:  # sparse, quantized-packed, ...: not what any model tensor is
+            raise ValueError(f"{entry}: {key!r} is a {value.layout} tensor, the model needs a dense one")
         if value.shape != like.shape:
             raise ValueError(f"{entry}: {key!r} has shape {tuple(value.shape)}, the model needs {tuple(like.shape)}")
         if value.is_complex() or value.is_floating_point() != like.is_floating_point():
             raise ValueError(f"{entry}: {key!r} is {value.dtype}, the model needs {like.dtype}")
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():  # an expanded view: checking
+            raise ValueError(f"{entry}: {key!r} claims more values than its storage holds")  # it would allocate
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{entry}: {key!r} holds non-finite values (NaN or inf): the weights are broken")
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise ValueError(f"{entry}: {key!r} holds negative variances: the BatchNorm statistics are broken")
     return state
 
 

@@ -38,8 +38,11 @@ from nvae.data.registry import UntrustedName, allowed_datamodules, class_path, s
 
 TRUSTED_PACKAGES = ("lightning", "nvae")  # modules a name from a file may make us import to resolve it
 ALLOWED_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # local files only: the other loggers reach the network
-DENIED_CLASSES = ("LambdaCallback",)  # instantiating it with names from a file calls those functions
+# LambdaCallback calls the functions it is given; OnExceptionCheckpoint makes Lightning resume from the file it
+# names (unchecked) and removes that file at teardown
+DENIED_CLASSES = ("LambdaCallback", "OnExceptionCheckpoint")
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_DEPTH = 8  # config files naming config files
 MAX_CONFIG_BYTES = 16 * 2**20  # a config is text of a few kB; a larger file is not read as one
 NOT_CONFIG_OPTIONS = ("--ckpt_path", "--resume")  # their file values are checkpoints, checked by nvae.checkpoint
@@ -69,7 +72,10 @@ def allowed_classes() -> dict[str, type]:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import Logger
 
+    from nvae.arch import NVAEConfig
+    from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig
     from nvae.lightning import NVAEModule
+    from nvae.spec import ImageSpec
 
     found: dict[str, type] = {}
     for base in _lightning_bases():
@@ -78,7 +84,8 @@ def allowed_classes() -> dict[str, type]:
                   if c.__name__ in ALLOWED_LOGGERS and class_path(c).startswith("lightning.")})
     found.update({class_path(c): c for c in subclasses(Callback) if class_path(c).startswith("nvae.")})
     found.update({class_path(c): c for c in allowed_datamodules().values()})
-    found[class_path(NVAEModule)] = NVAEModule
+    for cls in (NVAEModule, ImageSpec, NVAEConfig, OptimConfig, ObjectiveConfig, GuardConfig):  # the model's types
+        found[class_path(cls)] = cls
     return found
 
 
@@ -128,20 +135,46 @@ def looks_like_name(text: str) -> bool:
         return False
 
 
-def names_in(value: Any, where: str) -> Iterator[tuple[str, str]]:
-    """(where, name) of every class path and name-like string in a parsed config."""
+def embedded(text: str) -> Any:
+    """The mapping or list a string value holds as YAML (jsonargparse parses such strings for non-str
+    arguments, e.g. ``data: "{class_path: ...}"``), else None."""
+    if not (text.lstrip()[:1] in ("{", "[") or "\n" in text or "class_path" in text):
+        return None
+    try:
+        inner = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return inner if isinstance(inner, (dict, list)) else None
+
+
+def strings_in(value: Any, where: str, key: Any = None) -> Iterator[tuple[str, Any, str]]:
+    """(where, key, text) of every string in a parsed config, YAML inside strings included."""
     if isinstance(value, dict):
-        for key, item in value.items():
-            inner = f"{where}.{key}" if where else str(key)
-            if key == "class_path" and isinstance(item, str):
-                yield inner, item
-            else:
-                yield from names_in(item, inner)
+        for k, item in value.items():
+            yield from strings_in(item, f"{where}.{k}" if where else str(k), k)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            yield from names_in(item, f"{where}[{i}]")
-    elif isinstance(value, str) and looks_like_name(value):
-        yield where, value
+            yield from strings_in(item, f"{where}[{i}]", i)
+    elif isinstance(value, str):
+        yield where, key, value
+        held = embedded(value)
+        if held is not None:
+            yield from strings_in(held, where)
+
+
+def names_in(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(where, name) of every class path and name-like string in a parsed config."""
+    for inner, key, text in strings_in(value, where):
+        if key == "class_path" or looks_like_name(text):
+            yield inner, text
+
+
+def urls_in(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(where, text) of every string that names a location by a URL or fsspec scheme (``http://``,
+    ``s3://``, ``local://``, ``a::b``): Lightning reads and writes checkpoints and logs through fsspec."""
+    for inner, _, text in strings_in(value, where):
+        if URL.match(text) or "::" in text:
+            yield inner, text
 
 
 def nested_files(value: Any, base: Path, key: str = "") -> Iterator[Path]:
@@ -176,6 +209,10 @@ def check_config_file(path: Path, trusted: frozenset[str] = frozenset(), depth: 
     """Refuse (:class:`UntrustedName`, naming the file and the entry) a config that names other code;
     returns the names it holds (all allowed), for :func:`import_policy`."""
     parsed = read_config(Path(path))
+    for where, text in urls_in(parsed, ""):
+        raise UntrustedName(f"config '{path}': {where}: {text!r} names a network or fsspec location; nvae does not "
+                            "let a config file choose where to read or write beyond local paths. If you trust it, "
+                            "give it on the command line instead")
     names = []
     for where, name in names_in(parsed, ""):
         if not allowed(name, trusted):

@@ -26,6 +26,7 @@ from nvae.checkpoint_state import check_training_state, sanitize_paths
 from nvae.compat import (attached_trainer, cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
                          writes_logs_this_step)
 from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig, as_group
+from nvae.limits import check_fits
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
                              nelbo, regularization_coeff)
@@ -85,6 +86,7 @@ class NVAEModule(L.LightningModule):
             "channels_last": channels_last, "gradient_checkpointing": gradient_checkpointing, "compile": compile,
             "active_kl_threshold": active_kl_threshold})
         self.spec, self.channels_last, self.active_kl_threshold = image_spec, channels_last, active_kl_threshold
+        check_fits(image_spec, arch, "model.arch and image_spec")  # sized on the meta device before allocating
         self.model = NVAE(image_spec, arch)
         power_iters = self.objective.power_iters
         self.spectral = SpectralRegularizer(self.model, power_iters=power_iters, initial_iters=10 * power_iters)

@@ -25,7 +25,7 @@ MAX_GROUPS = 1024  # latent groups of all scales: 28x the paper's largest model 
 MAX_CELLS = 2048  # residual cells (encoder, decoder, pre/post, flow cells, scale changes): 6.8x the paper's largest (302)
 MAX_WIDTH = 2**16  # channels of the widest convolution (base x 2^downsamplings x expansion): 11x the paper's 5,760
 MAX_MIXTURES = 1024  # likelihood components (paper: 10)
-LOADING_COPIES = 2  # reading a file holds its tensors and the model's at once
+LOADING_COPIES = 2  # reading a file holds its tensors and the model's at once; training, weights and gradients
 
 
 def _groups(cfg: NVAEConfig) -> int:
@@ -98,9 +98,9 @@ def check_fits(spec: ImageSpec, cfg: NVAEConfig, source: str = "model", availabl
     size = model_bytes(spec, cfg)
     free = available_memory() if available is None else available
     if free is not None and LOADING_COPIES * size > free:
-        raise ValueError(f"{source}: the model it describes needs {size / 2**30:.1f} GiB of weights "
-                         f"({LOADING_COPIES}x while loading), more than the {free / 2**30:.1f} GiB this machine has "
-                         "available; nothing was allocated")
+        raise ValueError(f"{source}: the model it describes has {size / 2**30:.1f} GiB of weights and needs at least "
+                         f"{LOADING_COPIES}x that to load or train, more than the {free / 2**30:.1f} GiB this machine "
+                         "has available; nothing was allocated")
     return size
 
 
@@ -121,3 +121,30 @@ def check_batch(spec: ImageSpec, cfg: NVAEConfig, batch: int, what: str, availab
         raise ValueError(f"{what} {batch}: one pass over that many images needs at least {need / 2**30:.1f} GiB "
                          f"({cfg.num_channels} channels of {spec.size}x{spec.size} per image), more than the "
                          f"{free / 2**30:.1f} GiB this machine has available; lower it")
+
+
+def check_archive(path: str | os.PathLike, source: str, available: Optional[int] = None) -> None:
+    """ValueError naming ``source`` unless ``path`` is a file ``torch.load`` can read without allocating
+    more than the file holds: a zip archive (``torch.save``'s format since PyTorch 1.6) whose records are
+    stored, not compressed, and hold no more than the memory available. A compressed record inflates on
+    reading (an 8 MB file can hold a 3 GB tensor); PyTorch's legacy format allocates each storage at the
+    size its header declares before reading it. Only the zip's directory is read."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{source} is not in torch.save's zip format (PyTorch's legacy format allocates what its "
+                         "header declares before reading); if you trust the file, load and save it again with PyTorch")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ValueError(f"{source} is not a readable archive ({err})") from None
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise ValueError(f"{source}: record {packed[0]!r} is compressed, which torch.save never does; a compressed "
+                         "record can inflate to far more than the file holds, so it was not read")
+    declared = sum(r.file_size for r in records)
+    free = available_memory() if available is None else available
+    if free is not None and declared > free:
+        raise ValueError(f"{source} declares {declared / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                         "this machine has available; it was not read")

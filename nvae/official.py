@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from nvae.cells import DecoderCell, EncoderCell
+from nvae.limits import check_archive
 from nvae.model import NVAE, NVAEConfig
 from nvae.official_checks import OfficialFormatError, check_args, check_checkpoint, check_state_dict
 from nvae.ops import FactorizedReduce, UpsampleConv
@@ -52,6 +53,10 @@ def read_official(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"official checkpoint '{path}' {what}")
+    try:
+        check_archive(path, f"'{path}'")  # nothing inflates beyond what the file holds
+    except ValueError as err:
+        raise OfficialFormatError(str(err)) from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

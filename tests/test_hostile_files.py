@@ -405,3 +405,115 @@ def test_a_batch_no_machine_could_hold_is_refused_before_any_work(quickstart_che
     check_batch(ImageSpec(1, 32, 1, 2), NVAEConfig(num_channels=16), 100, "--batch-size", available=2**30)  # 6 MiB
     with pytest.raises(ValueError, match="--batch-size 100000"):
         check_batch(ImageSpec(1, 32, 1, 2), NVAEConfig(num_channels=16), 100000, "--batch-size", available=2**30)
+
+
+# ------------------------------------------------------------------------------------------ found by a hostile probe
+def test_yaml_inside_a_string_value_is_checked_too(tmp_path: Path) -> None:
+    """jsonargparse parses a string given to a non-str argument as YAML: the names in it are checked."""
+    marker = tmp_path / "MARKER"
+    config = tmp_path / "e4.yaml"
+    config.write_text(f'data: "{{class_path: subprocess.Popen, init_args: {{args: [touch, {marker}]}}}}"\n')
+    message = one_line(lambda: train_cli.main(train_args(tmp_path, "--config", str(config))))
+    assert "data.class_path: 'subprocess.Popen'" in message
+    assert not marker.exists()
+
+
+def test_a_config_cannot_name_a_checkpoint_to_resume_and_remove(tmp_path: Path) -> None:
+    """OnExceptionCheckpoint makes Lightning resume from the file it names (unchecked) and removes it at
+    teardown: a config may not name it."""
+    victim = tmp_path / "victimrun" / "checkpoints" / "last.ckpt"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"someone's checkpoint")
+    config = tmp_path / "c2.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint\n"
+                      f"      init_args: {{dirpath: {victim.parent}, filename: last}}\n")
+    message = one_line(lambda: train_cli.main(train_args(tmp_path / "run", "--config", str(config))))
+    assert "OnExceptionCheckpoint" in message
+    assert victim.read_bytes() == b"someone's checkpoint"
+
+
+@pytest.mark.parametrize("location", ["http://127.0.0.1:9/x", "local:///tmp/x", "simplecache::file:///tmp/x"])
+def test_a_config_cannot_choose_a_network_or_fsspec_location(tmp_path: Path, location: str) -> None:
+    config = tmp_path / "url.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                      f"      init_args: {{dirpath: '{location}'}}\n")
+    message = one_line(lambda: train_cli.main(train_args(tmp_path, "--config", str(config))))
+    assert "trainer.callbacks[0].init_args.dirpath" in message and "network or fsspec location" in message
+
+
+def test_ckpt_path_resumes_a_real_checkpoint(quickstart_checkpoint: Path, tmp_path: Path) -> None:
+    """The import lock lets LightningCLI parse a checkpoint's own hyper-parameters (nvae's types)."""
+    cli = train_cli.main(train_args(tmp_path, "--ckpt_path", str(quickstart_checkpoint), "--trainer.max_steps", "3",
+                                    "--trainer.max_epochs", "3"))
+    assert cli.trainer.global_step == 3
+
+
+def _rezip(src: Path, dst: Path, compression: int) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    return dst
+
+
+def test_compressed_or_legacy_files_are_not_inflated(clean: dict, tmp_path: Path) -> None:
+    """A compressed record could inflate far beyond the file (64 MiB of zeros here fit in ~70 kB); the
+    legacy format allocates what its header declares: both refused before torch.load reads them."""
+    import zipfile
+
+    from nvae.metrics.inception import read_inception_weights
+
+    ck = dict(clean, junk=torch.zeros(2**24))
+    plain = save(ck, tmp_path / "plain.ckpt")
+    bomb = _rezip(plain, tmp_path / "bomb.ckpt", zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < plain.stat().st_size / 10
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(clean, legacy, _use_new_zipfile_serialization=False)
+    for path, expected in ((bomb, "is compressed"), (legacy, "not in torch.save's zip format")):
+        message = one_line(lambda: sample_cli.main(["--checkpoint", str(path), "--num-samples", "1", "--device", "cpu",
+                                                    "--output", str(tmp_path / "s.png")]))
+        assert expected in message and str(path) in message, message
+        with pytest.raises(ValueError, match=expected):
+            read_inception_weights(path)
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("case, expected", [("sparse", "torch.sparse_coo tensor"), ("expanded", "storage holds"),
+                                            ("running_var", "negative variances")])
+def test_odd_tensors_in_a_checkpoint_are_one_line(clean: dict, tmp_path: Path, case: str, expected: str) -> None:
+    ck = copy.deepcopy(clean)
+    ck.pop("nvae_ema", None)
+    key = _first_weight(ck)
+    var = next(k for k in ck["state_dict"] if k.endswith("running_var"))
+    if case == "sparse":
+        ck["state_dict"][key] = ck["state_dict"][key].to_sparse()
+    elif case == "expanded":  # one float claiming the whole weight
+        ck["state_dict"][key] = torch.ones(1).expand(ck["state_dict"][key].numel()).reshape(ck["state_dict"][key].shape)
+    else:
+        ck["state_dict"][var] = -torch.ones_like(ck["state_dict"][var])
+    crafted = save(ck, tmp_path / "odd.ckpt")
+    message = one_line(lambda: sample_cli.main(["--checkpoint", str(crafted), "--num-samples", "1", "--device", "cpu",
+                                                "--output", str(tmp_path / "s.png")]))
+    assert expected in message, message
+
+
+def test_a_config_describing_a_model_too_large_is_one_line(tmp_path: Path) -> None:
+    message = one_line(lambda: train_cli.main(train_args(tmp_path, "--model.arch.num_channels", "3000")))
+    assert "model.arch and image_spec: the model it describes has" in message and "nothing was allocated" in message
+
+
+def test_nvae_convert_refuses_a_compressed_official_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import zipfile
+
+    from nvae.cli import convert as convert_cli
+
+    src = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official" / "cifar10_tiny" / "checkpoint.pt"
+    if not src.is_file():
+        pytest.skip("../shared/fixtures/official is not here (a clone without shared/)")
+    bomb = _rezip(src, tmp_path / "official.pt", zipfile.ZIP_DEFLATED)
+    with pytest.raises(SystemExit):
+        convert_cli.main([str(bomb), str(tmp_path / "out.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert "is compressed" in err and "\n" not in err, err
+    assert not (tmp_path / "out.ckpt").exists()

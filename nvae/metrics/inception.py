@@ -2,6 +2,7 @@
 weights, the network torchmetrics' FID uses, from a local file (nothing downloads by default)."""
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -9,9 +10,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from nvae.limits import check_archive
+
 INCEPTION_FEATURES = 2048
 # torch-fidelity caches the weights under this name; pytorch-fid's copy of the same file (same
 # sha256 prefix) is named pt_inception-...; either one in torch hub's cache is accepted.
+INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 
 
@@ -46,9 +50,21 @@ def _cached_inception_weights() -> Optional[Path]:
     return None
 
 
+def is_known_weights(path: Path) -> bool:
+    """Whether ``path`` is the published ``pt_inception-2015-12-05`` file: its sha256 starts with the
+    8 hex digits its name carries (torch hub's convention for weights files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest().startswith(INCEPTION_SHA256_PREFIX)
+
+
 def read_inception_weights(path: Path) -> dict[str, Tensor]:
     """The tensors of an Inception weights file, read with ``weights_only=True`` (a pickle payload in the
     file cannot run); ValueError naming the file when it holds anything but a dict of tensors."""
+    if not is_known_weights(path):  # the published file may be in PyTorch's legacy format; anything else must be a
+        check_archive(path, f"Inception weights '{path}'")  # zip that inflates to no more than it holds
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any refusal of the unpickler means "not a weights file"
