@@ -266,8 +266,13 @@ def check_state(state: object, expected: Mapping[str, torch.Tensor], entry: str)
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
     """Read ``path`` safely (:func:`read_checkpoint`) and rebuild its NVAE (EMA weights when present and
-    ``use_ema``); the weights are checked (:func:`check_state`) before they are loaded."""
+    ``use_ema``); the weights are checked (:func:`check_state`) before they are loaded. A folder is read
+    as a model directory (:func:`nvae.pretrained.load_model_dir`)."""
     path = Path(path)
+    if path.is_dir():
+        from nvae.pretrained import load_model_dir  # imports this module: loaded on first use
+
+        return load_model_dir(path, device, use_ema)
     ckpt = read_checkpoint(path)
     source = f"checkpoint '{path}'"
     hparams = model_hparams(ckpt, f"'{path}'")

@@ -281,6 +281,31 @@ class NVAE(nn.Module):
             logp = logp[..., p:-p, p:-p]
         return logp.flatten(1).sum(dim=1)
 
+    @classmethod
+    def from_pretrained(cls, source: str, device: str | torch.device = "cpu", use_ema: bool = True) -> "NVAE":
+        """The NVAE of a model directory (``config.json`` + ``model.safetensors``; nothing unpickled) or of a
+        Hugging Face Hub repository ``owner/name`` (with ``nvae[hub]``), in eval mode: :mod:`nvae.pretrained`."""
+        from nvae.pretrained import load_model_dir  # imports this module
+
+        return load_model_dir(source, device, use_ema).model
+
+    def save_pretrained(self, folder: str, card: str = "") -> None:
+        """Write this model's current weights as a model directory (:func:`nvae.pretrained.save_model_dir`)."""
+        from nvae.pretrained import save_model_dir  # imports this module
+
+        save_model_dir(self, folder, provenance={"source": "NVAE.save_pretrained"}, card=card)
+
+    def push_to_hub(self, repo_id: str, card: str = "") -> str:
+        """Upload this model as a model directory to the Hugging Face Hub (needs ``nvae[hub]`` and a login)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, card)
+            HfApi().create_repo(repo_id, exist_ok=True)
+            return str(HfApi().upload_folder(repo_id=repo_id, folder_path=folder))
+
     @torch.no_grad()
     def sample(self, num: int, temperature: float = 1.0, mean: bool = True,
                quantize: Optional[bool] = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ re-execute itself with tcmalloc preloaded), then imports torch and its command m
     sample    (nvae-sample,  python sample.py)    images, and the latent API (latent)
     evaluate  (nvae-eval,    python evaluate.py)  nll, recon, and fid (fid)
     convert   (nvae-convert, python -m nvae.cli.convert)  an official checkpoint as an nvae one
+    export    (nvae-export,  python -m nvae.cli.export)   an nvae checkpoint as a model directory
     common    what several commands share: device and data arguments, loading a checkpoint, Fabric
 
 This package imports no torch. The entry functions are named after the commands (``nvae_train``, ...):
@@ -44,6 +45,13 @@ def nvae_eval() -> None:
     """``python evaluate.py`` / ``nvae-eval``: see :func:`nvae.cli.evaluate.main`."""
     select_allocator(_program())
     from nvae.cli.evaluate import main
+
+    main()
+
+
+def nvae_export() -> None:
+    """``nvae-export``: see :func:`nvae.cli.export.main` (no allocator choice: a one-off file conversion)."""
+    from nvae.cli.export import main
 
     main()
 
