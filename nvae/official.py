@@ -2,10 +2,11 @@
 
 An official ``checkpoint.pt`` holds ``args`` (an ``argparse.Namespace`` of the training flags), the
 model's ``state_dict``, the Adamax ``optimizer`` state, ``epoch`` and ``global_step`` (plus the
-scheduler and grad scaler). This module reads such a file without running code, maps ``args`` to
-:class:`NVAEConfig`, :class:`ImageSpec`, the training hyper-parameters and the data module, and
-maps every tensor name of the official model to the nvae model's (paper sec. 3; the official code
-builds the same network, flattening the encoder and decoder towers into single lists).
+scheduler and grad scaler). This module reads such a file without running code (``args`` are mapped
+to nvae's terms by :mod:`nvae.official_args`, re-exported here), and maps every tensor name of the
+official model to the nvae model's, in either layout the official code writes (:data:`LAYOUTS`; paper
+sec. 3; the official code builds the same network, flattening the encoder and decoder towers into
+single lists).
 
 What the mapping has to know: the official towers interleave cells and combiners in one list;
 the decoder head orders its output channels (per colour channel: means, log-scales,
@@ -16,7 +17,6 @@ same tensor as ``weight``); the power-iteration vectors of the spectral regulari
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -25,21 +25,17 @@ from torch import nn
 
 from nvae.cells import DecoderCell, EncoderCell
 from nvae.limits import check_archive
-from nvae.model import NVAE, NVAEConfig
-from nvae.official_checks import OfficialFormatError, check_args, check_checkpoint, check_state_dict
+from nvae.model import NVAE
+from nvae.official_args import OfficialRun, run_from_args
+from nvae.official_checks import OfficialFormatError, check_checkpoint, check_state_dict
 from nvae.ops import FactorizedReduce, UpsampleConv
-from nvae.spec import ImageSpec
 
-# official --dataset -> (channels, image size, padding, nvae data module)
-DATASETS: dict[str, tuple[int, int, int, str]] = {
-    "mnist": (1, 32, 2, "nvae.data.MNISTDataModule"),  # binarized, padded 28 -> 32: Bernoulli
-    "cifar10": (3, 32, 0, "nvae.data.CIFAR10DataModule"),
-    "celeba_64": (3, 64, 0, "nvae.data.CelebA64DataModule"),
-    "imagenet_32": (3, 32, 0, "nvae.data.ImageNet32DataModule"),
-    "celeba_256": (3, 256, 0, "nvae.data.CelebAHQ256DataModule"),
-    "ffhq": (3, 256, 0, "nvae.data.FFHQ256DataModule"),
-}
-ARCH_INSTANCE = "res_mbconv"  # the paper's cells (the official default); the only one nvae builds
+
+# The official default build (neural_operations.SYNC_BN = True, never switched off by its train.py or
+# evaluate.py) makes each BatchNorm that get_batchnorm() creates a module holding ``bn``; in a
+# res_mbconv decoder cell those are the first and the last BatchNorm (its BN-Swish steps make their own,
+# unwrapped). A build with SYNC_BN = False saves them flat. Both layouts are read.
+LAYOUTS = {"the official default layout (SyncBatchNorm wrappers)": True, "the flat layout (SYNC_BN = False)": False}
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 ALIAS_SUFFIX = ".weight_normalized"
 
@@ -68,102 +64,19 @@ def read_official(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-# ------------------------------------------------------------------------------------------ arguments
-@dataclass
-class OfficialRun:
-    """What an official run's ``args`` say, in nvae's terms."""
-
-    spec: ImageSpec
-    arch: NVAEConfig
-    hparams: dict[str, Any]
-    """NVAEModule keyword arguments besides arch and image_spec: the ``optim`` and ``objective`` groups."""
-    data: dict[str, Any]
-    """{'class_path': ..., 'init_args': {...}} of the matching nvae data module."""
-
-
-def _arg(args: Mapping[str, Any], name: str) -> Any:
-    if name not in args:
-        raise OfficialFormatError(f"official args: no field '{name}'")
-    return args[name]
-
-
-def run_from_args(args: Mapping[str, Any] | argparse.Namespace) -> OfficialRun:
-    """Map the official training flags to nvae; one line naming the field for what nvae does not build
-    or for a value of the wrong type or out of range (:func:`nvae.official_checks.check_args`)."""
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    check_args(args, {name: size for name, (_, size, _, _) in DATASETS.items()})
-    dataset = _arg(args, "dataset")
-    if dataset not in DATASETS:
-        raise OfficialFormatError(f"official args: dataset {dataset!r} is not one nvae maps "
-                                  f"({', '.join(DATASETS)})")
-    if args.get("arch_instance", ARCH_INSTANCE) != ARCH_INSTANCE:
-        raise OfficialFormatError(f"official args: arch_instance {args['arch_instance']!r} is not the paper's "
-                                  f"{ARCH_INSTANCE!r}, the only cells nvae builds")
-    mixtures = int(args.get("num_mixture_dec", 10))
-    if mixtures < 2 and dataset != "mnist":
-        raise OfficialFormatError(f"official args: num_mixture_dec {mixtures} (a Normal decoder) is not built by "
-                                  "nvae, which uses a discretized logistic mixture")
-    if _arg(args, "num_latent_scales") == 1 and _arg(args, "num_groups_per_scale") == 1:
-        raise OfficialFormatError("official args: num_latent_scales 1 with num_groups_per_scale 1 is the official "
-                                  "vanilla-VAE path, which nvae does not build")
-    if _arg(args, "num_channels_enc") != _arg(args, "num_channels_dec"):
-        raise OfficialFormatError(f"official args: num_channels_enc {args['num_channels_enc']} differs from "
-                                  f"num_channels_dec {args['num_channels_dec']}; nvae uses one channel count")
-    channels, size, pad, data_class = DATASETS[dataset]
-    bits = 1 if dataset == "mnist" else int(_arg(args, "num_x_bits"))
-    spec = ImageSpec(channels=channels, size=size, num_bits=bits, pad=pad)
-    try:
-        arch = NVAEConfig(
-            num_channels=args["num_channels_enc"],
-            num_preprocess_blocks=_arg(args, "num_preprocess_blocks"),
-            num_preprocess_cells=_arg(args, "num_preprocess_cells"),
-            num_postprocess_blocks=_arg(args, "num_postprocess_blocks"),
-            num_postprocess_cells=_arg(args, "num_postprocess_cells"),
-            num_latent_scales=args["num_latent_scales"],
-            num_groups_per_scale=args["num_groups_per_scale"],
-            groups_halving=bool(_arg(args, "ada_groups")),
-            min_groups_per_scale=_arg(args, "min_groups_per_scale"),
-            num_latent_per_group=_arg(args, "num_latent_per_group"),
-            num_cell_per_cond_enc=_arg(args, "num_cell_per_cond_enc"),
-            num_cell_per_cond_dec=_arg(args, "num_cell_per_cond_dec"),
-            num_flows=_arg(args, "num_nf"),
-            num_mixtures=mixtures if mixtures >= 2 else 10,
-            use_se=bool(_arg(args, "use_se")),
-            residual_posterior=bool(_arg(args, "res_dist")),
-            dmol_bins="official",
-        )
-    except ValueError as err:
-        raise OfficialFormatError(f"official args: {err}".replace("model.arch.", "")) from None
-    anneal = bool(args.get("weight_decay_norm_anneal", False))
-    hparams = {
-        "optim": {"learning_rate": float(_arg(args, "learning_rate")),
-                  "learning_rate_min": float(_arg(args, "learning_rate_min")),
-                  "weight_decay": float(_arg(args, "weight_decay")),
-                  "warmup_epochs": float(_arg(args, "warmup_epochs"))},
-        "objective": {"kl_anneal_portion": float(_arg(args, "kl_anneal_portion")),
-                      "kl_const_portion": float(_arg(args, "kl_const_portion")),
-                      "kl_min_coeff": float(_arg(args, "kl_const_coeff")),
-                      "spectral_reg_coeff": float(_arg(args, "weight_decay_norm")),
-                      "spectral_reg_coeff_init": float(args["weight_decay_norm_init"]) if anneal else None},
-    }
-    init_args: dict[str, Any] = {"root": str(args.get("data", "data")), "batch_size": int(_arg(args, "batch_size"))}
-    if dataset != "mnist":
-        init_args["num_bits"] = bits
-    return OfficialRun(spec, arch, hparams, {"class_path": data_class, "init_args": init_args})
-
-
 # ------------------------------------------------------------------------------------------ tensor names
-def module_pairs(model: NVAE) -> Iterator[tuple[str, nn.Module]]:
-    """(official module name, nvae module) for every module holding tensors, in the official order."""
+def module_pairs(model: NVAE, wrapped: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """(official module name, nvae module) for every module holding tensors, in the official order;
+    ``wrapped``: the decoder cells' get_batchnorm() BatchNorms one level deeper (:data:`LAYOUTS`)."""
     yield "stem", model.stem
     for i, cell in enumerate(model.preprocess):
-        yield from _cell(f"pre_process.{i}", cell)
+        yield from _cell(f"pre_process.{i}", cell, wrapped)
     # encoder tower, finest first: per group its cells, then its combiner (all but the top group); down cells
     groups, k, g = model.num_groups, 0, 0
     for s, n in enumerate(model.groups_per_scale):
         for _ in range(n):
             for cell in model.enc_groups[g]:
-                yield from _cell(f"enc_tower.{k}", cell)
+                yield from _cell(f"enc_tower.{k}", cell, wrapped)
                 k += 1
             if g < groups - 1:
                 combiner = model.dec_groups[groups - 1 - g].enc_combiner
@@ -172,7 +85,7 @@ def module_pairs(model: NVAE) -> Iterator[tuple[str, nn.Module]]:
                 k += 1
             g += 1
         if s < len(model.enc_down):
-            yield from _cell(f"enc_tower.{k}", model.enc_down[s])
+            yield from _cell(f"enc_tower.{k}", model.enc_down[s], wrapped)
             k += 1
     yield "enc0.1", model.enc_top[1]
     for i, group in enumerate(model.dec_groups):
@@ -189,20 +102,21 @@ def module_pairs(model: NVAE) -> Iterator[tuple[str, nn.Module]]:
     k, up = 0, iter(model.dec_up)
     for i, group in enumerate(model.dec_groups):
         if i > 0 and model.group_scale[i] != model.group_scale[i - 1]:
-            yield from _cell(f"dec_tower.{k}", next(up))
+            yield from _cell(f"dec_tower.{k}", next(up), wrapped)
             k += 1
         for cell in group.cells:
-            yield from _cell(f"dec_tower.{k}", cell)
+            yield from _cell(f"dec_tower.{k}", cell, wrapped)
             k += 1
         yield f"dec_tower.{k}.conv", group.dec_combiner.conv
         k += 1
     for i, cell in enumerate(model.postprocess):
-        yield from _cell(f"post_process.{i}", cell)
+        yield from _cell(f"post_process.{i}", cell, wrapped)
     yield "image_conditional.1", model.head[1]
 
 
-def _cell(prefix: str, cell: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """An official ``Cell``: ``skip``, ``_ops`` (two BN-Swish-conv ops, or one inverted residual) and ``se``."""
+def _cell(prefix: str, cell: nn.Module, wrapped: bool) -> Iterator[tuple[str, nn.Module]]:
+    """An official ``Cell``: ``skip``, ``_ops`` (two BN-Swish-conv ops, or one inverted residual) and ``se``.
+    In the inverted residual the first and last BatchNorm are get_batchnorm()'s: ``.bn`` when ``wrapped``."""
     if isinstance(cell, EncoderCell):
         if isinstance(cell.skip, FactorizedReduce):
             for j, conv in enumerate(cell.skip.convs):
@@ -216,10 +130,10 @@ def _cell(prefix: str, cell: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(cell.skip, UpsampleConv):
             yield f"{prefix}.skip.1", cell.skip.conv
             o = 1  # the official op starts with its nearest-neighbour upsampling layer
-        b, ops = cell.branch, f"{prefix}._ops.0.conv"
-        yield from [(f"{ops}.{o}", b[1]), (f"{ops}.{o + 1}.conv.0", b[2]), (f"{ops}.{o + 1}.conv.1", b[3]),
+        b, ops, bn = cell.branch, f"{prefix}._ops.0.conv", ".bn" if wrapped else ""
+        yield from [(f"{ops}.{o}{bn}", b[1]), (f"{ops}.{o + 1}.conv.0", b[2]), (f"{ops}.{o + 1}.conv.1", b[3]),
                     (f"{ops}.{o + 2}.conv.0", b[4]), (f"{ops}.{o + 2}.conv.1", b[5]), (f"{ops}.{o + 3}", b[6]),
-                    (f"{ops}.{o + 4}", b[7])]
+                    (f"{ops}.{o + 4}{bn}", b[7])]
         se = b[8]
     else:
         raise TypeError(f"{prefix}: no official layout for {type(cell).__name__}")
@@ -228,16 +142,29 @@ def _cell(prefix: str, cell: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield f"{prefix}.se.se.2", se.fc[2]
 
 
-def key_map(model: NVAE) -> dict[str, str]:
-    """nvae state-dict key -> official state-dict key, for every tensor of ``model``'s state dict."""
+def key_map(model: NVAE, wrapped: bool = False) -> dict[str, str]:
+    """nvae state-dict key -> official state-dict key, for every tensor of ``model``'s state dict, in the
+    layout ``wrapped`` says (:data:`LAYOUTS`)."""
     names = {id(m): n for n, m in model.named_modules()}
     keys = {"h0": "prior_ftr0"}
-    for official, module in module_pairs(model):
+    for official, module in module_pairs(model, wrapped):
         for entry in module.state_dict():  # a leaf module: its own tensors
             keys[f"{names[id(module)]}.{entry}"] = f"{official}.{entry}"
     unmapped = set(model.state_dict()) - set(keys)
     if unmapped:  # a module the walk above does not know: the map must grow with the model
         raise RuntimeError(f"no official name for {len(unmapped)} nvae tensor(s), e.g. {sorted(unmapped)[0]}")
+    return keys
+
+
+def layout_keys(official: Mapping[str, torch.Tensor], model: NVAE) -> dict[str, str]:
+    """The key map of the layout ``official`` is written in (:data:`LAYOUTS`): the one whose names it
+    holds most of; a name still missing then stops with one line naming it and the layout expected."""
+    maps = {name: key_map(model, wrapped) for name, wrapped in LAYOUTS.items()}
+    name, keys = max(maps.items(), key=lambda item: sum(k in official for k in item[1].values()))
+    missing = [k for k in keys.values() if k not in official]
+    if missing:
+        raise OfficialFormatError(f"official state dict has no '{missing[0]}' ({len(missing)} missing) in {name}, the "
+                                  "closest the file comes to: it is not the architecture its args describe")
     return keys
 
 
@@ -263,7 +190,7 @@ def head_permutation(model: NVAE) -> torch.Tensor | None:
 def to_nvae(official: Mapping[str, torch.Tensor], model: NVAE,
             keys: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """An nvae state dict for ``model`` from an official one (checked by :func:`check_layout` first)."""
-    keys = key_map(model) if keys is None else keys
+    keys = layout_keys(official, model) if keys is None else keys
     check_layout(official, model, keys)
     perm, target = head_permutation(model), model.state_dict()
     return {ours: place(official[theirs], ours, target[ours], perm, f"official '{theirs}'")
@@ -315,3 +242,7 @@ def parameter_names(official: Mapping[str, torch.Tensor]) -> list[str]:
     """The official model's parameters in ``model.parameters()`` order (the optimizer's indices):
     state-dict order without BatchNorm buffers and ``weight_normalized`` aliases."""
     return [k for k in official if not k.endswith(BUFFER_SUFFIXES) and not k.endswith(ALIAS_SUFFIX)]
+
+
+__all__ = ["LAYOUTS", "OfficialFormatError", "OfficialRun", "check_layout", "head_permutation", "key_map",
+           "layout_keys", "parameter_names", "place", "read_official", "run_from_args", "to_nvae"]
