@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -83,7 +84,9 @@ def planned_keys(run: OfficialRun, state: Mapping[str, torch.Tensor]) -> dict[st
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """``dst`` may not be ``src`` (by any path or link), nor a folder, nor an existing file without ``overwrite``."""
+    """``dst`` may not be ``src`` (by any path or link), nor a folder, nor a device, named pipe or socket,
+    nor an existing file without ``overwrite``."""
+    _refuse_special(dst)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise FileExistsError(f"'{dst}' is the official checkpoint being converted; write to another file")
     if dst.is_dir():
@@ -92,11 +95,28 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it")
 
 
+def _refuse_special(dst: Path) -> None:
+    """ValueError when ``dst`` itself (``os.lstat``: a symlink is not followed, and the rename replaces
+    the link only) is a device, named pipe or socket: a rename over ``/dev/null`` would replace the
+    system's /dev/null."""
+    try:
+        mode = os.lstat(dst).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), None)
+    if kind:
+        raise ValueError(f"'{dst}' is {kind}, not a file; nvae never replaces it")
+
+
 def save_atomically(ckpt: dict[str, Any], dst: Path) -> None:
     """``torch.save`` to a fresh temporary name beside ``dst``, fsync, rename over ``dst``: a failure
-    midway (a full disk) leaves ``dst`` as it was and no temporary file; it raises one ``OSError`` line."""
+    midway (a full disk) leaves ``dst`` as it was and no temporary file; it raises one ``OSError`` line.
+    A ``dst`` that is (or has meanwhile become) a device, named pipe or socket is never replaced (ValueError)."""
     tmp: Optional[Path] = None
     try:
+        _refuse_special(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
         name = dst.with_name(f".{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file, the umask's permissions
@@ -105,6 +125,7 @@ def save_atomically(ckpt: dict[str, Any], dst: Path) -> None:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        _refuse_special(dst)
         os.replace(tmp, dst)
     except (OSError, RuntimeError) as err:  # torch's zip writer turns a failed write into a RuntimeError
         cause = err if isinstance(err, OSError) else err.__context__

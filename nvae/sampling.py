@@ -3,11 +3,15 @@
 At temperature t < 1 the prior's standard deviations are scaled by t. Samples at reduced
 temperature look better when BatchNorm statistics are re-estimated for that temperature: run the
 generator in train mode on its own samples for a few hundred batches (momentum 0.05), then go back
-to eval mode. Readjusted statistics can be cached to a file per (checkpoint, temperature).
+to eval mode. Readjusted statistics can be cached to a file per (checkpoint, temperature): written
+to a fresh temporary name (O_EXCL) and renamed, read with ``weights_only=True`` and checked (every
+statistic of the model, of its shape, finite, variances >= 0) before anything is copied.
 """
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nvae.compat import BatchNormBase
+from nvae.limits import check_archive
 from nvae.model import NVAE
 
 
@@ -32,17 +37,67 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "BatchNorm state") -> None:
-    """Copy BatchNorm statistics into ``model``. Every key must name one of its BatchNorm buffers, with
-    that buffer's shape (a cache file from elsewhere cannot write other tensors); ValueError otherwise."""
+    """Copy BatchNorm statistics into ``model``. ``state`` must hold every one of its BatchNorm buffers
+    and nothing else, each of that buffer's shape (a cache file from elsewhere cannot write other
+    tensors), with finite means, finite variances >= 0 and a count that is an integer >= 0; ValueError
+    naming ``source`` and the key otherwise (nothing is copied then)."""
     own = batchnorm_buffers(model)
     if not isinstance(state, dict):
         raise ValueError(f"{source}: not a dict of BatchNorm statistics")
     for key, value in state.items():
         if key not in own or not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
             raise ValueError(f"{source}: {key!r} is not a BatchNorm statistic of this model (or has another shape)")
+        problem = _statistic_problem(key, value)
+        if problem:
+            raise ValueError(f"{source}: {key!r} {problem}")
+    missing = [key for key in own if key not in state]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} BatchNorm statistic(s) of this model missing ({missing[0]!r}, ...)")
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
+
+
+def _statistic_problem(key: str, value: torch.Tensor) -> str:
+    """What is wrong with the BatchNorm statistic ``value`` (a running mean, variance or batch count), or ""."""
+    if key.endswith("num_batches_tracked"):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            return f"must be an integer tensor, got {value.dtype}"
+        return "must be >= 0" if bool((value < 0).any()) else ""
+    if not value.dtype.is_floating_point:
+        return f"must be a floating-point tensor, got {value.dtype}"
+    if not bool(torch.isfinite(value).all()):
+        return "holds non-finite values (NaN or inf)"
+    if key.endswith("running_var") and bool((value < 0).any()):
+        return "holds negative variances"
+    return ""
+
+
+def _load_cache(cache: Path) -> dict[str, torch.Tensor]:
+    """The statistics in the cache file (``weights_only=True``, after :func:`nvae.limits.check_archive`:
+    nothing inflates beyond what the file holds); ValueError naming it when unreadable."""
+    check_archive(cache, f"BN cache '{cache}'")
+    try:
+        return torch.load(cache, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - garbage: UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise ValueError(f"BN cache '{cache}' is not a statistics file that nvae wrote ({type(err).__name__}); "
+                         f"delete it to recompute") from None  # torch's message is many lines, and advice to unpickle
+
+
+def _save_cache(state: dict[str, torch.Tensor], cache: Path) -> None:
+    """Write ``state`` to ``cache`` through a fresh temporary file in its folder (``mkstemp``: O_EXCL, so
+    never a link someone placed there) renamed when complete; the temporary file is removed on failure."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(name, cache)
+    except BaseException:  # disk full, Ctrl-C: no half-written cache file is left behind
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 @torch.no_grad()
@@ -51,10 +106,11 @@ def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_
     """Re-estimate BatchNorm statistics on samples at ``temperature`` (sec. 5.2, BN readjustment).
 
     The model's train/eval mode is restored afterwards. With ``cache``, statistics are loaded from
-    that file when it exists (returns True) and saved to it otherwise.
+    that file when it exists (returns True; ValueError naming it when it is not a readable file of this
+    model's statistics) and saved to it otherwise.
     """
     if cache is not None and cache.is_file():
-        load_batchnorm_state(model, torch.load(cache, map_location="cpu", weights_only=True), f"BN cache '{cache}'")
+        load_batchnorm_state(model, _load_cache(cache), f"BN cache '{cache}'")
         return True
     was_training = model.training
     model.train()
@@ -62,14 +118,7 @@ def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_
         model.sample(batch_size, temperature)
     model.train(was_training)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        try:
-            torch.save({k: v.cpu() for k, v in batchnorm_state(model).items()}, tmp)
-            tmp.replace(cache)
-        except BaseException:  # disk full, Ctrl-C: no half-written cache file is left behind
-            tmp.unlink(missing_ok=True)
-            raise
+        _save_cache({k: v.cpu() for k, v in batchnorm_state(model).items()}, cache)
     return False
 
 

@@ -11,6 +11,7 @@ import copy
 import errno
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from nvae.cli.convert import main as convert_main
+from nvae.convert import save_atomically
 from nvae.model import NVAE
 from nvae.official import parameter_names
 
@@ -135,7 +137,7 @@ def test_args_describing_more_than_the_memory_available_are_refused_before_any_a
     src = craft(pristine, tmp_path, lambda ckpt: vars(ckpt["args"]).update(num_channels_enc=2048,
                                                                            num_channels_dec=2048))
     line = refused(src, tmp_path / "out.ckpt", capsys)
-    assert "official args: the model it describes needs" in line and "1.0 GiB this machine has available" in line
+    assert "official args: the model it describes " in line and "1.0 GiB this machine has available" in line
 
 
 # ------------------------------------------------------------------------------------------ 2. state dict
@@ -274,6 +276,39 @@ def test_dst_that_is_a_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     assert list(folder.iterdir()) == []
 
 
+def special_file(path: Path, kind: str) -> Path:
+    """A named pipe, or a character device like /dev/null (1, 3) made here: the real one is never touched."""
+    if kind == "named pipe":
+        os.mkfifo(path)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("this container may not make device nodes")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["character device", "named pipe"])
+def test_dst_that_is_a_device_or_pipe_is_refused_even_with_overwrite(kind: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``nvae-convert SRC /dev/null --overwrite`` once replaced the system's /dev/null with a checkpoint."""
+    node = special_file(tmp_path / "fakenull", kind)
+    test = stat.S_ISFIFO if kind == "named pipe" else stat.S_ISCHR
+    for extra in ([], ["--overwrite"]):
+        line = refused(SOURCE, node, capsys, *extra)
+        assert line == f"nvae-convert: error: '{node}' is a {kind}, not a file; nvae never replaces it"
+        assert test(os.lstat(node).st_mode)
+    with pytest.raises(ValueError, match=f"is a {kind}, not a file; nvae never replaces it"):
+        save_atomically({"state_dict": {}}, node)  # became one after the check: the rename is refused too
+    assert test(os.lstat(node).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["fakenull"]
+    link = tmp_path / "link.ckpt"  # a symlink to it is fine: the rename replaces the link, not the node
+    link.symlink_to(node)
+    save_atomically({"state_dict": {}}, link)
+    assert link.is_file() and not link.is_symlink() and test(os.lstat(node).st_mode)
+
+
 class FullDisk(io.RawIOBase):
     """A file that takes 4 kB, then fails as a full disk does."""
 
@@ -340,5 +375,5 @@ def test_a_missing_or_unreadable_source_is_refused(tmp_path: Path, capsys: pytes
     assert "nowhere.pt' does not exist" in refused(tmp_path / "nowhere.pt", tmp_path / "out.ckpt", capsys)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x80\x02not a pickle at all")
-    assert "is not a readable official NVAE checkpoint" in refused(garbage, tmp_path / "out.ckpt", capsys)
+    assert "garbage.pt' is not in torch.save's zip format" in refused(garbage, tmp_path / "out.ckpt", capsys)
     assert "is not a file" in refused(tmp_path, tmp_path / "out.ckpt", capsys)

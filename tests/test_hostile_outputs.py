@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import shutil
+import stat
 import weakref
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -358,3 +362,222 @@ def test_fid_takes_features_of_each_generated_batch_as_it_comes(
     res = evaluate_main(["fid", "--checkpoint", str(quickstart_checkpoint), "--num-samples", "12", "--batch-size", "5",
                          "--reference", str(ref), "--quiet"])
     assert seen == [5, 5, 2] and res["num_generated"] == 12
+
+
+# ------------------------------------------------------------------------------------------ 7. devices
+def special_file(path: Path, kind: str) -> Path:
+    """A named pipe, or a character device like /dev/null (1, 3) made here (never the real one)."""
+    if kind == "named pipe":
+        os.mkfifo(path)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("this container may not make device nodes")
+    return path
+
+
+def is_kind(path: Path, kind: str) -> bool:
+    return (stat.S_ISFIFO if kind == "named pipe" else stat.S_ISCHR)(os.lstat(path).st_mode)
+
+
+@pytest.mark.parametrize("kind", ["character device", "named pipe"])
+def test_an_output_that_is_a_device_or_pipe_is_refused_never_replaced(
+        kind: str, quickstart_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.cli.outputs as outputs
+
+    node = special_file(tmp_path / "fakenull", kind)
+    never = ["--checkpoint", str(tmp_path / "never-read.ckpt")]
+    cases = [(sample_main, [*never, "--format", "npz", "--output", str(node)], f"sample.py: error: --output '{node}'"),
+             (sample_main, [*never, "--output", str(node)], "sample.py: error: --output"),
+             (sample_main, [*never, "--format", "pngs", "--output", str(node)], "sample.py: error: --output"),
+             (evaluate_main, ["recon", *never, "--output", str(node)], "evaluate.py: error: --output"),
+             (evaluate_main, ["nll", *never, "--per-image", str(node)], "evaluate.py: error: --per-image"),
+             (evaluate_main, ["fid", *never, "--stats-cache", str(node)], "evaluate.py: error: --stats-cache")]
+    for run, argv, expected in cases:
+        line = refusal(run, argv, capsys)
+        assert line.startswith(expected) and f"'{node}' is a {kind}, not a " in line, (argv, line)
+    assert line.endswith(f"'{node}' is a {kind}, not a folder; nvae never replaces it")
+    with pytest.raises(outputs.OutputError, match=f"is a {kind}, not a file; nvae never replaces it"):
+        outputs.save_text("late", node)  # became one after the checks: the rename is refused too
+    assert is_kind(node, kind) and sorted(p.name for p in tmp_path.iterdir()) == ["fakenull"]
+    link = tmp_path / "link.npz"  # a symlink to it is fine: the rename replaces the link, not the node
+    link.symlink_to(node)
+    sample_main(["--checkpoint", str(quickstart_checkpoint), "--num-samples", "2", "--format", "npz", "--output",
+                 str(link), "--quiet"])
+    assert link.is_file() and not link.is_symlink() and is_kind(node, kind)
+    assert np.load(link)["images"].shape == (2, 1, 28, 28)
+
+
+# ------------------------------------------------------------------------------------------ 8. BN cache
+@pytest.fixture
+def own_checkpoint(quickstart_checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of the quickstart checkpoint (size and mtime kept) whose bn_cache folder is this test's."""
+    (tmp_path / "run").mkdir()
+    return Path(shutil.copy2(quickstart_checkpoint, tmp_path / "run" / "last.ckpt"))
+
+
+def test_the_bn_cache_is_written_through_a_fresh_name_not_a_link_placed_there(own_checkpoint: Path,
+                                                                               tmp_path: Path) -> None:
+    from nvae.sampling import bn_cache_path
+
+    cache = bn_cache_path(own_checkpoint, 1.0, 2, 2)
+    cache.parent.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    trap = cache.with_suffix(".tmp")  # the name the cache was once written under
+    trap.symlink_to(victim)
+    sample_main(["--checkpoint", str(own_checkpoint), "--num-samples", "2", "--readjust-bn", "2", "--bn-batch-size",
+                 "2", "--output", str(tmp_path / "s.png"), "--quiet"])
+    assert victim.read_bytes() == b"precious" and trap.is_symlink()
+    assert sorted(p.name for p in cache.parent.iterdir()) == sorted([cache.name, trap.name])
+    assert torch.load(cache, weights_only=True)  # the statistics, complete
+
+
+def poisoned(state: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``state`` with one statistic made hostile, and the words its refusal must hold."""
+    state = {k: v.clone() for k, v in state.items()}
+    mean, var, count = (next(k for k in state if k.endswith(end))
+                        for end in ("running_mean", "running_var", "num_batches_tracked"))
+    if kind == "nan":
+        state[mean].fill_(float("nan"))
+        return state, f"{mean!r} holds non-finite values (NaN or inf)"
+    if kind == "negative variance":
+        state[var][0] = -1.0
+        return state, f"{var!r} holds negative variances"
+    if kind == "float count":
+        state[count] = torch.tensor(2.5)
+        return state, f"{count!r} must be an integer tensor, got torch.float32"
+    if kind == "negative count":
+        state[count] = torch.tensor(-3)
+        return state, f"{count!r} must be >= 0"
+    del state[mean]
+    return state, "BatchNorm statistic(s) of this model missing"
+
+
+@pytest.mark.parametrize("kind", ["nan", "negative variance", "float count", "negative count", "missing"])
+def test_bn_statistics_that_would_poison_the_model_are_refused(kind: str, quickstart_checkpoint: Path) -> None:
+    from nvae.sampling import batchnorm_state, load_batchnorm_state
+
+    model = load_checkpoint(quickstart_checkpoint).model
+    before = batchnorm_state(model)
+    bad, words = poisoned(before, kind)
+    with pytest.raises(ValueError) as err:
+        load_batchnorm_state(model, bad, "BN cache 'x.pt'")
+    assert str(err.value).startswith("BN cache 'x.pt': ") and words in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in batchnorm_state(model).items())  # nothing copied
+
+
+@pytest.mark.parametrize("content", ["garbage", "zip of junk", "nan"])
+def test_a_garbage_or_poisoned_bn_cache_is_one_line_naming_the_file(
+        content: str, own_checkpoint: Path, tmp_path: Path, tiny_inception: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nvae.sampling import batchnorm_state, bn_cache_path
+
+    cache = bn_cache_path(own_checkpoint, 1.0, 2, 2)
+    cache.parent.mkdir()
+    if content == "garbage":  # echo garbage > bn_cache/KEY.pt
+        cache.write_text("garbage\n")
+        words = f"BN cache '{cache}' is not in torch.save's zip format"
+    elif content == "zip of junk":
+        with zipfile.ZipFile(cache, "w") as zf:
+            zf.writestr("archive/data.pkl", b"garbage")
+        words = f"BN cache '{cache}' is not a statistics file that nvae wrote (RuntimeError); delete it to recompute"
+    else:
+        state, key = poisoned(batchnorm_state(load_checkpoint(own_checkpoint).model), "nan")
+        torch.save(state, cache)
+        words = f"BN cache '{cache}': {key}"
+    kept = cache.read_bytes()
+    out = tmp_path / "s.png"
+    bn = ["--checkpoint", str(own_checkpoint), "--readjust-bn", "2", "--bn-batch-size", "2", "--quiet"]
+    line = refusal(sample_main, [*bn, "--num-samples", "2", "--output", str(out)], capsys)
+    assert line.startswith(f"sample.py: {words}"), line
+    ref = image_npz(tmp_path / "ref.npz", 4, 1)
+    line = refusal(evaluate_main, ["fid", *bn, "--num-samples", "4", "--batch-size", "2", "--reference", str(ref)],
+                   capsys)
+    assert line.startswith(f"evaluate.py: {words}"), line
+    assert cache.read_bytes() == kept and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ 9. FID files
+def crafted_npz(path: Path, arrays: dict[str, Any]) -> Path:
+    """An .npz (deflated) of real arrays, and of ``(shape, dtype)`` members that hold only the .npy header
+    declaring that shape: what a small file can claim without holding the data."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w") as member:
+                if isinstance(value, tuple):
+                    shape, dtype = value
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                              "shape": shape}
+                    np.lib.format.write_array_header_1_0(member, header)
+                else:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+    return path
+
+
+@pytest.fixture
+def no_array_read(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The shapes of the arrays nvae reads (np.lib.format.read_array's results)."""
+    real, read = np.lib.format.read_array, []
+
+    def spy(*args: Any, **kwargs: Any) -> np.ndarray:
+        array = real(*args, **kwargs)
+        read.append(array.shape)
+        return array
+
+    monkeypatch.setattr(np.lib.format, "read_array", spy)
+    return read
+
+
+HUGE = ((16000, 16000), np.float32)  # 1 GB declared by a header of 128 bytes
+REFERENCES = [
+    ({"mu": np.zeros(4), "sigma": np.eye(4), "count": np.array([1, 2])},
+     "count must be one integer (the number of images), got (2,) int64 (not read)"),
+    ({"mu": np.zeros(4), "sigma": HUGE}, "FID statistics are mu (D,) and sigma (D, D); the file declares mu (4,) "
+                                         "and sigma (16000, 16000) (not read)"),
+    ({"mu": ((20000,), np.float32), "sigma": ((20000, 20000), np.float32)},
+     "statistics of 20000 features; at most 16384 are read (8x Inception-v3's 2048) (not read)"),
+    ({"mu": np.zeros(4), "sigma": np.eye(4) * 1j}, "sigma must hold floats or integers, got complex128 (not read)"),
+    ({"mu": np.zeros(4), "sigma": np.eye(4), "count": np.int64(1)},
+     "count must be the number of images (at least 2), got 1"),
+    ({"mu": np.full(4, np.nan), "sigma": np.eye(4)}, "mu or sigma holds non-finite values (NaN or inf)"),
+    ({"mu": np.zeros(4), "sigma": np.eye(4), "key": np.arange(3)}, "key must be one string, got (3,) int64 (not read)"),
+    ({"mu": ((2048,), np.float64), "sigma": ((2048, 2048), np.float64)},
+     "mu (2048,) float64 and sigma (2048, 2048) float64 need at least 96.0 MiB, more than the 1.0 MiB this machine "
+     "has available; nothing was read"),
+]
+
+
+@pytest.mark.parametrize("arrays, words", REFERENCES)
+def test_reference_statistics_are_checked_by_their_headers_before_they_are_read(
+        arrays: dict[str, Any], words: str, tmp_path: Path, tiny_inception: None, no_array_read: list[tuple],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.limits
+
+    monkeypatch.setattr(nvae.limits, "available_memory", lambda: 2 ** 20)
+    gen, ref = image_npz(tmp_path / "gen.npz", 4, 0), crafted_npz(tmp_path / "r.npz", arrays)
+    line = refusal(evaluate_main, ["fid", "--images", str(gen), "--reference", str(ref), "--quiet"], capsys)
+    assert line == f"evaluate.py: --reference: '{ref}': {words}", line
+    assert all(math.prod(shape) <= 16 for shape in no_array_read), no_array_read  # only the small arrays
+
+
+@pytest.mark.parametrize("declared, words", [
+    (((1000, 3, 64, 64), np.uint8), "images 'images' (1000, 3, 64, 64) uint8 need at least 11.7 MiB, more than "
+                                    "the 1.0 MiB this machine has available; nothing was read"),
+    (((1000, 64, 64, 3), np.uint8), "need at least 23.4 MiB"),  # and its (N, C, H, W) copy
+    (((10, 5, 12, 12), np.uint8), "cannot find a channel axis of size 1 or 3 in shape (10, 5, 12, 12)"),
+    (((10, 12, 12), np.int32), "expected uint8 images (or float in [0, 1]), got int32"),
+    (((10, 12), np.uint8), "expected images (N, H, W, C) or (N, C, H, W), got shape (10, 12)")])
+def test_an_images_npz_is_checked_by_its_header_before_it_is_read(
+        declared: tuple, words: str, tmp_path: Path, tiny_inception: None, no_array_read: list[tuple],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import nvae.limits
+
+    monkeypatch.setattr(nvae.limits, "available_memory", lambda: 2 ** 20)
+    images, ref = crafted_npz(tmp_path / "x.npz", {"images": declared}), image_npz(tmp_path / "ref.npz", 4, 1)
+    line = refusal(evaluate_main, ["fid", "--images", str(images), "--reference", str(ref), "--quiet"], capsys)
+    assert line.startswith("evaluate.py: --images: ") and str(images) in line and words in line, line
+    assert no_array_read == []

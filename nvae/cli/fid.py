@@ -95,6 +95,29 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
     return stats, f"{args.split} split of {(data or {}).get('class_path')} (stats cache {cache})"
 
 
+def _readjust(model: Any, checkpoint: Path, temperature: float, steps: int, bn_batch: int, rank: int, fabric: Any,
+              progress: bool) -> bool:
+    """BatchNorm readjusted at ``temperature``; True when it came from the cache beside the checkpoint.
+    A cache there already is read by every process (a bad one is then one line on each: none waits for
+    another); else rank 0 readjusts and caches, and the others read that cache."""
+    cache = bn_cache_path(checkpoint, temperature, steps, bn_batch)
+    try:
+        present = cache.is_file()
+        if fabric is not None:
+            fabric.barrier()  # every process has decided before rank 0 may write the cache
+        if present:
+            return readjust_batchnorm(model, temperature, steps, bn_batch, cache, progress=progress)
+        if rank == 0:
+            readjust_batchnorm(model, temperature, steps, bn_batch, cache, progress=progress)
+        if fabric is not None:
+            fabric.barrier()
+            if rank != 0:
+                readjust_batchnorm(model, temperature, steps, bn_batch, cache, progress=False)
+    except ValueError as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    return False
+
+
 def generate(model: Any, num: int, temperature: float, batch_size: int, seed: int, rank: int, world: int,
              mean: bool, quantize: Optional[bool], progress: bool) -> Iterator[torch.Tensor]:
     """This process's share of the ``num`` generated images, batch by batch (:func:`nvae.sampling.iter_samples`):
@@ -146,13 +169,8 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         model = loaded.model
         steps, bn_batch = (OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH) if official else (args.readjust_bn, args.bn_batch_size)
         bn = "none"
-        if steps:  # rank 0 readjusts and caches; the others then read that cache
-            cache = bn_cache_path(loaded.path, args.temperature, steps, bn_batch)
-            cached = rank != 0 or readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=progress)
-            if fabric is not None:
-                fabric.barrier()
-                if rank != 0:
-                    readjust_batchnorm(model, args.temperature, steps, bn_batch, cache, progress=False)
+        if steps:
+            cached = _readjust(model, loaded.path, args.temperature, steps, bn_batch, rank, fabric, progress)
             bn = f"{steps} steps of {bn_batch} at t={args.temperature:g} ({'cached' if cached else 'computed'})"
         sample_t = 1.0 if official else args.temperature
         batches = generate(model, args.num_samples, sample_t, args.batch_size, args.seed, rank, world,

@@ -1,9 +1,12 @@
 """How the command lines write their outputs: complete or not at all, and checked before the work.
 
-Every file (PNG, grid, .npz, CSV, .pt) is written to a hidden temporary name in its own folder,
-``.NAME.PID.tmp``, and renamed to NAME once complete: an interrupted or failed write (disk full,
-SIGINT) leaves nothing at NAME and removes the temporary file. A ``.npz`` of images is streamed into
-its zip member batch by batch (:func:`npz_stream`), so its size is not bounded by memory.
+Every file (PNG, grid, .npz, CSV, .pt) is written to a fresh hidden temporary name in its own folder,
+``.NAME.PID-RANDOM.tmp`` (created with O_EXCL: never a link someone placed there), and renamed to NAME
+once complete: an interrupted or failed write (disk full, SIGINT) leaves nothing at NAME and removes
+the temporary file. A NAME that is a device, named pipe or socket is refused, never replaced
+(:func:`not_a_file`; a symlink is fine: the rename replaces the link, not what it points to). A
+``.npz`` of images is streamed into its zip member batch by batch (:func:`npz_stream`), so its size is
+not bounded by memory.
 Output paths are checked before any work (:func:`check_file`, :func:`stale_files`); a folder of
 PNGs from an earlier run is replaced only with ``--overwrite``, which removes nvae's own files there
 and nothing else. :func:`json_line` writes the last line of every command: strict JSON (a
@@ -16,18 +19,22 @@ import json
 import math
 import os
 import re
+import secrets
+import stat
 import sys
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
 NVAE_PNG = re.compile(r"\d{6,}\.png")  # the images of sample.py --format pngs: 000000.png, 000001.png, ...
-NVAE_TEMP = re.compile(r"\..+\.\d+\.tmp")  # a temporary file of this module left by a killed run
+NVAE_TEMP = re.compile(r"\..+\.\d+(-[0-9a-f]+)?\.tmp")  # a temporary file of this module left by a killed run
+SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                 (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
 
 
 class OutputError(Exception):
@@ -35,8 +42,29 @@ class OutputError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ checks
+def not_a_file(path: Path) -> Optional[str]:
+    """What ``path`` is when it exists as a device, named pipe or socket itself (``os.lstat``: a symlink
+    is not followed, and a rename replaces the link only), e.g. "a character device"; else None."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return next((kind for test, kind in SPECIAL_KINDS if test(mode)), None)
+
+
+def check_not_special(path: Path, option: str = "--output", expected: str = "a file") -> None:
+    """OutputError when ``path`` is a device, named pipe or socket: nvae never replaces one (a rename
+    over /dev/null would replace the system's /dev/null)."""
+    kind = not_a_file(path)
+    if kind:
+        prefix = f"{option} " if option else ""
+        raise OutputError(f"{prefix}'{path}' is {kind}, not {expected}; nvae never replaces it")
+
+
 def check_file(path: Path, option: str = "--output") -> None:
-    """``path`` can become a file: it is not a folder, and no folder above it is a file."""
+    """``path`` can become a file: it is not a folder, a device, a named pipe or a socket, and no folder
+    above it is a file."""
+    check_not_special(path, option)
     if path.is_dir():
         raise OutputError(f"{option} '{path}' is a folder; give a file name")
     for parent in path.parents:
@@ -47,7 +75,9 @@ def check_file(path: Path, option: str = "--output") -> None:
 
 
 def check_folder(path: Path, option: str = "--output") -> None:
-    """``path`` can become a folder: it is not a file, and no folder above it is a file."""
+    """``path`` can become a folder: it is not a file (nor a device, pipe or socket), and no folder above
+    it is a file."""
+    check_not_special(path, option, "a folder")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} '{path}' is a file; a folder is to be written there")
     check_file(path / "x", option)  # the folders above
@@ -77,24 +107,36 @@ def stale_files(path: Path, overwrite: bool, option: str = "--output") -> list[P
 
 # ------------------------------------------------------------------------------------------ writing
 def temporary_name(path: Path) -> Path:
-    """The hidden name ``path`` is written under until complete (same folder: the rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A new empty file beside ``path`` (same folder: the rename is atomic) to write it under until
+    complete: a fresh random name created with O_EXCL, so never a file or link that was already there."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's permissions
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextmanager
 def atomic(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s content to; renamed to ``path`` when the block ends
-    normally, removed when it does not. An OSError (disk full, permissions) becomes an OutputError."""
-    tmp = temporary_name(path)
+    normally (unless ``path`` has become a device, pipe or socket meanwhile: refused), removed when it
+    does not. An OSError (disk full, permissions) becomes an OutputError."""
+    tmp: Optional[Path] = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(path)
         yield tmp
+        check_not_special(path, "")
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write '{path}': {err.strerror or err}; nothing was written there") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -132,7 +132,11 @@ def sample_all(args: argparse.Namespace, loaded: LoadedCheckpoint, stale: dict[P
         bn = "none"
         if args.readjust_bn:
             cache = bn_cache_path(checkpoint, t, args.readjust_bn, args.bn_batch_size)
-            cached = readjust_batchnorm(model, t, args.readjust_bn, args.bn_batch_size, cache, progress=not args.quiet)
+            try:
+                cached = readjust_batchnorm(model, t, args.readjust_bn, args.bn_batch_size, cache,
+                                            progress=not args.quiet)
+            except ValueError as err:  # a cache file that is not this model's statistics
+                raise SystemExit(f"sample.py: {err}") from None
             bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
         for p in old:  # --overwrite: the earlier run's images, removed only now that new ones come
             p.unlink(missing_ok=True)

@@ -8,17 +8,17 @@ sets and reports the Frechet distance between the Gaussians:
 
 Pieces, top to bottom: the maths (:func:`frechet_distance`), running feature statistics
 (:class:`FeatureStats`, saved as ``.npz``), the feature extractor (:func:`inception_extractor`,
-in :mod:`nvae.metrics.inception`), the pipeline (:func:`compute_stats`, cached :func:`reference_stats`) and
-image loading (:func:`load_images`). Any ``nn.Module`` mapping uint8 (N, C, H, W) to (N, D) can
-stand in for Inception (tests use a small random conv net). Nothing here downloads by default.
+in :mod:`nvae.metrics.inception`), the pipeline (:func:`compute_stats`, cached :func:`reference_stats`);
+images and arrays from disk are :mod:`nvae.metrics.images` (:func:`load_images`). Any ``nn.Module``
+mapping uint8 (N, C, H, W) to (N, D) can stand in for Inception (tests use a small random conv net).
+Nothing here downloads by default.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -28,12 +28,14 @@ from torch import Tensor, nn
 
 from nvae.metrics.inception import (INCEPTION_FEATURES, INCEPTION_WEIGHT_FILES, InceptionFeatures,  # noqa: F401
                                     extractor_id, inception_extractor)
+from nvae.metrics.images import (IMAGE_SUFFIXES, PNG_END, NpyHeader, check_memory, load_images,  # noqa: F401
+                                 npz_arrays, npz_headers, read_member)
 
 log = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, Tensor]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
+MAX_FEATURES = 16384  # features of statistics read from a file: 8x Inception-v3's 2048 pool features (the
+#                       largest common extractors have fewer); sigma is then at most 2 GiB in float64
 
 
 # ---------------------------------------------------------------------------------------- maths
@@ -151,23 +153,52 @@ class FeatureStats:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "FeatureStats":
         """Read statistics written by :meth:`save` (further updates continue from them), or the ``mu`` and
-        ``sigma`` of pytorch-fid / torch-fidelity (:attr:`count_known` False); ValueError naming what is missing."""
+        ``sigma`` of pytorch-fid / torch-fidelity (:attr:`count_known` False). The arrays' headers are
+        checked before their data is read (:func:`check_stats_headers`); ValueError naming what is wrong."""
         names = npz_arrays(path)
         missing = [k for k in ("mu", "sigma") if k not in names]
         if missing:
             raise ValueError(f"'{path}': FID statistics need arrays mu and sigma; {' and '.join(missing)} missing "
                              f"(the file has: {', '.join(names) or 'nothing'})")
-        with np.load(path, allow_pickle=False) as data:
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            count = int(data["count"]) if "count" in names else None
-            key = str(data["key"]) if "key" in names else ""
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"'{path}': mu (D,) and sigma (D, D) expected, got {mu.shape} and {sigma.shape}")
+        heads = npz_headers(path, ["mu", "sigma", "count", "key"])
+        check_stats_headers(path, heads)
+        mu, sigma = (read_member(path, heads[k]).astype(np.float64) for k in ("mu", "sigma"))
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"'{path}': mu or sigma holds non-finite values (NaN or inf)")
+        count = int(read_member(path, heads["count"]).reshape(-1)[0]) if "count" in heads else None
+        if count is not None and count < 2:
+            raise ValueError(f"'{path}': count must be the number of images (at least 2), got {count}")
+        key = str(read_member(path, heads["key"]).reshape(-1)[0]) if "key" in heads else ""
         stats = cls(key=key)
         stats.count_known, stats._count = count is not None, 2 if count is None else count
         stats._shift, stats._outer = torch.from_numpy(mu), torch.from_numpy(sigma) * (stats._count - 1)
         stats._sum = torch.zeros_like(stats._shift)
         return stats
+
+
+def check_stats_headers(path: Union[str, Path], heads: dict[str, NpyHeader]) -> None:
+    """What the arrays of a statistics file declare, before their data is read: mu (D,) and sigma (D, D)
+    of numbers (float or int), 1 <= D <= :data:`MAX_FEATURES`; count an integer scalar, key a string;
+    all of them, with the float64 copies of sigma that loading makes, within the memory available."""
+    mu, sigma = heads["mu"], heads["sigma"]
+    d = mu.shape[0] if len(mu.shape) == 1 else -1
+    if d < 1 or sigma.shape != (d, d):
+        raise ValueError(f"'{path}': FID statistics are mu (D,) and sigma (D, D); the file declares mu {mu.shape} "
+                         f"and sigma {sigma.shape} (not read)")
+    if d > MAX_FEATURES:
+        raise ValueError(f"'{path}': statistics of {d} features; at most {MAX_FEATURES} are read (8x Inception-v3's "
+                         f"2048) (not read)")
+    for name, head in (("mu", mu), ("sigma", sigma)):
+        if head.dtype.kind not in "fiu":
+            raise ValueError(f"'{path}': {name} must hold floats or integers, got {head.dtype} (not read)")
+    count, key = heads.get("count"), heads.get("key")
+    if count is not None and (count.dtype.kind not in "iu" or math.prod(count.shape) != 1):
+        raise ValueError(f"'{path}': count must be one integer (the number of images), got {count.describe()} "
+                         f"(not read)")
+    if key is not None and (key.dtype.kind != "U" or math.prod(key.shape) != 1):
+        raise ValueError(f"'{path}': key must be one string, got {key.describe()} (not read)")
+    declared = sum(h.nbytes for h in heads.values())
+    check_memory(declared + 2 * d * d * 8, f"'{path}': mu {mu.describe()} and sigma {sigma.describe()}")
 
 
 def merge_stats(parts: list[tuple[int, Tensor, Tensor]], average: bool = False) -> FeatureStats:
@@ -269,82 +300,3 @@ def reference_stats(loader_or_iterable: Iterable[Tensor], extractor: nn.Module, 
     stats.key = key
     stats.save(cache_path)
     return stats
-
-
-# ----------------------------------------------------------------------------- images from disk
-def npz_arrays(path: Union[str, Path]) -> list[str]:
-    """The names of the arrays in an ``.npz`` (ValueError naming the file if it is not a readable one)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no file '{path}'")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"cannot read '{path}' as .npz: it is not a zip archive (an .npz is one)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return list(data.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"cannot read '{path}' as .npz: {err}") from None
-
-
-def _read_image(f: Path) -> np.ndarray:
-    """One image file as uint8 (H, W, C); ValueError naming it when truncated or unreadable (PIL decodes a
-    PNG cut after its pixel data, so a PNG must also end with its IEND chunk)."""
-    from PIL import Image
-
-    try:
-        if f.suffix.lower() == ".png":
-            with open(f, "rb") as fh:
-                fh.seek(max(0, f.stat().st_size - len(PNG_END)))
-                if fh.read() != PNG_END:
-                    raise OSError("the file does not end with a PNG's IEND chunk")
-        with Image.open(f) as img:
-            a = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image '{f}': {err} (truncated or not an image: delete or replace it)") from None
-    return a[:, :, None] if a.ndim == 2 else a
-
-
-def _array_to_nchw(a: np.ndarray, source: str) -> Tensor:
-    if a.ndim == 3:
-        a = a[:, None]  # (N, H, W) -> (N, 1, H, W)
-    if a.ndim != 4:
-        raise ValueError(f"{source}: expected images (N, H, W, C) or (N, C, H, W), got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
-            raise ValueError(f"{source}: expected uint8 images (or float in [0, 1]), got {a.dtype}")
-        a = np.round(a * 255.0).astype(np.uint8)
-    if a.shape[1] in (1, 3):
-        return torch.from_numpy(np.ascontiguousarray(a))
-    if a.shape[-1] in (1, 3):
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
-    raise ValueError(f"{source}: cannot find a channel axis of size 1 or 3 in shape {a.shape}")
-
-
-def load_images(path: Union[str, Path]) -> Tensor:
-    """Images as uint8 (N, C, H, W) from an ``.npz`` (key 'images', else its first array; NHWC or
-    NCHW) or from a folder of PNG/JPG files (sorted by name, all the same size)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".npz":
-        names = npz_arrays(path)
-        if not names:
-            raise ValueError(f"{path}: no arrays in the file")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                a = data["images" if "images" in names else names[0]]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise ValueError(f"cannot read '{path}' as .npz: {err}") from None
-        return _array_to_nchw(a, str(path))
-    if not path.is_dir():
-        raise FileNotFoundError(f"no .npz file or image folder at '{path}'")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no PNG/JPG images in '{path}'")
-    arrays: list[np.ndarray] = []
-    for f in files:
-        a = _read_image(f)  # (H, W, C)
-        if arrays and a.shape[:2] != arrays[0].shape[:2]:
-            raise ValueError(f"image size mismatch: {f} is {a.shape[0]}x{a.shape[1]}, "
-                             f"expected {arrays[0].shape[0]}x{arrays[0].shape[1]} (as {files[0].name})")
-        arrays.append(a)
-    if len({a.shape[2] for a in arrays}) > 1:  # mixed gray and colour: promote gray to RGB
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
-    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, H, W, C) -> (N, C, H, W)
