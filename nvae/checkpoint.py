@@ -56,7 +56,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    check_archive(path, f"checkpoint '{path}'")  # nothing inflates beyond what the file holds
+    try:
+        check_archive(path, f"'{path}'")  # nothing inflates beyond what the file holds
+    except ValueError as err:
+        raise ValueError(f"{err} (not a readable checkpoint)") from None
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"

@@ -26,14 +26,16 @@ import torch
 from nvae.checkpoint import training_checkpoint
 from nvae.limits import check_fits
 from nvae.model import NVAE
-from nvae.official import (OfficialRun, check_layout, head_permutation, key_map, parameter_names, place,
+from nvae.official import (OfficialRun, check_layout, head_permutation, layout_keys, parameter_names, place,
                            read_official, run_from_args, to_nvae)
 from nvae.official_checks import OfficialFormatError, check_count, check_optimizer, check_step
 
 
 def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
             overwrite: bool = False) -> dict[str, Any]:
-    """Convert ``src`` (official format) into the nvae checkpoint ``dst``; returns a summary.
+    """Convert ``src`` (official format) into the nvae checkpoint ``dst`` (a ``.ckpt`` file: a training
+    checkpoint for ``--resume``) or, for any other name, the model directory ``dst``
+    (:mod:`nvae.pretrained`: config.json, model.safetensors and a model card); returns a summary.
 
     ``data_root`` replaces the data folder recorded by the official run (``args.data``). Everything
     in ``src`` nvae uses is checked before a model is allocated (:mod:`nvae.official_checks`, then the
@@ -44,7 +46,8 @@ def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
     from nvae.lightning import NVAEModule
 
     dst = Path(dst)
-    _check_destination(Path(src), dst, overwrite)
+    as_dir = dst.suffix != ".ckpt"
+    _check_destination(Path(src), dst, overwrite, as_dir)
     official = read_official(src)
     run = run_from_args(official["args"])
     if data_root is not None:
@@ -55,15 +58,30 @@ def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
     module = NVAEModule(arch=run.arch, image_spec=run.spec, **run.hparams)
     module.model.load_state_dict(to_nvae(official["state_dict"], module.model, keys))
     optimizer, lr = convert_optimizer(official, group, module, keys)
-    origin = {"source": str(src), "epoch": epoch, "global_step": step,
-              "args": {k: v for k, v in vars(official["args"]).items() if _recordable(v)}}
-    ckpt = training_checkpoint(module.state_dict(), dict(module.hparams), run.data, epoch, step, _loops(epoch, step),
-                               optimizer, _scheduler_state(module, step, lr), official=origin)
-    save_atomically(ckpt, dst)
-    return {"source": str(src), "checkpoint": str(dst), "dataset": official["args"].dataset,
-            "parameters": sum(p.numel() for p in module.model.parameters()), "tensors": len(keys),
-            "epoch": epoch, "global_step": step, "optimizer_state": bool(optimizer["state"]),
-            "data_module": run.data["class_path"]}
+    args = {k: v for k, v in vars(official["args"]).items() if _recordable(v)}
+    if as_dir:
+        write_model_dir(module, Path(src), dst, run, args, epoch, step)
+    else:
+        origin = {"source": str(src), "epoch": epoch, "global_step": step, "args": args}
+        ckpt = training_checkpoint(module.state_dict(), dict(module.hparams), run.data, epoch, step,
+                                   _loops(epoch, step), optimizer, _scheduler_state(module, step, lr), official=origin)
+        save_atomically(ckpt, dst)
+    return {"source": str(src), "checkpoint": str(dst), "format": "directory" if as_dir else "checkpoint",
+            "dataset": official["args"].dataset, "parameters": sum(p.numel() for p in module.model.parameters()),
+            "tensors": len(keys), "epoch": epoch, "global_step": step, "optimizer_state": bool(optimizer["state"]),
+            "data_module": run.data["class_path"], "filled": run.filled}
+
+
+def write_model_dir(module: Any, src: Path, dst: Path, run: OfficialRun, args: dict[str, Any], epoch: int,
+                    step: int) -> None:
+    """The converted model as a model directory, its card saying where it came from and NVIDIA's licence."""
+    from nvae.cli.export import model_card
+    from nvae.pretrained import save_model_dir, sha256
+
+    provenance = {"source": src.name, "sha256": sha256(src), "official_args": args, "epoch": epoch,
+                  "global_step": step, "filled_defaults": run.filled, "weights": "raw"}
+    save_model_dir(module.model, dst, data=run.data, provenance=provenance,
+                   card=model_card(module.model, run.data, provenance), channels_last=bool(module.channels_last))
 
 
 def planned_keys(run: OfficialRun, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -78,17 +96,27 @@ def planned_keys(run: OfficialRun, state: Mapping[str, torch.Tensor]) -> dict[st
         message = str(err)
         raise OfficialFormatError(message if message.startswith("official args") else f"official args: {message}") \
             from None
-    keys = key_map(model)
+    keys = layout_keys(state, model)  # the default (SyncBatchNorm) layout or the flat one, as the file is written
     check_layout(state, model, keys)
     return keys
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """``dst`` may not be ``src`` (by any path or link), nor a folder, nor a device, named pipe or socket,
-    nor an existing file without ``overwrite``."""
+def _check_destination(src: Path, dst: Path, overwrite: bool, as_dir: bool = False) -> None:
+    """``dst`` may not be ``src`` (by any path or link), nor a device, named pipe or socket, nor a folder
+    for a ``.ckpt`` (a file for a model directory), nor an existing checkpoint or model directory
+    without ``overwrite``."""
+    from nvae.pretrained import CONFIG
+
     _refuse_special(dst)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise FileExistsError(f"'{dst}' is the official checkpoint being converted; write to another file")
+    if as_dir:
+        if dst.exists() and not dst.is_dir():
+            raise FileExistsError(f"'{dst}' is a file; a model directory is written to a folder (or name a .ckpt "
+                                  "to write a training checkpoint)")
+        if (dst / CONFIG).exists() and not overwrite:
+            raise FileExistsError(f"'{dst}' already holds a model directory; pass --overwrite to replace it")
+        return
     if dst.is_dir():
         raise IsADirectoryError(f"'{dst}' is a folder; name the checkpoint file to write")
     if dst.exists() and not overwrite:

@@ -270,10 +270,16 @@ def test_dst_that_is_src_is_refused_even_with_overwrite(link: str, tmp_path: Pat
 
 
 def test_dst_that_is_a_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = tmp_path / "out"
+    """A .ckpt name is a training checkpoint (a folder there is refused); any other name a model directory,
+    for which a file there is refused."""
+    folder = tmp_path / "out.ckpt"
     folder.mkdir()
     assert "is a folder" in refused(SOURCE, folder, capsys, "--overwrite")
     assert list(folder.iterdir()) == []
+    file = tmp_path / "model_dir"
+    file.write_bytes(b"mine")
+    assert "is a file; a model directory is written to a folder" in refused(SOURCE, file, capsys, "--overwrite")
+    assert file.read_bytes() == b"mine"
 
 
 def special_file(path: Path, kind: str) -> Path:

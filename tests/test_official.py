@@ -23,8 +23,8 @@ from nvae.cli.convert import main as convert_main
 from nvae.convert import convert
 from nvae.data import ImageDataModule, register_datamodule
 from nvae.model import NVAE
-from nvae.official import (OfficialFormatError, key_map, parameter_names, read_official, run_from_args,
-                           to_nvae)
+from nvae.official import (OfficialFormatError, head_permutation, key_map, layout_keys, parameter_names,
+                           read_official, run_from_args, to_nvae)
 from nvae.spec import ImageSpec
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
@@ -51,10 +51,30 @@ def unrounded_mean(likelihood: Any) -> torch.Tensor:
     return likelihood.mean(quantize=False)
 
 
+# The layouts the official code writes: flat (SYNC_BN = False), its default (SyncBatchNorm wrappers), and
+# the default as the November 2020 releases hold it (args without later fields, no aliases, cuda:0 storages).
+FILES = ["checkpoint.pt", "checkpoint_syncbn.pt", "checkpoint_released.pt"]
+
+
+@pytest.fixture(scope="module")
+def converted_files(tmp_path_factory: pytest.TempPathFactory, converted: dict[str, Path]) -> dict[tuple, Path]:
+    """Every case in every layout, as a .ckpt and (released) as a model directory."""
+    folder = tmp_path_factory.mktemp("layouts")
+    out = {(case, "checkpoint.pt", "ckpt"): converted[case] for case in CASES}
+    for case in CASES:
+        for name in FILES[1:]:
+            out[(case, name, "ckpt")] = Path(convert(FIXTURES / case / name, folder / f"{case}-{name}.ckpt")["checkpoint"])
+        out[(case, "checkpoint_released.pt", "dir")] = Path(
+            convert(FIXTURES / case / "checkpoint_released.pt", folder / f"{case}-released")["checkpoint"])
+    return out
+
+
+@pytest.mark.parametrize("name, form", [(name, "ckpt") for name in FILES] + [("checkpoint_released.pt", "dir")])
 @pytest.mark.parametrize("case", CASES)
-def test_converted_model_computes_the_official_function(case: str, converted: dict[str, Path]) -> None:
+def test_converted_model_computes_the_official_function(case: str, name: str, form: str,
+                                                        converted_files: dict[tuple, Path]) -> None:
     ref = torch.load(FIXTURES / case / "reference.pt", weights_only=True)
-    model = load_checkpoint(converted[case]).model
+    model = load_checkpoint(converted_files[(case, name, form)]).model
     x = ref["x"]
     with torch.no_grad():
         out = model(x, use_mean=True)
@@ -126,6 +146,85 @@ def test_every_official_tensor_has_exactly_one_place(preset: str) -> None:
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in
                                                                   model.state_dict().items()}
     assert len(parameter_names(state)) == sum(1 for _ in model.parameters())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_default_layout_of_every_preset_maps_both_ways(preset: str) -> None:
+    """manifest-released: the official default build's names (SyncBatchNorm wrappers); the layout is
+    recognized from the names alone and every tensor has exactly one place, both ways."""
+    m = json.loads((FIXTURES / "manifest-released" / f"{preset}.json").read_text())
+    run = run_from_args(m["args"])
+    with torch.device("meta"):
+        model = NVAE(run.spec, run.arch)
+        state = {k: torch.empty(shape) for k, shape in m["state_dict"].items() if not k.endswith("_normalized")}
+    assert sum(p.numel() for p in model.parameters()) == m["params"]
+    keys = layout_keys(state, model)
+    assert keys == key_map(model, wrapped=True) != key_map(model, wrapped=False)
+    assert sorted(keys.values()) == sorted(state) and set(keys) == set(model.state_dict())
+    inverse = {theirs: ours for ours, theirs in keys.items()}
+    assert len(inverse) == len(keys)  # one official name per nvae tensor and back
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_wrapped_names_are_where_the_official_files_differ(case: str) -> None:
+    """Outside truth for the structural rule: the nvae tensors whose official name the rule changes are
+    exactly those whose names differ between the official flat and default files of the same model."""
+    flat, wrapped = (read_official(FIXTURES / case / name)["state_dict"] for name in FILES[:2])
+    run = run_from_args(read_official(FIXTURES / case / "checkpoint.pt")["args"])
+    with torch.device("meta"):
+        model = NVAE(run.spec, run.arch)
+    plain, deep = key_map(model, wrapped=False), key_map(model, wrapped=True)
+    moved = {plain[k] for k in plain if plain[k] != deep[k]}
+    assert moved == set(flat) - set(wrapped) and {deep[k] for k in deep if plain[k] != deep[k]} == set(wrapped) - set(flat)
+    for ours, theirs in deep.items():
+        assert torch.equal(wrapped[theirs], flat[plain[ours]]), ours  # the same trained model in both files
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_model_not_among_the_fixtures_converts_in_both_layouts(wrapped: bool, tmp_path: Path) -> None:
+    """Other scales, groups, mixtures and flows than any fixture (3 scales, halving groups with a floor,
+    4 mixtures, 2 flow pairs, 2 cells per group): its state dict written under official names in either
+    layout, as an official file, converts back to the same tensors (the head reordered both ways)."""
+    args = argparse.Namespace(**{**vars(read_official(FIXTURES / "cifar10_tiny" / "checkpoint.pt")["args"]),
+                                 "num_latent_scales": 3, "num_groups_per_scale": 4, "ada_groups": True,
+                                 "min_groups_per_scale": 2, "num_mixture_dec": 4, "num_nf": 2,
+                                 "num_cell_per_cond_dec": 1})
+    run = run_from_args(args)
+    torch.manual_seed(0)
+    model = NVAE(run.spec, run.arch)
+    keys = key_map(model, wrapped)
+    perm = head_permutation(model)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm))
+    official = {theirs: (model.state_dict()[ours][inverse] if ours.startswith("head.1.") else model.state_dict()[ours])
+                for ours, theirs in keys.items() if not ours.endswith((".u", ".v"))}
+    src = tmp_path / "official.pt"
+    torch.save({"args": args, "state_dict": official, "epoch": 0, "global_step": 0}, src)
+    back = load_checkpoint(Path(convert(src, tmp_path / "back.ckpt")["checkpoint"])).model
+    for key, value in model.state_dict().items():
+        if not key.endswith((".u", ".v")):  # power-iteration vectors are not in official files
+            assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_args_without_later_fields_are_filled_and_a_network_field_is_required(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    ckpt = read_official(FIXTURES / "mnist_tiny" / "checkpoint.pt")
+    args = vars(ckpt["args"])
+    for name in ("learning_rate", "kl_anneal_portion", "weight_decay_norm_init", "batch_size", "min_groups_per_scale"):
+        args.pop(name)  # (mnist_tiny was trained with these values; its ada_groups True must stay: False is another net)
+    src = tmp_path / "old.pt"
+    torch.save(ckpt, src)
+    convert_main([str(src), str(tmp_path / "old.ckpt")])
+    out = capsys.readouterr().out
+    assert ("official args lacked 5 field(s), filled with the official defaults: min_groups_per_scale=1, "
+            "learning_rate=0.01, weight_decay_norm_init=10.0, kl_anneal_portion=0.3, batch_size=200") in out
+    assert read_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["optim"]["learning_rate"] == 0.01
+    args.pop("num_latent_scales")
+    torch.save(ckpt, src)
+    with pytest.raises(SystemExit):
+        convert_main([str(src), str(tmp_path / "bad.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert err.count("official args:") == 1 and "no field 'num_latent_scales'" in err and "\n" not in err
 
 
 def test_a_leftover_or_missing_tensor_is_named() -> None:

@@ -21,7 +21,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                      epilog="The converted model evaluates with the official likelihood bins; "
                                             "evaluate.py --dmol-bins exact uses nvae's instead.")
     parser.add_argument("src", help="official checkpoint.pt (read with weights_only=True: nothing in it runs)")
-    parser.add_argument("dst", help="nvae checkpoint to write (e.g. nvae_cifar10.ckpt)")
+    parser.add_argument("dst", help="a .ckpt file: an nvae training checkpoint (e.g. nvae_cifar10.ckpt, for --resume); "
+                                    "any other name: a model directory (config.json + model.safetensors + README.md, "
+                                    "loads without pickle)")
     parser.add_argument("--data-root", default=None,
                         help="data folder recorded for evaluation and training (default: the official args.data)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -33,7 +35,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise
         message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a name holds
         parser.exit(2, f"nvae-convert: error: {message}\n")
+    if summary["filled"]:
+        print(f"official args lacked {len(summary['filled'])} field(s), filled with the official defaults: "
+              f"{', '.join(summary['filled'])}", file=sys.stdout)
     opt = "with its optimizer state" if summary["optimizer_state"] else "without optimizer state (moments start at 0)"
+    if summary["format"] == "directory":
+        opt = "as a model directory (weights only)"
     print(f"converted {summary['source']} (official {summary['dataset']}, epoch {summary['epoch']}, step "
           f"{summary['global_step']}): {summary['parameters']:,} parameters, {summary['tensors']} tensors, {opt}; "
           f"data module {summary['data_module']}; wrote {summary['checkpoint']}", file=sys.stdout)
