@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -114,12 +115,37 @@ def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_
         return True
     was_training = model.training
     model.train()
-    for _ in tqdm(range(steps), desc=f"BN readjustment t={temperature:g}", disable=not progress, leave=False):
-        model.sample(batch_size, temperature)
-    model.train(was_training)
+    try:
+        skipped = _readjust(model, temperature, steps, batch_size, progress)
+    finally:
+        model.train(was_training)
+    if skipped == steps:
+        raise ValueError(f"BN readjustment at t={temperature:g}: all {steps} batches gave non-finite BatchNorm "
+                         "statistics (the model's samples overflow at this temperature); the trained statistics "
+                         "are kept: sample without --readjust-bn or at another temperature")
+    if skipped:
+        tqdm.write(f"BN readjustment at t={temperature:g}: {skipped} of {steps} batches gave non-finite BatchNorm "
+                   "statistics and were skipped", file=sys.stderr)
     if cache is not None:
         _save_cache({k: v.cpu() for k, v in batchnorm_state(model).items()}, cache)
     return False
+
+
+def _readjust(model: NVAE, temperature: float, steps: int, batch_size: int, progress: bool) -> int:
+    """``steps`` sampling passes in train mode; a pass that leaves any BatchNorm statistic non-finite is
+    undone (the official readjustment keeps it, and its released CelebA-64, CelebA-HQ-256 and CIFAR-10
+    models then sample NaN images). Returns how many passes were undone; with all undone the
+    statistics are the ones the model came with."""
+    buffers = batchnorm_buffers(model)
+    skipped = 0
+    for _ in tqdm(range(steps), desc=f"BN readjustment t={temperature:g}", disable=not progress, leave=False):
+        before = {k: v.clone() for k, v in buffers.items()}
+        model.sample(batch_size, temperature)
+        if not all(bool(torch.isfinite(v).all()) for v in buffers.values()):
+            for key, value in before.items():
+                buffers[key].copy_(value)
+            skipped += 1
+    return skipped
 
 
 def bn_cache_path(checkpoint: Path, temperature: float, steps: int, batch_size: int) -> Path:

@@ -224,3 +224,48 @@ def test_non_finite_weights_in_a_directory_are_refused(model_dir: Path, tmp_path
     _write(folder / WEIGHTS, header, data[:begin] + nan + data[end:])
     with pytest.raises(ModelDirError, match="non-finite"):
         load_model_dir(folder)
+
+
+# ------------------------------------------------------------------------------------------ BN readjustment
+def _poison_every(model: NVAE, period: int) -> list[int]:
+    """Make every ``period``-th sampling pass give NaN features to the postprocessing cells' BatchNorms
+    (as an overflowing sample does)."""
+    calls = [0]
+
+    def hook(module: torch.nn.Module, inputs: tuple) -> tuple:
+        calls[0] += 1
+        return (inputs[0] * math.nan,) if calls[0] % period == 0 else inputs
+
+    model.postprocess[0].register_forward_pre_hook(hook)
+    return calls
+
+
+def test_bn_readjustment_skips_batches_with_non_finite_statistics(tiny_rgb: NVAE,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """The official readjustment keeps a NaN batch and then samples NaN images; nvae undoes that pass."""
+    from nvae.sampling import batchnorm_state, readjust_batchnorm
+
+    tiny_rgb.eval()
+    clean = copy.deepcopy(tiny_rgb)
+    _poison_every(tiny_rgb, 2)  # every other pass: NaN statistics
+    readjust_batchnorm(tiny_rgb, 0.7, steps=6, batch_size=2, progress=False)
+    assert "3 of 6 batches gave non-finite BatchNorm statistics and were skipped" in capsys.readouterr().err
+    state = batchnorm_state(tiny_rgb)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert tiny_rgb.training is False  # its mode restored
+    counts = [v for k, v in state.items() if k.endswith("num_batches_tracked") and k.startswith("postprocess")]
+    before = [v for k, v in batchnorm_state(clean).items() if k.endswith("num_batches_tracked")
+              and k.startswith("postprocess")]
+    assert all(int(a - b) == 3 for a, b in zip(counts, before))  # exactly the 3 finite passes counted
+
+
+def test_bn_readjustment_with_every_batch_non_finite_is_one_line(tiny_rgb: NVAE) -> None:
+    from nvae.sampling import batchnorm_state, readjust_batchnorm
+
+    before = batchnorm_state(tiny_rgb)
+    _poison_every(tiny_rgb, 1)
+    with pytest.raises(ValueError, match="all 4 batches gave non-finite BatchNorm statistics") as err:
+        readjust_batchnorm(tiny_rgb, 0.7, steps=4, batch_size=2, progress=False)
+    assert "\n" not in str(err.value)
+    for key, value in batchnorm_state(tiny_rgb).items():
+        assert torch.equal(value, before[key]), key  # the trained statistics kept
