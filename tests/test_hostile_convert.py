@@ -22,6 +22,7 @@ from nvae.cli.convert import main as convert_main
 from nvae.convert import save_atomically
 from nvae.model import NVAE
 from nvae.official import parameter_names
+from hostile_helpers import special_file
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
 SOURCE = FIXTURES / "cifar10_tiny" / "checkpoint.pt"
@@ -280,20 +281,6 @@ def test_dst_that_is_a_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     file.write_bytes(b"mine")
     assert "is a file; a model directory is written to a folder" in refused(SOURCE, file, capsys, "--overwrite")
     assert file.read_bytes() == b"mine"
-
-
-def special_file(path: Path, kind: str) -> Path:
-    """A named pipe, or a character device like /dev/null (1, 3) made here: the real one is never touched."""
-    if kind == "named pipe":
-        os.mkfifo(path)
-    else:
-        if os.geteuid() != 0:
-            pytest.skip("making a device node needs root")
-        try:
-            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        except PermissionError:
-            pytest.skip("this container may not make device nodes")
-    return path
 
 
 @pytest.mark.parametrize("kind", ["character device", "named pipe"])

@@ -10,7 +10,7 @@ import copy
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ from nvae.cli import sample as sample_cli
 from nvae.cli import train as train_cli
 from nvae.data.registry import UntrustedName
 from nvae.lightning import NVAEModule
+from hostile_helpers import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -33,20 +34,6 @@ ANY_TYPED_ATTACK = """trainer:
           class_path: lightning.pytorch.accelerators.cuda.subprocess.Popen
           init_args: {{args: "touch {marker}", shell: true}}
 """
-
-
-def one_line(run: Callable[[], Any]) -> str:
-    """The one-line message a refusal ends with (a command's SystemExit, or the exception)."""
-    try:
-        run()
-    except SystemExit as exit_:
-        message = str(exit_.code)
-    except ValueError as err:
-        message = str(err)
-    else:
-        raise AssertionError("the crafted input was accepted")
-    assert "\n" not in message.strip(), message
-    return message
 
 
 def train_args(out: Path, *extra: str) -> list[str]:

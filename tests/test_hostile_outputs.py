@@ -23,6 +23,7 @@ from nvae.checkpoint import load_checkpoint
 from nvae.cli.evaluate import main as evaluate_main
 from nvae.cli.sample import main as sample_main
 from nvae.sampling import image_seed
+from hostile_helpers import special_file
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -365,20 +366,6 @@ def test_fid_takes_features_of_each_generated_batch_as_it_comes(
 
 
 # ------------------------------------------------------------------------------------------ 7. devices
-def special_file(path: Path, kind: str) -> Path:
-    """A named pipe, or a character device like /dev/null (1, 3) made here (never the real one)."""
-    if kind == "named pipe":
-        os.mkfifo(path)
-    else:
-        if os.geteuid() != 0:
-            pytest.skip("making a device node needs root")
-        try:
-            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        except PermissionError:
-            pytest.skip("this container may not make device nodes")
-    return path
-
-
 def is_kind(path: Path, kind: str) -> bool:
     return (stat.S_ISFIFO if kind == "named pipe" else stat.S_ISCHR)(os.lstat(path).st_mode)
 

@@ -269,3 +269,21 @@ def test_bn_readjustment_with_every_batch_non_finite_is_one_line(tiny_rgb: NVAE)
     assert "\n" not in str(err.value)
     for key, value in batchnorm_state(tiny_rgb).items():
         assert torch.equal(value, before[key]), key  # the trained statistics kept
+
+
+def test_push_to_hub_uploads_a_model_directory(tiny_rgb: NVAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub client replaced: what push_to_hub uploads is a model directory that loads back."""
+    uploaded: dict[str, bytes] = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id: str, exist_ok: bool) -> None:
+            assert repo_id == "me/tiny" and exist_ok
+
+        def upload_folder(self, repo_id: str, folder_path: str) -> str:
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+            return f"https://hub.example/{repo_id}"
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FakeApi))
+    assert tiny_rgb.push_to_hub("me/tiny", card="# tiny\n") == "https://hub.example/me/tiny"
+    assert set(uploaded) == {CONFIG, WEIGHTS, "README.md"} and uploaded["README.md"] == b"# tiny\n"
+    assert json.loads(uploaded[CONFIG])["format"] == "nvae-model-1"

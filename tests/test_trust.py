@@ -24,6 +24,7 @@ from nvae.data import ImageDataModule, register_datamodule
 from nvae.data.bundled import BundledMNISTDataModule
 from nvae.data.registry import UntrustedName, datamodule_class
 from nvae.lightning import NVAEModule
+from hostile_helpers import one_line as refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -86,20 +87,6 @@ def craft(clean: dict, entry: str, name: str, folder: Path) -> tuple[Path, Path]
     path = folder / "last.ckpt"
     torch.save(ck, path)
     return path, marker
-
-
-def refusal(run: Callable[[], Any]) -> str:
-    """The one-line message a refused load ends with (SystemExit of a command, or the exception)."""
-    try:
-        run()
-    except SystemExit as exit_:
-        message = str(exit_.code)
-    except ValueError as err:
-        message = str(err)
-    else:
-        raise AssertionError("the crafted checkpoint was accepted")
-    assert "\n" not in message, message
-    return message
 
 
 def commands(ckpt: Path, out: Path) -> dict[str, Callable[[], Any]]:
