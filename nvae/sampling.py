@@ -3,9 +3,12 @@
 At temperature t < 1 the prior's standard deviations are scaled by t. Samples at reduced
 temperature look better when BatchNorm statistics are re-estimated for that temperature: run the
 generator in train mode on its own samples for a few hundred batches (momentum 0.05), then go back
-to eval mode. Readjusted statistics can be cached to a file per (checkpoint, temperature): written
-to a fresh temporary name (O_EXCL) and renamed, read with ``weights_only=True`` and checked (every
-statistic of the model, of its shape, finite, variances >= 0) before anything is copied.
+to eval mode. The passes draw from the RNG seeded once with ``bn_seed(seed)`` (= ``image_seed(seed, -1)``,
+a stream that no sampling batch ``b >= 0`` uses), so the run's seed fixes the statistics and the images.
+Readjusted statistics can be cached to a file per (weights file, weights loaded, seed, temperature, steps,
+batch) (:func:`bn_cache_path`): written to a fresh temporary name (O_EXCL) and renamed, read with
+``weights_only=True`` and checked (every statistic of the model, of its shape, finite, variances >= 0)
+before anything is copied.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from nvae.compat import BatchNormBase
 from nvae.limits import check_archive
 from nvae.model import NVAE
+from nvae.pretrained import RAW_WEIGHTS, WEIGHTS
 
 
 def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -103,9 +107,12 @@ def _save_cache(state: dict[str, torch.Tensor], cache: Path) -> None:
 
 @torch.no_grad()
 def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_size: int = 100,
-                       cache: Optional[Path] = None, progress: bool = True) -> bool:
+                       cache: Optional[Path] = None, progress: bool = True, seed: Optional[int] = None) -> bool:
     """Re-estimate BatchNorm statistics on samples at ``temperature`` (sec. 5.2, BN readjustment).
 
+    With ``seed`` the passes draw from torch's global RNG seeded once with :func:`bn_seed` (the same as
+    ``torch.manual_seed(bn_seed(seed))`` followed by a call without ``seed``); the caller's RNG state is
+    restored afterwards. Without it they draw from the RNG as it stands.
     The model's train/eval mode is restored afterwards. With ``cache``, statistics are loaded from
     that file when it exists (returns True; ValueError naming it when it is not a readable file of this
     model's statistics) and saved to it otherwise.
@@ -116,7 +123,13 @@ def readjust_batchnorm(model: NVAE, temperature: float, steps: int = 500, batch_
     was_training = model.training
     model.train()
     try:
-        skipped = _readjust(model, temperature, steps, batch_size, progress)
+        if seed is None:
+            skipped = _readjust(model, temperature, steps, batch_size, progress)
+        else:
+            devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(bn_seed(seed))
+                skipped = _readjust(model, temperature, steps, batch_size, progress)
     finally:
         model.train(was_training)
     if skipped == steps:
@@ -148,10 +161,32 @@ def _readjust(model: NVAE, temperature: float, steps: int, batch_size: int, prog
     return skipped
 
 
-def bn_cache_path(checkpoint: Path, temperature: float, steps: int, batch_size: int) -> Path:
-    """Cache file beside the checkpoint, keyed by its size and mtime, temperature, steps and batch."""
-    stat = checkpoint.stat()
-    key = f"{checkpoint.stem}-{stat.st_size}-{int(stat.st_mtime)}-t{temperature:g}-s{steps}-b{batch_size}"
+def bn_seed(seed: int) -> int:
+    """The RNG seed of BatchNorm readjustment under the run's ``seed``: ``image_seed(seed, -1)``, distinct
+    from every sampling batch's ``image_seed(seed, b)``, b >= 0."""
+    return image_seed(seed, -1)
+
+
+def _identity(path: Path) -> str:
+    """Size, mtime in ns and inode of ``path``: a file replaced, rewritten or copied (``cp -a`` keeps the
+    mtime, not the inode) gets another."""
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ino}"
+
+
+def bn_cache_path(checkpoint: Path, temperature: float, steps: int, batch_size: int, seed: int = 0,
+                  weights: str = "raw") -> Path:
+    """Cache file in ``bn_cache/`` beside the checkpoint (a file, or a model directory: the folder), keyed
+    by its full name, the identity (:func:`_identity`) of the weights file(s) read (for a model directory
+    its model.safetensors and model_raw.safetensors when present, not the folder, whose size and mtime
+    do not change when a file in it is replaced), which weights were loaded (``LoadedCheckpoint.weights``:
+    'ema' or 'raw'), the run's ``seed`` (:func:`bn_seed`), temperature, steps and batch."""
+    if checkpoint.is_dir():
+        files = [checkpoint / WEIGHTS] + [p for p in [checkpoint / RAW_WEIGHTS] if p.is_file()]
+    else:
+        files = [checkpoint]
+    ids = "-".join(_identity(f) for f in files)
+    key = f"{checkpoint.name}-{weights}-{ids}-seed{seed}-t{temperature:g}-s{steps}-b{batch_size}"
     return checkpoint.parent / "bn_cache" / f"{key}.pt"
 
 

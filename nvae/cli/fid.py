@@ -23,7 +23,7 @@ import torch
 
 from nvae.cli.common import data_loader, launch, load, resolve_device
 from nvae.metrics import fid as F
-from nvae.sampling import bn_cache_path, iter_samples, readjust_batchnorm
+from nvae.sampling import bn_cache_path, bn_seed, iter_samples, readjust_batchnorm
 
 OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH = 500, 2  # the official FID evaluation's BatchNorm readjustment
 
@@ -95,12 +95,13 @@ def _reference(args: argparse.Namespace, loaded: Any, extractor: torch.nn.Module
     return stats, f"{args.split} split of {(data or {}).get('class_path')} (stats cache {cache})"
 
 
-def _readjust(model: Any, checkpoint: Path, temperature: float, steps: int, bn_batch: int, rank: int, fabric: Any,
-              progress: bool) -> bool:
-    """BatchNorm readjusted at ``temperature``; True when it came from the cache beside the checkpoint.
+def _readjust(model: Any, loaded: Any, temperature: float, steps: int, bn_batch: int, seed: int, rank: int,
+              fabric: Any, progress: bool) -> bool:
+    """BatchNorm readjusted at ``temperature`` from the run's ``seed`` (:func:`nvae.sampling.bn_seed`: the
+    statistics sample.py computes for that seed); True when it came from the cache beside the checkpoint.
     A cache there already is read by every process (a bad one is then one line on each: none waits for
     another); else rank 0 readjusts and caches, and the others read that cache."""
-    cache = bn_cache_path(checkpoint, temperature, steps, bn_batch)
+    cache = bn_cache_path(loaded.path, temperature, steps, bn_batch, seed, loaded.weights)
     try:
         present = cache.is_file()
         if fabric is not None:
@@ -108,6 +109,9 @@ def _readjust(model: Any, checkpoint: Path, temperature: float, steps: int, bn_b
         if present:
             return readjust_batchnorm(model, temperature, steps, bn_batch, cache, progress=progress)
         if rank == 0:
+            # seeded here rather than with readjust_batchnorm's ``seed`` (the same draws): the caller's RNG
+            # state does not matter to fid, whose batches are seeded one by one (image_seed)
+            torch.manual_seed(bn_seed(seed))
             readjust_batchnorm(model, temperature, steps, bn_batch, cache, progress=progress)
         if fabric is not None:
             fabric.barrier()
@@ -170,7 +174,8 @@ def run_fid(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         steps, bn_batch = (OFFICIAL_BN_STEPS, OFFICIAL_BN_BATCH) if official else (args.readjust_bn, args.bn_batch_size)
         bn = "none"
         if steps:
-            cached = _readjust(model, loaded.path, args.temperature, steps, bn_batch, rank, fabric, progress)
+            cached = _readjust(model, loaded, args.temperature, steps, bn_batch, args.seed, rank, fabric,
+                               progress)
             bn = f"{steps} steps of {bn_batch} at t={args.temperature:g} ({'cached' if cached else 'computed'})"
         sample_t = 1.0 if official else args.temperature
         batches = generate(model, args.num_samples, sample_t, args.batch_size, args.seed, rank, world,

@@ -159,8 +159,10 @@ def save_text(text: str, path: Path) -> None:
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    with atomic(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through an open file: the zip's record prefix is then "archive", not the random
+    temporary name, so the same ``obj`` gives the same bytes."""
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 @contextmanager

@@ -131,10 +131,10 @@ def sample_all(args: argparse.Namespace, loaded: LoadedCheckpoint, stale: dict[P
         load_batchnorm_state(model, original_bn)  # each temperature starts from the trained statistics
         bn = "none"
         if args.readjust_bn:
-            cache = bn_cache_path(checkpoint, t, args.readjust_bn, args.bn_batch_size)
+            cache = bn_cache_path(checkpoint, t, args.readjust_bn, args.bn_batch_size, args.seed, loaded.weights)
             try:
                 cached = readjust_batchnorm(model, t, args.readjust_bn, args.bn_batch_size, cache,
-                                            progress=not args.quiet)
+                                            progress=not args.quiet, seed=args.seed)
             except ValueError as err:  # a cache file that is not this model's statistics
                 raise SystemExit(f"sample.py: {err}") from None
             bn = f"{args.readjust_bn} steps ({'cached' if cached else 'computed'})"
