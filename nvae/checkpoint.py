@@ -260,7 +260,7 @@ def check_state(state: object, expected: Mapping[str, torch.Tensor], entry: str)
             raise ValueError(f"{entry}: {key!r} is {value.dtype}, the model needs {like.dtype}")
         if value.numel() * value.element_size() > value.untyped_storage().nbytes():  # an expanded view: checking
             raise ValueError(f"{entry}: {key!r} claims more values than its storage holds")  # it would allocate
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not bool(torch.isfinite(value.to(like.dtype)).all()):  # finite once cast
             raise ValueError(f"{entry}: {key!r} holds non-finite values (NaN or inf): the weights are broken")
         if key.endswith("running_var") and bool((value < 0).any()):
             raise ValueError(f"{entry}: {key!r} holds negative variances: the BatchNorm statistics are broken")
@@ -315,4 +315,7 @@ def instantiate_datamodule(cls: type, init_args: Mapping[str, Any], overrides: M
     accepted = inspect.signature(cls.__init__).parameters
     args = {k: v for k, v in init_args.items() if k in accepted}
     args.update({k: v for k, v in overrides.items() if v is not None and k in accepted})
-    return cls(**args)
+    try:
+        return cls(**args)
+    except TypeError as err:  # a missing argument, or one of the wrong type ('abc' < 1)
+        raise ValueError(f"data module {cls.__name__}: the recorded arguments do not fit it ({err})") from None

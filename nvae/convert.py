@@ -60,7 +60,7 @@ def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
     optimizer, lr = convert_optimizer(official, group, module, keys)
     args = {k: v for k, v in vars(official["args"]).items() if _recordable(v)}
     if as_dir:
-        write_model_dir(module, Path(src), dst, run, args, epoch, step)
+        write_model_dir(module, Path(src), dst, run, args, epoch, step, overwrite)
     else:
         origin = {"source": str(src), "epoch": epoch, "global_step": step, "args": args}
         ckpt = training_checkpoint(module.state_dict(), dict(module.hparams), run.data, epoch, step,
@@ -73,15 +73,16 @@ def convert(src: str | Path, dst: str | Path, data_root: Optional[str] = None,
 
 
 def write_model_dir(module: Any, src: Path, dst: Path, run: OfficialRun, args: dict[str, Any], epoch: int,
-                    step: int) -> None:
+                    step: int, overwrite: bool) -> None:
     """The converted model as a model directory, its card saying where it came from and NVIDIA's licence."""
     from nvae.cli.export import model_card
-    from nvae.pretrained import save_model_dir, sha256
+    from nvae.pretrained_save import save_model_dir, sha256
 
     provenance = {"source": src.name, "sha256": sha256(src), "official_args": args, "epoch": epoch,
                   "global_step": step, "filled_defaults": run.filled, "weights": "raw"}
     save_model_dir(module.model, dst, data=run.data, provenance=provenance,
-                   card=model_card(module.model, run.data, provenance), channels_last=bool(module.channels_last))
+                   card=model_card(module.model, run.data, provenance), channels_last=bool(module.channels_last),
+                   overwrite=overwrite, sources=[src])
 
 
 def planned_keys(run: OfficialRun, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -105,17 +106,13 @@ def _check_destination(src: Path, dst: Path, overwrite: bool, as_dir: bool = Fal
     """``dst`` may not be ``src`` (by any path or link), nor a device, named pipe or socket, nor a folder
     for a ``.ckpt`` (a file for a model directory), nor an existing checkpoint or model directory
     without ``overwrite``."""
-    from nvae.pretrained import CONFIG
+    from nvae.pretrained_save import check_destination
 
     _refuse_special(dst)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise FileExistsError(f"'{dst}' is the official checkpoint being converted; write to another file")
     if as_dir:
-        if dst.exists() and not dst.is_dir():
-            raise FileExistsError(f"'{dst}' is a file; a model directory is written to a folder (or name a .ckpt "
-                                  "to write a training checkpoint)")
-        if (dst / CONFIG).exists() and not overwrite:
-            raise FileExistsError(f"'{dst}' already holds a model directory; pass --overwrite to replace it")
+        check_destination(dst, overwrite, [src])  # a new or empty folder, or a model directory to overwrite
         return
     if dst.is_dir():
         raise IsADirectoryError(f"'{dst}' is a folder; name the checkpoint file to write")

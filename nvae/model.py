@@ -289,11 +289,16 @@ class NVAE(nn.Module):
 
         return load_model_dir(source, device, use_ema).model
 
-    def save_pretrained(self, folder: str, card: str = "") -> None:
-        """Write this model's current weights as a model directory (:func:`nvae.pretrained.save_model_dir`)."""
-        from nvae.pretrained import save_model_dir  # imports this module
+    def save_pretrained(self, folder: str, card: str = "", data: Optional[dict] = None, overwrite: bool = False) -> None:
+        """Write this model's current weights, architecture and memory format as a model directory
+        (:func:`nvae.pretrained_save.save_model_dir`); ``data`` records a data module for ``evaluate.py``
+        (``{"class_path": ..., "init_args": {...}}``; ``nvae-export`` records the training run's)."""
+        from nvae.pretrained_save import save_model_dir  # imports this module
 
-        save_model_dir(self, folder, provenance={"source": "NVAE.save_pretrained"}, card=card)
+        channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                            for p in self.parameters())
+        save_model_dir(self, folder, data=data, provenance={"source": "NVAE.save_pretrained"}, card=card,
+                       channels_last=channels_last, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, card: str = "") -> str:
         """Upload this model as a model directory to the Hugging Face Hub (needs ``nvae[hub]`` and a login)."""

@@ -221,7 +221,12 @@ def place(tensor: torch.Tensor, ours: str, like: torch.Tensor, perm: torch.Tenso
     _check_shape(tensor, ours, like, what)  # first: a misshapen head would not take the permutation
     if perm is not None and ours.startswith("head.1."):
         tensor = tensor[perm.to(tensor.device)]
-    return tensor.to(like.dtype).contiguous()
+    placed = tensor.to(like.dtype).contiguous()
+    overflow = (placed.is_floating_point() and tensor.is_floating_point() and placed.device.type != "meta"
+                and not bool(torch.isfinite(placed).all()))  # (meta: shapes only, in the layout checks)
+    if overflow:
+        raise OfficialFormatError(f"{what} overflows {like.dtype} (values beyond its range become infinite)")
+    return placed
 
 
 def _check_shape(tensor: torch.Tensor, ours: str, like: torch.Tensor, what: str) -> None:

@@ -16,14 +16,12 @@ names code. ``owner/name`` is fetched from the Hugging Face Hub when ``huggingfa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
@@ -43,56 +41,6 @@ class ModelDirError(ValueError):
     """A model directory that nvae will not read, with one line saying why."""
 
 
-# ------------------------------------------------------------------------------------------ writing
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_model_dir(model: NVAE, folder: str | Path, raw_state: Optional[Mapping[str, torch.Tensor]] = None,
-                   data: Optional[dict[str, Any]] = None, provenance: Optional[dict[str, Any]] = None,
-                   card: str = "", channels_last: bool = False) -> Path:
-    """Write ``model`` (its current weights: the EMA ones when ``raw_state`` holds the raw) as a model
-    directory; each file is written to a temporary name and renamed when complete. ``channels_last``
-    records the memory format the model ran in (the same numbers need the same convolution kernels)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"format": FORMAT, "image_spec": vars(model.spec).copy(), "arch": vars(model.cfg).copy(),
-              "likelihood": model.spec.likelihood, "weights": "ema" if raw_state is not None else "raw",
-              "channels_last": bool(channels_last),
-              "data": data, "provenance": provenance or {}}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomically(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    if raw_state is not None:
-        raw = {k: v.detach().cpu().contiguous() for k, v in raw_state.items()}
-        write_atomically(folder / RAW_WEIGHTS, lambda tmp: save_file(raw, str(tmp), metadata={"format": FORMAT}))
-    text = json.dumps(config, indent=2, allow_nan=False) + "\n"
-    write_atomically(folder / CONFIG, lambda tmp: tmp.write_text(text))
-    if card:
-        write_atomically(folder / CARD, lambda tmp: tmp.write_text(card))
-    return folder
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` to a fresh file beside ``path`` (created with O_EXCL: never an existing file or
-    link), then renamed over ``path``; the temporary file is removed if anything fails."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(name, 0o644)  # mkstemp's 0600 would keep the model from others who may read the folder
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ------------------------------------------------------------------------------------------ reading
 def _json_value_ok(value: Any, depth: int = 0) -> bool:
     """Plain JSON of bounded depth: dicts with string keys, lists, strings, finite numbers, bools, null."""
@@ -107,22 +55,33 @@ def _json_value_ok(value: Any, depth: int = 0) -> bool:
     return value is None or isinstance(value, (str, int, bool))
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (with a key twice, which value counts is the reader's guess)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key appears twice")
+    return out
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` checked: size, plain finite JSON, known keys, the format, typed groups."""
     path = folder / CONFIG
     if not path.is_file():
-        raise ModelDirError(f"model directory '{folder}' has no {CONFIG}")
+        what = "is not a regular file" if os.path.lexists(path) else "does not exist"
+        raise ModelDirError(f"model directory '{folder}': {CONFIG} {what}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ModelDirError(f"'{path}' is {path.stat().st_size} bytes, more than a config ({MAX_CONFIG_BYTES})")
     try:
-        config = json.loads(path.read_text(), parse_constant=lambda c: math.nan)  # NaN/Infinity -> refused below
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ModelDirError(f"'{path}' is not JSON ({err})") from None
+        config = json.loads(path.read_text(), parse_constant=lambda c: math.nan,  # NaN/Infinity: refused below
+                            object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ModelDirError(f"'{path}' is not JSON nvae reads ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120]!r})") from None
     if not isinstance(config, dict) or not _json_value_ok(config):
         raise ModelDirError(f"'{path}' must be a JSON object of plain, finite values")
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
-        raise ModelDirError(f"'{path}': unknown key '{unknown[0]}' (known: {', '.join(sorted(CONFIG_KEYS))})")
+        raise ModelDirError(f"'{path}': unknown key {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
     if config.get("format") != FORMAT:
         raise ModelDirError(f"'{path}': format {config.get('format')!r} is not {FORMAT!r}, the one this nvae reads")
     for key in ("image_spec", "arch"):
@@ -145,7 +104,7 @@ def read_header(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
     its shape says, not overlapping another, and the tensors exactly the model's, of its shapes."""
     where = f"'{path}'"
     if not path.is_file():
-        raise ModelDirError(f"{where} does not exist")
+        raise ModelDirError(f"{where} {'is not a regular file' if os.path.lexists(path) else 'does not exist'}")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -156,9 +115,9 @@ def read_header(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
             raise ModelDirError(f"{where}: header of {n} bytes does not fit the file ({size} bytes) or the "
                                 f"{MAX_HEADER_BYTES}-byte bound")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError):
-            raise ModelDirError(f"{where}: the safetensors header is not JSON") from None
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ModelDirError(f"{where}: the safetensors header is not JSON nvae reads") from None
     if not isinstance(header, dict):
         raise ModelDirError(f"{where}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
@@ -213,14 +172,19 @@ def resolve(source: str | Path) -> Path:
     if path.is_dir():
         return path
     text = str(source)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+    local = path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")) or path.parent.exists()
+    if local:  # (a folder 'runs' here makes 'runs/typo' a local path with a typo, not a Hub repository)
         raise ModelDirError(f"'{source}' is not a model directory (a folder with {CONFIG} and {WEIGHTS})")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ModelDirError(f"'{source}' is not a local folder, and fetching it from the Hugging Face Hub needs "
                             "pip install 'nvae[hub]'") from None
-    return Path(snapshot_download(repo_id=text, allow_patterns=[CONFIG, WEIGHTS, RAW_WEIGHTS, CARD]))
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=[CONFIG, WEIGHTS, RAW_WEIGHTS, CARD]))
+    except Exception as err:  # noqa: BLE001 - offline, no such repository, no access: one line, whatever the client
+        raise ModelDirError(f"'{source}': not a local folder, and the Hugging Face Hub gave no model "
+                            f"({type(err).__name__})") from None
 
 
 def load_model_dir(source: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
@@ -233,6 +197,9 @@ def load_model_dir(source: str | Path, device: str | torch.device = "cpu", use_e
         spec, cfg = described_model({"image_spec": config["image_spec"], "arch": config["arch"]}, source_name)
     except ValueError as err:
         raise ModelDirError(str(err)) from None
+    if config.get("likelihood", spec.likelihood) != spec.likelihood:
+        raise ModelDirError(f"{source_name}: likelihood {config.get('likelihood')!r} is not the "
+                            f"{spec.likelihood!r} its image_spec has")
     model = NVAE(spec, cfg)
     weights = config.get("weights", "raw")
     path = folder / WEIGHTS
@@ -252,4 +219,4 @@ def is_model_dir(path: str | Path) -> bool:
     return Path(path).expanduser().is_dir()
 
 
-__all__ = ["ModelDirError", "load_model_dir", "save_model_dir", "sha256", "is_model_dir"]
+__all__ = ["ModelDirError", "load_model_dir", "is_model_dir", "read_config", "read_weights"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nvae.model import NVAE
+from nvae.pretrained import WEIGHTS
 
 # the data module (class name) a model was trained on -> (data set, the paper's result: Vahdat & Kautz 2020, tables 1-2)
 PAPER: dict[str, tuple[str, str]] = {
@@ -65,18 +66,16 @@ def model_card(model: NVAE, data: Optional[dict[str, Any]], provenance: dict[str
 def export(checkpoint: str | Path, folder: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write the model directory of an nvae checkpoint; returns a summary."""
     from nvae.checkpoint import load_checkpoint
-    from nvae.pretrained import CONFIG, save_model_dir, sha256
+    from nvae.pretrained_save import check_destination, save_model_dir, sha256
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"'{folder}' is a file; name a folder to write the model directory to")
-    if (folder / CONFIG).exists() and not overwrite:
-        raise ValueError(f"'{folder}' already holds a model directory; pass --overwrite to replace it")
+    folder, source = Path(folder), Path(checkpoint)
+    check_destination(folder, overwrite, [source, source / WEIGHTS])  # before the work
     loaded = load_checkpoint(checkpoint, "cpu", use_ema=True)
     raw = load_checkpoint(checkpoint, "cpu", use_ema=False).model.state_dict() if loaded.weights == "ema" else None
-    provenance = {"source": Path(checkpoint).name, "sha256": sha256(Path(checkpoint)), "weights": loaded.weights}
+    provenance = {"source": source.name, "sha256": sha256(source), "weights": loaded.weights}
     save_model_dir(loaded.model, folder, raw, loaded.data, provenance, model_card(loaded.model, loaded.data, provenance),
-                   channels_last=bool(loaded.hparams.get("channels_last")))
+                   channels_last=bool(loaded.hparams.get("channels_last")), overwrite=overwrite,
+                   sources=[source, source / WEIGHTS])
     return {"checkpoint": str(checkpoint), "directory": str(folder), "weights": loaded.weights,
             "parameters": sum(p.numel() for p in loaded.model.parameters())}
 
