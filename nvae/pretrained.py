@@ -214,9 +214,4 @@ def load_model_dir(source: str | Path, device: str | torch.device = "cpu", use_e
     return LoadedCheckpoint(model, weights, hparams, config.get("data"), folder)
 
 
-def is_model_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a folder (where a model directory may be), as opposed to a checkpoint file."""
-    return Path(path).expanduser().is_dir()
-
-
-__all__ = ["ModelDirError", "load_model_dir", "is_model_dir", "read_config", "read_weights"]
+__all__ = ["ModelDirError", "load_model_dir", "read_config", "read_weights"]
