@@ -2,9 +2,9 @@
 
 Bottom-up encoder (stem, preprocessing, one tower over the latent scales, finest first) and a
 top-down decoder (learned constant h0, one :class:`LatentGroup` per group, coarsest first, then
-postprocessing and the likelihood head). A single top-down traversal, :meth:`NVAE._top_down`,
-serves training (posterior samples), sampling (prior samples at a temperature) and importance-
-weighted evaluation.
+postprocessing and the likelihood head). A single top-down traversal, :meth:`NVAE.traverse`,
+serves training (posterior samples), sampling (prior samples at a temperature), importance-weighted
+evaluation and, through its per-group hook (:mod:`nvae.groups`), the latent API and restoration.
 """
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from nvae.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombiner, FlowPair
 from nvae.arch import NVAEConfig
-from nvae.distributions import Bernoulli, DiscMixLogistic, Normal, dmol_channels
+from nvae.cells import DecoderCell, EncoderCell
+from nvae.distributions import Bernoulli, DiscMixLogistic, dmol_channels
+from nvae.groups import GroupHook, GroupPosterior, GroupView, LatentGroup
 from nvae.limits import check_structure
-from nvae.ops import CellStack, Conv2d, once_then_frozen, use_fused_ops
+from nvae.ops import CellStack, Conv2d, use_fused_ops
 from nvae.spec import ImageSpec
 
 Likelihood = Union[Bernoulli, DiscMixLogistic]
 CHECKPOINT_MODES = ("none", "cell", "group")
-__all__ = ["CHECKPOINT_MODES", "GroupPosterior", "LatentGroup", "NVAE", "NVAEConfig", "NVAEOutput"]
+__all__ = ["CHECKPOINT_MODES", "GroupHook", "GroupPosterior", "GroupView", "LatentGroup", "NVAE", "NVAEConfig",
+           "NVAEOutput"]
 
 
 @dataclass
@@ -41,84 +42,6 @@ class NVAEOutput:
     """(B,) log p(z) of the sampled latents under the hierarchical prior."""
     kl_channels: torch.Tensor
     """(G, L) KL of each latent channel of each group, summed over positions, batch mean (diagnostics)."""
-
-
-@dataclass
-class GroupPosterior:
-    """One latent group of an encoded batch (see :meth:`NVAE.encode`)."""
-
-    mean: torch.Tensor
-    """(B, L, h, w) posterior mean (before the flows, if any)."""
-    std: torch.Tensor
-    """(B, L, h, w) posterior standard deviation."""
-    z: torch.Tensor
-    """(B, L, h, w) the latent passed down: the mean (or a sample) pushed through the flows."""
-
-
-class LatentGroup(nn.Module):
-    """One latent group of the top-down path: decoder cells, prior, posterior, flows, combiner.
-
-    ``first`` marks the top group: no decoder cells before it, a fixed prior (mean 0, sigma 1.01:
-    :meth:`Normal.top_prior`) and a posterior read straight from the top of the encoder.
-    """
-
-    def __init__(self, cfg: NVAEConfig, enc_channels: int, dec_channels: int, first: bool) -> None:
-        super().__init__()
-        latent = cfg.num_latent_per_group
-        cells = 0 if first else cfg.num_cell_per_cond_dec
-        self.cells = CellStack(*[DecoderCell(dec_channels, dec_channels, cfg.decoder_expand, use_se=cfg.use_se)
-                                 for _ in range(cells)])
-        self.prior = None if first else nn.Sequential(nn.ELU(), Conv2d(dec_channels, 2 * latent, 1))
-        self.enc_combiner = None if first else EncoderCombiner(enc_channels, dec_channels)
-        self.posterior = Conv2d(enc_channels, 2 * latent, 3, padding=1)
-        self.flows = nn.Sequential(*[FlowPair(latent) for _ in range(cfg.num_flows)])
-        self.dec_combiner = DecoderCombiner(dec_channels, latent)
-        self.residual = cfg.residual_posterior
-        self.latent_channels = latent
-        self.checkpoint = False  # see forward
-
-    def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float,
-                z_shape: tuple[int, ...], z: torch.Tensor | None = None, use_mean: bool = False,
-                trace: list[GroupPosterior] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (new decoder state, KL map, log q map, log p map), maps of shape (B, L, h, w).
-
-        A given ``z`` is used as it is. Otherwise, with ``enc`` (the group's encoder feature) z
-        comes from the posterior (its mean when ``use_mean``; the posterior is appended to
-        ``trace`` if given); without, from the prior at ``temperature``. log q and KL are zero
-        unless z came from the posterior. With ``checkpoint`` set (and gradients on), the whole
-        group is recomputed in backward and only its inputs are kept; the recomputation draws the
-        same noise (the RNG state is restored) and leaves BatchNorm running statistics alone.
-        """
-        if self.checkpoint and torch.is_grad_enabled() and trace is None:
-            return checkpoint(once_then_frozen(self._forward, self), h, enc, temperature, z_shape, z, use_mean,
-                              use_reentrant=False)
-        return self._forward(h, enc, temperature, z_shape, z, use_mean, trace)
-
-    def _forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float, z_shape: tuple[int, ...],
-                 z: torch.Tensor | None, use_mean: bool, trace: list[GroupPosterior] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.cells(h)
-        # distributions in float32 even under autocast: KL and log-densities need the precision
-        prior_params = self.prior(h).float() if self.prior is not None else None
-        prior = Normal.from_params(prior_params) if prior_params is not None else \
-            Normal.top_prior(torch.zeros(z_shape, device=h.device))
-        if enc is None or z is not None:
-            z = prior.sample(temperature) if z is None else z.to(h.device, torch.float32)
-            zero = torch.zeros_like(z)
-            return self.dec_combiner(h, z), zero, zero, prior.log_prob(z)
-        if self.enc_combiner is not None:
-            enc = self.enc_combiner(enc, h)
-        delta = self.posterior(enc).float()
-        q = Normal.residual(prior_params, delta) if (self.residual and prior_params is not None) \
-            else Normal.from_params(delta)
-        z0 = q.mu if use_mean else q.sample()
-        log_q = q.log_prob(z0)
-        z = self.flows(z0)  # volume preserving: log q(z) = log q(z0)
-        if trace is not None:
-            trace.append(GroupPosterior(q.mu, q.sigma, z))
-        log_p = prior.log_prob(z)
-        kl = log_q - log_p if len(self.flows) > 0 else q.kl(prior)
-        return self.dec_combiner(h, z), kl, log_q, log_p
 
 
 class NVAE(nn.Module):
@@ -233,26 +156,22 @@ class NVAE(nn.Module):
         feats[0] = self.enc_top(feats[0])
         return feats
 
-    def _top_down(self, batch: int, feats: list[torch.Tensor] | None, temperature: float = 1.0,
-                  latents: Sequence[torch.Tensor | None] = (), use_mean: bool = False,
-                  trace: list[GroupPosterior] | None = None) -> NVAEOutput:
-        """The one top-down traversal: posterior samples when ``feats`` is given, prior samples otherwise.
+    def traverse(self, batch: int, feats: list[torch.Tensor] | None = None, temperature: float = 1.0,
+                 hook: GroupHook | None = None, use_mean: bool = False) -> NVAEOutput:
+        """The one top-down traversal: posterior samples when ``feats`` (:meth:`encode_features`) is
+        given, prior samples at ``temperature`` otherwise; ``use_mean`` takes posterior means.
 
-        ``latents[i]``, when given and not None, fixes group i's z; ``use_mean`` takes posterior
-        means instead of samples; ``trace`` collects each posterior (see :meth:`encode`).
+        ``hook`` is called on every group, top first, with a :class:`GroupView` (index, prior given
+        the latents above, posterior before the flows when encoding, flows) and returns the latent to
+        pass down, or None for the default choice. KL and log q count only default posterior choices.
         """
-        if len(latents) > self.num_groups:
-            raise ValueError(f"{len(latents)} latents given, the model has {self.num_groups} groups")
         h = self.h0.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, C, h, w)
         kls, kl_channels, log_q, log_p = [], [], 0.0, 0.0
         up = iter(self.dec_up)
         for i, (group, shape) in enumerate(zip(self.dec_groups, self._latent_shapes(batch))):
             if i > 0 and self.group_scale[i] != self.group_scale[i - 1]:
                 h = next(up)(h)
-            z = latents[i] if i < len(latents) else None
-            if z is not None and tuple(z.shape) != shape:
-                raise ValueError(f"latent of group {i} has shape {tuple(z.shape)}, expected {shape}")
-            h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape, z, use_mean, trace)
+            h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape, use_mean, hook, i)
             per_channel = kl.sum(dim=(2, 3))  # (B, L)
             kls.append(per_channel.sum(dim=1))
             kl_channels.append(per_channel.detach().mean(dim=0))
@@ -271,7 +190,7 @@ class NVAE(nn.Module):
     def forward(self, x: torch.Tensor, use_mean: bool = False) -> NVAEOutput:
         """Encode x (B, C, H, W) in [0, 1], sample the posterior (every group at its mean, pushed
         through the flows, with ``use_mean``), decode."""
-        return self._top_down(x.shape[0], self.encode_features(x), use_mean=use_mean)
+        return self.traverse(x.shape[0], self.encode_features(x), use_mean=use_mean)
 
     def log_likelihood(self, likelihood: Likelihood, x: torch.Tensor) -> torch.Tensor:
         """(B,) log p(x | z) over the image interior (the data's padding is not modelled)."""
@@ -319,7 +238,7 @@ class NVAE(nn.Module):
         ``mean`` returns the likelihood's mean instead of a sample from it; ``quantize`` rounds that
         mean to the bit grid or not (None: the likelihood's default, rounded for multi-bit data).
         """
-        out = self._top_down(num, None, temperature)
+        out = self.traverse(num, None, temperature)
         if not mean:
             return out.likelihood.sample()
         return out.likelihood.mean() if quantize is None else out.likelihood.mean(quantize=quantize)
@@ -333,7 +252,14 @@ class NVAE(nn.Module):
         retraces the same path.
         """
         trace: list[GroupPosterior] = []
-        self._top_down(x.shape[0], self.encode_features(x), use_mean=use_mean, trace=trace)
+
+        def record(view: GroupView) -> torch.Tensor:
+            q = view.posterior
+            z = view.flows(q.mu if use_mean else q.sample())
+            trace.append(GroupPosterior(q.mu, q.sigma, z))
+            return z
+
+        self.traverse(x.shape[0], self.encode_features(x), hook=record)
         return trace
 
     def decode(self, latents: Sequence[torch.Tensor | None], temperature: float = 1.0,
@@ -343,7 +269,10 @@ class NVAE(nn.Module):
         given = [z for z in latents if z is not None]
         if not given:
             raise ValueError("decode needs at least one latent; use sample() to draw every group from the prior")
-        out = self._top_down(given[0].shape[0], None, temperature, latents=latents)
+        if len(latents) > self.num_groups:
+            raise ValueError(f"{len(latents)} latents given, the model has {self.num_groups} groups")
+        out = self.traverse(given[0].shape[0], None, temperature,
+                            hook=lambda view: latents[view.index] if view.index < len(latents) else None)
         return out.likelihood.mean() if mean else out.likelihood.sample()
 
     def reconstruct(self, x: torch.Tensor, keep_groups: int | None = None, temperature: float = 1.0) -> torch.Tensor:

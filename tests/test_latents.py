@@ -102,3 +102,44 @@ def test_sample_cli_reconstruct_interpolate_encode(quickstart_checkpoint: Path, 
     assert len(saved["z"]) == out["num_groups"] and saved["z"][0].shape[0] == 3
     with pytest.raises(SystemExit, match="does not exist"):
         sample_main(["--checkpoint", ck, "--reconstruct", str(tmp_path / "missing.png")])
+
+
+def test_traverse_hook_sees_every_group_top_first_and_default_choice_matches_forward(tiny_rgb: NVAE) -> None:
+    """The public traversal's hook (issue 28): the posterior it sees is the one the model decodes with."""
+    model = tiny_rgb.eval()  # one flow per group: the hook's posterior is the pre-flow Gaussian
+    x = random_images(model.spec, n=2)
+    views = []
+
+    def means_through_flows(view):
+        views.append(view)
+        return view.flows(view.posterior.mu)
+
+    with torch.no_grad():
+        hooked = model.traverse(2, model.encode_features(x), hook=means_through_flows)
+        plain = model(x, use_mean=True)
+        default = model.traverse(2, model.encode_features(x), hook=lambda view: None, use_mean=True)
+    assert [v.index for v in views] == list(range(model.num_groups))
+    assert [v.shape for v in views] == model._latent_shapes(2)
+    # the same z in both: exactly the same decoder input, so the same likelihood parameters
+    torch.testing.assert_close(hooked.likelihood.mean(), plain.likelihood.mean(), rtol=0, atol=0)
+    torch.testing.assert_close(default.kl, plain.kl, rtol=0, atol=0)  # None: the default posterior choice
+    assert not torch.equal(views[0].flows(views[0].posterior.mu), views[0].posterior.mu)  # the flow acts
+
+
+def test_traverse_prior_in_the_view_is_conditional_on_the_latents_chosen_above(fitted: NVAE) -> None:
+    priors: dict[float, list] = {}
+    for scale in (0.0, 3.0):
+        seen = []
+
+        def top_fixed(view, scale=scale, seen=seen):
+            seen.append(view.prior)
+            assert view.posterior is None  # decoding: no posterior
+            return torch.full(view.shape, scale) if view.index == 0 else view.prior.mu
+
+        with torch.no_grad():
+            fitted.traverse(1, None, hook=top_fixed)
+        priors[scale] = seen
+    torch.testing.assert_close(priors[0.0][0].mu, priors[3.0][0].mu)  # the top prior is fixed
+    assert not torch.allclose(priors[0.0][1].mu, priors[3.0][1].mu)  # group 1's prior follows group 0's z
+    with pytest.raises(ValueError, match="latent of group 1 has shape"):
+        fitted.traverse(1, None, hook=lambda view: torch.zeros(1, 1, 1, 1) if view.index == 1 else None)

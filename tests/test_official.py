@@ -90,7 +90,7 @@ def test_converted_model_computes_the_official_function(case: str, name: str, fo
     mean = unrounded_mean(out.likelihood)
     torch.testing.assert_close(mean, ref["recon_mean"], rtol=0, atol=1e-4)
     with torch.no_grad():
-        prior = model._top_down(x.shape[0], None, temperature=0.0)  # the likelihood of sample(B, temperature=0)
+        prior = model.traverse(x.shape[0], None, temperature=0.0)  # the likelihood of sample(B, temperature=0)
         images = model.sample(x.shape[0], temperature=0.0)
     torch.testing.assert_close(unrounded_mean(prior.likelihood), ref["sample_mean_t0"], rtol=0, atol=1e-4)
     # sample() returns nvae's mean: on the bit grid for multi-bit data, so within half a grid step
