@@ -6,6 +6,7 @@ re-execute itself with tcmalloc preloaded), then imports torch and its command m
     train     (nvae-train,   python train.py)     the LightningCLI over NVAEModule and the data modules
     sample    (nvae-sample,  python sample.py)    images, and the latent API (latent)
     evaluate  (nvae-eval,    python evaluate.py)  nll, recon, and fid (fid)
+    restore   (nvae-restore, python restore.py)   image restoration with the model as the prior (restore_io)
     convert   (nvae-convert, python -m nvae.cli.convert)  an official checkpoint as an nvae one
     export    (nvae-export,  python -m nvae.cli.export)   an nvae checkpoint as a model directory
     common    what several commands share: device and data arguments, loading a checkpoint, Fabric
@@ -45,6 +46,14 @@ def nvae_eval() -> None:
     """``python evaluate.py`` / ``nvae-eval``: see :func:`nvae.cli.evaluate.main`."""
     select_allocator(_program())
     from nvae.cli.evaluate import main
+
+    main()
+
+
+def nvae_restore() -> None:
+    """``python restore.py`` / ``nvae-restore``: see :func:`nvae.cli.restore.main`."""
+    select_allocator(_program())
+    from nvae.cli.restore import main
 
     main()
 

@@ -60,15 +60,17 @@ def per_image_nll(model: NVAE, dataset: Any, indices: Sequence[int], num_samples
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
 
 
-def gather_rows(rows: torch.Tensor, total: int, world_size: int, all_gather: Optional[Any] = None) -> torch.Tensor:
-    """Every process's rows, (total, 3) sorted by image index; ``all_gather`` (e.g. Fabric's) collects
-    equally sized tensors, so each process pads its rows to ceil(total / world_size) with index -1."""
+def gather_rows(rows: torch.Tensor, total: int, world_size: int, all_gather: Optional[Any] = None,
+                per_item: int = 1) -> torch.Tensor:
+    """Every process's rows (index first, then any number of columns), (total, columns) sorted by index;
+    ``all_gather`` (e.g. Fabric's) collects equally sized tensors, so each process pads its rows with
+    index -1 to the most a process holds: ceil(total / per_item / world_size) items of ``per_item`` rows."""
     if world_size > 1:
         assert all_gather is not None
-        size = math.ceil(total / world_size)
-        padded = torch.full((size, 3), -1.0, dtype=torch.float64, device=rows.device)
+        size, width = math.ceil(total / per_item / world_size) * per_item, rows.shape[1]
+        padded = torch.full((size, width), -1.0, dtype=torch.float64, device=rows.device)
         padded[:rows.shape[0]] = rows
-        rows = all_gather(padded).reshape(-1, 3).cpu()  # (world_size * size, 3)
+        rows = all_gather(padded).reshape(-1, width).cpu()  # (world_size * size, width)
         rows = rows[rows[:, 0] >= 0]
     rows = rows[rows[:, 0].argsort()]
     if not torch.equal(rows[:, 0], torch.arange(total, dtype=torch.float64)):

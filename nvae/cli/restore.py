@@ -1,0 +1,207 @@
+"""`restore.py` / `nvae-restore`: restore images with a trained NVAE as the prior (issue 28; PnP-HVAE,
+Prost et al., ICCV 2023), and score the restorations.
+
+    nvae-restore --checkpoint CKPT|DIR --images DIR|NPZ --operator inpaint-box --sigma 0.05 --output OUT
+    nvae-restore --checkpoint CKPT|DIR --observed DIR|NPZ [--mask PNG] [--clean DIR|NPZ] --operator sr:2 ...
+
+With ``--images`` the clean images are degraded by the operator and seeded noise, then restored and
+scored (PSNR, SSIM, and LPIPS with ``--lpips-weights``); with ``--observed`` the images are already
+degraded. OUT receives grid.png (observation | restorations | clean), images/NNNNNN.png (image i's
+restoration s is number i * N + s), scores.csv (one row per restoration); the last line printed is one
+JSON object. ``--devices 2 --strategy ddp`` shares the images between processes (per-image seeds: the
+same numbers as one process).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from nvae.checkpoint import load_checkpoint
+from nvae.cli import restore_io as io
+from nvae.cli.common import add_processes, device_arg, end_distributed, launch, positive_int, resolve_device, seed_arg
+from nvae.cli.outputs import json_line, one_line_errors, save_grid, save_png, save_text
+from nvae.limits import check_batch
+from nvae.metrics.images import _read_image
+from nvae.metrics.likelihood import gather_rows
+from nvae.restore.baselines import degraded
+from nvae.restore.operators import OPERATOR_NAMES
+from nvae.restore.pnp import PnPSettings
+from nvae.restore.run import METHODS, Method, observe, restore
+from nvae.restore.scores import LPIPS_NETS, load_lpips, psnr, ssim
+
+PROG = "nvae-restore"
+COLUMNS = ["row", "image", "sample", "psnr", "ssim", "lpips", "iterations", "seconds"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="an nvae checkpoint or model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images",
+                     help="clean images (folder or .npz) to degrade with --operator and --sigma, then restore")
+    src.add_argument("--observed", help="degraded images (folder or .npz) to restore")
+    p.add_argument("--clean", help="with --observed: the clean images, to score the restorations")
+    p.add_argument("--mask", help="inpainting mask image (0 missing, anything else observed) instead of --operator")
+    p.add_argument("--operator", default="inpaint-box",
+                   help=f"{', '.join(OPERATOR_NAMES)}; e.g. inpaint-random:0.5, inpaint-half:top, sr:4, blur:9,2.0")
+    p.add_argument("--sigma", type=io.positive_float, default=0.05,
+                   help="standard deviation of the observation noise, images in [0, 1]")
+    p.add_argument("--method", choices=METHODS, default="pnp")
+    p.add_argument("--sigma-dec", type=io.positive_float, default=0.3, help="PnP: the decoder's constant sigma")
+    p.add_argument("--beta", type=io.positive_float, default=1.0, help="PnP: the weight of log p(x|z)")
+    p.add_argument("--temperature", type=io.temperature_schedule, default=(1.0, 1.0), metavar="T|FIRST:LAST",
+                   help="prior temperature, or linear from the top group to the last")
+    p.add_argument("--iterations", type=positive_int, default=30, help="PnP iterations or Adam steps")
+    p.add_argument("--tol", type=float, default=1e-4, help="PnP: stop when the relative change of x stays below")
+    p.add_argument("--patience", type=positive_int, default=3, help="PnP: ... for this many iterations")
+    p.add_argument("--lr", type=io.positive_float, default=0.05, help="Adam's learning rate")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="PnP sampling mode: N restorations per image")
+    p.add_argument("--num-images", type=positive_int, default=None, help="the first N images (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="images per pass")
+    p.add_argument("--grid-rows", type=positive_int, default=8, help="images shown in grid.png")
+    p.add_argument("--lpips-weights", help=f"torchvision backbone weights for LPIPS ({', '.join(LPIPS_NETS.values())})")
+    p.add_argument("--lpips-net", choices=list(LPIPS_NETS), default="alex")
+    p.add_argument("--output", default="restored", help="folder for grid.png, images/ and scores.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --output")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=seed_arg, default=0, help="observation noise, random masks, sampling mode")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights even if the checkpoint has EMA weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_processes(p)
+    return p
+
+
+def _method(args: argparse.Namespace) -> Method:
+    settings = PnPSettings(sigma=args.sigma, sigma_dec=args.sigma_dec, beta=args.beta, temperature=args.temperature,
+                           iterations=args.iterations, tol=args.tol, patience=args.patience)
+    return Method(args.method, settings, args.num_samples, args.lr, args.seed)
+
+
+def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    if args.clean and not args.observed:
+        raise ValueError("--clean goes with --observed (with --images the images themselves are the clean ones)")
+    method = _method(args)
+    fabric = launch(args)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    device = fabric.device if fabric is not None else resolve_device(args.device)
+    out = Path(args.output)
+    stale = io.check_output(out, args.overwrite)
+    model = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema).model
+    check_batch(model.spec, model.cfg, args.batch_size * args.num_samples, "--batch-size")
+    shape = io.image_shape(model)
+    op = io.operator(args, shape)
+    clean = io.clean_images(args.images or args.clean, "--images" if args.images else "--clean", model,
+                            args.num_images) if (args.images or args.clean) else None
+    observed = io.observed_images(args.observed, op, shape, args.num_images) if args.observed else None
+    if observed is not None and clean is not None and clean.shape[0] != observed.shape[0]:
+        raise ValueError(f"--clean has {clean.shape[0]} images, --observed {observed.shape[0]}")
+    lpips = load_lpips(args.lpips_weights, args.lpips_net, min(shape[1:])) \
+        if args.lpips_weights and clean is not None else None
+    n, k = (observed if observed is not None else clean).shape[0], method.num_samples
+    mine = list(range(rank, n, world))
+    bar = tqdm(total=len(mine), desc=f"{method.name} {args.operator if not args.mask else 'mask'}", unit="img",
+               disable=args.quiet or rank != 0)
+    rows = []
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start:start + args.batch_size]
+        began = time.perf_counter()
+        y = observed[idx].to(device) if observed is not None else observe(op, clean[idx].to(device), args.sigma,
+                                                                          idx, args.seed)
+        with torch.no_grad():
+            restored, iterations = restore(model, op, y, idx, method,
+                                           progress=lambda it: bar.set_postfix(iteration=it, refresh=False))
+        seconds = (time.perf_counter() - began) / len(idx)
+        for b, i in enumerate(idx):
+            for s in range(k):
+                png = (restored[b, s].clamp(0, 1) * 255).round().byte().cpu()
+                save_png(png, out / "images" / f"{i * k + s:06d}.png")
+            scores = [float("nan")] * 3
+            if clean is not None:
+                truth = clean[i:i + 1].to(device).expand(k, -1, -1, -1)
+                scores = [psnr(restored[b], truth), ssim(restored[b], truth),
+                          lpips(restored[b], truth) if lpips is not None else torch.full((k,), float("nan"))]
+            for s in range(k):
+                rows.append([i * k + s, i, s, *(float(v[s]) if torch.is_tensor(v) else v for v in scores),
+                             int(iterations[b, s]), seconds])
+        bar.update(len(idx))
+    bar.close()
+    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(COLUMNS))
+    table = gather_rows(table.to(device), n * k, world, fabric.all_gather if fabric is not None else None, per_item=k)
+    if rank != 0:
+        return None
+    for p in stale:  # an earlier run's images that this run did not replace
+        if not (out / "images" / p.name).exists() or int(p.stem) >= n * k:
+            p.unlink(missing_ok=True)
+    _write_scores(table, out / "scores.csv", clean is not None, lpips is not None)
+    _write_grid(out, op, clean, observed, args, model.spec.channels, k)
+    return _summary(table, args, method, world, clean is not None, lpips is not None, n)
+
+
+def _write_scores(table: torch.Tensor, path: Path, scored: bool, with_lpips: bool) -> None:
+    columns = ["image", "sample", "file", "iterations", "seconds"] + (["psnr", "ssim"] if scored else []) + \
+        (["lpips"] if with_lpips else [])
+    lines = [",".join(columns)]
+    for row, image, sample, p, s, lp, it, sec in table.tolist():
+        values = [f"{int(image)}", f"{int(sample)}", f"images/{int(row):06d}.png", f"{int(it)}", f"{sec:.4f}"]
+        values += [f"{p:.4f}", f"{s:.5f}"] if scored else []
+        values += [f"{lp:.5f}"] if with_lpips else []
+        lines.append(",".join(values))
+    save_text("\n".join(lines) + "\n", path)
+
+
+def _write_grid(out: Path, op: Any, clean: Optional[torch.Tensor], observed: Optional[torch.Tensor],
+                args: argparse.Namespace, channels: int, k: int) -> None:
+    """grid.png: one row per image (the first --grid-rows): observation (as an image), restorations, clean."""
+    rows = min(args.grid_rows, (observed if observed is not None else clean).shape[0])
+    idx = list(range(rows))
+    y = observed[idx] if observed is not None else observe(op, clean[idx], args.sigma, idx, args.seed)
+    tiles = []
+    for i in idx:
+        tiles.append(degraded(op, y[i:i + 1])[0])
+        for s in range(k):
+            img = torch.from_numpy(_read_image(out / "images" / f"{i * k + s:06d}.png").copy()).permute(2, 0, 1)
+            tiles.append(img[:channels].float() / 255.0)
+        if clean is not None:
+            tiles.append(clean[i])
+    save_grid(torch.stack(tiles), out / "grid.png", nrow=1 + k + (clean is not None))
+
+
+def _summary(table: torch.Tensor, args: argparse.Namespace, method: Method, world: int, scored: bool,
+             with_lpips: bool, n: int) -> dict[str, Any]:
+    _, _, _, p, s, lp, it, sec = table.T
+    result: dict[str, Any] = {"method": method.name, "operator": "mask" if args.mask else args.operator,
+                              "sigma": args.sigma, "num_images": n, "num_samples": method.num_samples}
+    if scored:
+        result.update(psnr=round(p.mean().item(), 4), ssim=round(s.mean().item(), 5))
+    if with_lpips:
+        result["lpips"] = round(lp.mean().item(), 5)
+    result.update(seconds_per_image=round(sec.mean().item() / method.num_samples, 4),
+                  iterations=round(it.mean().item(), 2), processes=world, output=args.output)
+    if method.name == "pnp":
+        st = method.settings
+        result.update(sigma_dec=st.sigma_dec, beta=st.beta, temperature=list(st.temperature),
+                      max_iterations=st.iterations)
+    scores = f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}" if scored else "no clean images: no scores"
+    print(f"{method.name} on {result['operator']} (sigma {args.sigma:g}), {n} image(s): {scores}; "
+          f"{result['seconds_per_image']:.3f} s per image -> {args.output}/")
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    with one_line_errors(PROG):
+        try:
+            result = run(args)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"{PROG}: error: {err}") from None
+        finally:
+            end_distributed()
+    if result is not None:
+        print(json_line(result, PROG))
+    return result

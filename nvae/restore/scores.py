@@ -1,0 +1,71 @@
+"""Image quality of restorations against the clean images: PSNR and SSIM (torchmetrics, data range 1)
+and LPIPS (Zhang et al., CVPR 2018) from a local backbone weights file, nothing downloaded.
+
+LPIPS needs two sets of weights: its linear heads ship inside torchmetrics; its backbone (AlexNet or
+VGG-16 on ImageNet) is torchvision's, which torchvision would download. :func:`load_lpips` reads the
+backbone from a file the user names instead (torchvision's ``alexnet-owt-7be5be79.pth`` or
+``vgg16-397923af.pth``, read with ``weights_only=True``), its keys and shapes checked exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+LPIPS_NETS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+LPIPS_MIN_SIZE = {"alex": 31, "vgg": 16}  # smaller images vanish in the backbone's pooling (measured)
+
+
+def psnr(estimate: Tensor, clean: Tensor) -> Tensor:
+    """(B,) PSNR in dB of images (B, C, H, W) in [0, 1] (estimates clamped to it)."""
+    return peak_signal_noise_ratio(estimate.clamp(0, 1).double(), clean.double(), data_range=1.0,
+                                   reduction="none", dim=(1, 2, 3))
+
+
+def ssim(estimate: Tensor, clean: Tensor) -> Tensor:
+    """(B,) SSIM (Gaussian window 11, sigma 1.5) of images (B, C, H, W) in [0, 1]."""
+    return structural_similarity_index_measure(estimate.clamp(0, 1).double(), clean.double(), data_range=1.0,
+                                               reduction="none")
+
+
+def load_lpips(path: str | Path, net: str = "alex", size: int = 256) -> Callable[[Tensor, Tensor], Tensor]:
+    """LPIPS(estimate, clean) -> (B,) for images of ``size`` pixels, the backbone read from ``path``;
+    ValueError naming the file when it is not that backbone's state dict, or the size when too small."""
+    from torchmetrics.functional.image.lpips import _LPIPS
+
+    if net not in LPIPS_NETS:
+        raise ValueError(f"LPIPS network '{net}' is not one of {', '.join(LPIPS_NETS)}")
+    if size < LPIPS_MIN_SIZE[net]:
+        raise ValueError(f"LPIPS ({net}) needs images of at least {LPIPS_MIN_SIZE[net]} pixels a side, these have "
+                         f"{size}; leave out --lpips-weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--lpips-weights '{path}' does not exist") from None
+    except Exception as err:  # unpickling refused or a damaged file: one line naming it
+        raise ValueError(f"--lpips-weights '{path}' is not a weights file torch can read safely: "
+                         f"{str(err).splitlines()[0]}") from None
+    metric = _LPIPS(pretrained=True, net=net, pnet_rand=True).eval()  # linear heads from torchmetrics
+    wanted = {}
+    for name, param in metric.net.named_parameters():  # 'slice2.3.weight' is the backbone's 'features.3.weight'
+        key = "features." + name.split(".", 1)[1]
+        if not isinstance(state, dict) or key not in state or tuple(state[key].shape) != tuple(param.shape):
+            raise ValueError(f"--lpips-weights '{path}' is not torchvision's {net} weights "
+                             f"({LPIPS_NETS[net]}): no '{key}' of shape {tuple(param.shape)}")
+        wanted[name] = state[key]
+    metric.net.load_state_dict(wanted)
+    for p in metric.parameters():
+        p.requires_grad_(False)
+
+    def score(estimate: Tensor, clean: Tensor) -> Tensor:
+        a, b = estimate.clamp(0, 1).float(), clean.float()
+        if a.shape[1] == 1:  # gray: the backbone sees three equal channels
+            a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+        metric.to(a.device)
+        with torch.no_grad():
+            return metric(2 * a - 1, 2 * b - 1).flatten()  # LPIPS reads [-1, 1]
+
+    return score
