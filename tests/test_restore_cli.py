@@ -96,7 +96,9 @@ def test_errors_are_one_line_and_name_the_problem(quickstart_checkpoint: Path, d
     small.mkdir()
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(small / "a.png")
     rgb = tmp_path / "rgb.npz"
-    np.savez(rgb, images=np.zeros((2, 28, 28, 3), np.uint8))
+    colour = np.zeros((2, 28, 28, 3), np.uint8)
+    colour[..., 0] = 255  # gray images stored as RGB (three equal channels) are accepted; colour ones are not
+    np.savez(rgb, images=colour)
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mask.png")
     base = ["--checkpoint", ck, "--quiet", "--output", str(tmp_path / "o")]
     cases = {

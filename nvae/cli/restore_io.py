@@ -37,6 +37,8 @@ def read_images(path: str, option: str, shape: tuple[int, ...], num: Optional[in
         raise ValueError(f"{option}: {err}") from None
     if num is not None:
         images = images[:num]
+    if shape[0] == 1 and images.shape[1] == 3 and bool((images == images[:, :1]).all()):
+        images = images[:, :1]  # gray stored as RGB (as torchvision's save_image writes gray images)
     channels = images.shape[1]
     if channels != shape[0]:
         raise ValueError(f"{option} '{path}': the images have {channels} channel(s), the model {shape[0]}")
