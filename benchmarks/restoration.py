@@ -4,9 +4,9 @@ every baseline, per operator, on the 500 test digits (issue 28; the table of doc
     python benchmarks/restoration.py --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt
         [--num-images 500] [--threads 2] [--operators inpaint-box sr:2 ...] [--output restoration_runs]
 
-The test split, as the model sees it (28 x 28 binarized digits), is written to OUTPUT/digits.npz; then
-``nvae-restore`` runs once per operator and method with the settings of :data:`PROTOCOL` (each run's
-command is printed, to rerun on its own). Ends with a markdown table and one JSON line.
+``nvae-restore --split test`` (the digits as the model sees them: 28 x 28, binarized with a per-image
+seed) runs once per operator and method with the settings of :data:`PROTOCOL`; each run's command is
+printed, to rerun on its own. Ends with a markdown table and one JSON line.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 # operator, sigma, PnP options. Chosen on 64 *training* digits (benchmarks/restoration.py --split train):
@@ -45,24 +44,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="train: the digits the settings were chosen on")
     p.add_argument("--threads", type=int, default=2, help="torch threads (no more than idle cores)")
     p.add_argument("--operators", nargs="+", default=[op for op, _, _ in PROTOCOL])
-    p.add_argument("--output", default="restoration_runs", help="folder for the digits and every run's outputs")
+    p.add_argument("--output", default="restoration_runs", help="folder for every run's outputs")
     return p.parse_args(argv)
-
-
-def write_digits(checkpoint: str, split: str, num: int, path: Path) -> None:
-    """The split's first ``num`` digits as the model sees them, without the padding, as uint8 (N, 1, H, W)."""
-    from nvae.checkpoint import build_datamodule, load_checkpoint
-
-    loaded = load_checkpoint(checkpoint)
-    dm = build_datamodule(loaded.data, num_workers=0)
-    dm.setup("fit" if split == "train" else "test")
-    dataset = dm.train_set if split == "train" else dm.test_set
-    pad = loaded.model.spec.pad
-    items = [dataset[i] for i in range(min(num, len(dataset)))]
-    x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
-    x = x[..., pad:-pad, pad:-pad] if pad else x
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, images=(x * 255).round().byte().numpy())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
@@ -71,10 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     from nvae.cli.restore import main as restore
 
     out = Path(args.output)
-    digits = out / f"digits_{args.split}.npz"
-    write_digits(args.checkpoint, args.split, args.num_images, digits)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} thread(s); {args.num_images} {args.split} digits -> {digits}")
+          f"{torch.get_num_threads()} thread(s); the first {args.num_images} {args.split} digits")
     results = []
     for operator, sigma, pnp in PROTOCOL:
         if operator not in args.operators:
@@ -82,7 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         for method, options in METHODS:
             options = pnp if options is None else options
             folder = out / f"{operator.replace(':', '_').replace(',', '_')}-{method}"
-            cmd = ["--checkpoint", args.checkpoint, "--images", str(digits), "--operator", operator,
+            cmd = ["--checkpoint", args.checkpoint, "--split", args.split, "--num-images", str(args.num_images),
+                   "--operator", operator,
                    "--sigma", str(sigma), "--method", method, "--iterations", str(ITERATIONS), *options,
                    "--output", str(folder), "--overwrite", "--quiet", "--device", "cpu"]
             print("nvae-restore " + shlex.join(cmd), flush=True)

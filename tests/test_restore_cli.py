@@ -70,6 +70,18 @@ def test_restore_writes_grid_images_scores_and_one_json_line(quickstart_checkpoi
     assert "already holds" in message and "--overwrite" in message
 
 
+def test_the_checkpoints_own_split_reads_the_same_digits_in_every_run(quickstart_checkpoint: Path,
+                                                                       tmp_path: Path) -> None:
+    """--split test: the bundled digits, dynamically binarized with a per-image seed (the same each run)."""
+    base = ["--checkpoint", str(quickstart_checkpoint), "--split", "test", "--operator", "inpaint-half",
+            "--iterations", "2", "--quiet", "--num-images", "3"]
+    a = main(base + ["--output", str(tmp_path / "a")])
+    b = main(base + ["--output", str(tmp_path / "b"), "--batch-size", "1"])
+    assert a["num_images"] == 3 and a["psnr"] == pytest.approx(b["psnr"], abs=1e-4)
+    main(base[:-1] + ["2", "--output", str(tmp_path / "a"), "--overwrite"])  # fewer images: the third one goes
+    assert sorted(p.name for p in (tmp_path / "a" / "images").iterdir()) == ["000000.png", "000001.png"]
+
+
 def test_observed_images_with_a_mask_file_and_their_clean_images(quickstart_checkpoint: Path, digits: Path,
                                                                  tmp_path: Path) -> None:
     mask = np.full((28, 28), 255, np.uint8)

@@ -2,9 +2,10 @@
 Prost et al., ICCV 2023), and score the restorations.
 
     nvae-restore --checkpoint CKPT|DIR --images DIR|NPZ --operator inpaint-box --sigma 0.05 --output OUT
+    nvae-restore --checkpoint CKPT|DIR --split test --num-images 8 --operator sr:2 ...
     nvae-restore --checkpoint CKPT|DIR --observed DIR|NPZ [--mask PNG] [--clean DIR|NPZ] --operator sr:2 ...
 
-With ``--images`` the clean images are degraded by the operator and seeded noise, then restored and
+With ``--images`` (or ``--split``, the checkpoint's own data) the clean images are degraded by the operator and seeded noise, then restored and
 scored (PSNR, SSIM, and LPIPS with ``--lpips-weights``); with ``--observed`` the images are already
 degraded. OUT receives grid.png (observation | restorations | clean), images/NNNNNN.png (image i's
 restoration s is number i * N + s), scores.csv (one row per restoration); the last line printed is one
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images",
                      help="clean images (folder or .npz) to degrade with --operator and --sigma, then restore")
+    src.add_argument("--split", choices=["test", "val", "train"],
+                     help="like --images, the clean images of this split of the checkpoint's own data set")
     src.add_argument("--observed", help="degraded images (folder or .npz) to restore")
     p.add_argument("--clean", help="with --observed: the clean images, to score the restorations")
     p.add_argument("--mask", help="inpainting mask image (0 missing, anything else observed) instead of --operator")
@@ -85,19 +88,22 @@ def _method(args: argparse.Namespace) -> Method:
 
 def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if args.clean and not args.observed:
-        raise ValueError("--clean goes with --observed (with --images the images themselves are the clean ones)")
+        raise ValueError("--clean goes with --observed (with --images or --split the images are the clean ones)")
     method = _method(args)
     fabric = launch(args)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = fabric.device if fabric is not None else resolve_device(args.device)
     out = Path(args.output)
     stale = io.check_output(out, args.overwrite)
-    model = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema).model
+    loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    model = loaded.model
     check_batch(model.spec, model.cfg, args.batch_size * args.num_samples, "--batch-size")
     shape = io.image_shape(model)
     op = io.operator(args, shape)
     clean = io.clean_images(args.images or args.clean, "--images" if args.images else "--clean", model,
                             args.num_images) if (args.images or args.clean) else None
+    if args.split:
+        clean = io.SplitImages(loaded.data, args.split, model, args.num_images, args.seed)
     observed = io.observed_images(args.observed, op, shape, args.num_images) if args.observed else None
     if observed is not None and clean is not None and clean.shape[0] != observed.shape[0]:
         raise ValueError(f"--clean has {clean.shape[0]} images, --observed {observed.shape[0]}")
@@ -111,8 +117,8 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     for start in range(0, len(mine), args.batch_size):
         idx = mine[start:start + args.batch_size]
         began = time.perf_counter()
-        y = observed[idx].to(device) if observed is not None else observe(op, clean[idx].to(device), args.sigma,
-                                                                          idx, args.seed)
+        truth = clean[idx].to(device) if clean is not None else None
+        y = observed[idx].to(device) if observed is not None else observe(op, truth, args.sigma, idx, args.seed)
         with torch.no_grad():
             restored, iterations = restore(model, op, y, idx, method,
                                            progress=lambda it: bar.set_postfix(iteration=it, refresh=False))
@@ -123,9 +129,9 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
                 save_png(png, out / "images" / f"{i * k + s:06d}.png")
             scores = [float("nan")] * 3
             if clean is not None:
-                truth = clean[i:i + 1].to(device).expand(k, -1, -1, -1)
-                scores = [psnr(restored[b], truth), ssim(restored[b], truth),
-                          lpips(restored[b], truth) if lpips is not None else torch.full((k,), float("nan"))]
+                ref = truth[b:b + 1].expand(k, -1, -1, -1)
+                scores = [psnr(restored[b], ref), ssim(restored[b], ref),
+                          lpips(restored[b], ref) if lpips is not None else torch.full((k,), float("nan"))]
             for s in range(k):
                 rows.append([i * k + s, i, s, *(float(v[s]) if torch.is_tensor(v) else v for v in scores),
                              int(iterations[b, s]), seconds])
@@ -135,8 +141,8 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     table = gather_rows(table.to(device), n * k, world, fabric.all_gather if fabric is not None else None, per_item=k)
     if rank != 0:
         return None
-    for p in stale:  # an earlier run's images that this run did not replace
-        if not (out / "images" / p.name).exists() or int(p.stem) >= n * k:
+    for p in stale:  # an earlier run's images (or temporary files) that this run did not replace
+        if not p.stem.isdigit() or int(p.stem) >= n * k:
             p.unlink(missing_ok=True)
     _write_scores(table, out / "scores.csv", clean is not None, lpips is not None)
     _write_grid(out, op, clean, observed, args, model.spec.channels, k)
@@ -155,12 +161,13 @@ def _write_scores(table: torch.Tensor, path: Path, scored: bool, with_lpips: boo
     save_text("\n".join(lines) + "\n", path)
 
 
-def _write_grid(out: Path, op: Any, clean: Optional[torch.Tensor], observed: Optional[torch.Tensor],
+def _write_grid(out: Path, op: Any, clean: Any, observed: Optional[torch.Tensor],
                 args: argparse.Namespace, channels: int, k: int) -> None:
     """grid.png: one row per image (the first --grid-rows): observation (as an image), restorations, clean."""
     rows = min(args.grid_rows, (observed if observed is not None else clean).shape[0])
     idx = list(range(rows))
-    y = observed[idx] if observed is not None else observe(op, clean[idx], args.sigma, idx, args.seed)
+    truth = clean[idx] if clean is not None else None
+    y = observed[idx] if observed is not None else observe(op, truth, args.sigma, idx, args.seed)
     tiles = []
     for i in idx:
         tiles.append(degraded(op, y[i:i + 1])[0])
@@ -168,7 +175,7 @@ def _write_grid(out: Path, op: Any, clean: Optional[torch.Tensor], observed: Opt
             img = torch.from_numpy(_read_image(out / "images" / f"{i * k + s:06d}.png").copy()).permute(2, 0, 1)
             tiles.append(img[:channels].float() / 255.0)
         if clean is not None:
-            tiles.append(clean[i])
+            tiles.append(truth[i])
     save_grid(torch.stack(tiles), out / "grid.png", nrow=1 + k + (clean is not None))
 
 

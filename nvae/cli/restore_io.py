@@ -17,6 +17,7 @@ from nvae.data.base import DataError, quantize
 from nvae.data.files import read_image
 from nvae.metrics.images import load_images
 from nvae.model import NVAE
+from nvae.sampling import image_seed
 from nvae.restore.operators import Mask, Operator, parse_operator
 
 OUTPUT_FILES = ("grid.png", "scores.csv")
@@ -55,6 +56,39 @@ def clean_images(path: str, option: str, model: NVAE, num: Optional[int]) -> Ten
     if images.shape[0] == 0:
         raise ValueError(f"{option} '{path}': no images")
     return quantize(images, model.spec.num_bits)
+
+
+class SplitImages:
+    """Clean images from a split of the checkpoint's recorded data module (an allowed class, nothing
+    downloaded), read when indexed, as the model sees them without the padding: (N, C, H, W) floats on
+    the bit grid. A random transform (dynamic binarization) draws image i's randomness from a generator
+    seeded by i, so every process and every run sees the same images."""
+
+    def __init__(self, data: Optional[dict], split: str, model: NVAE, num: Optional[int], seed: int) -> None:
+        from nvae.checkpoint import build_datamodule
+
+        try:
+            dm = build_datamodule(data, num_workers=0)
+            dm.setup("fit" if split == "train" else "test")
+        except (FileNotFoundError, DataError) as err:
+            raise ValueError(f"--split {split}: {err}") from None
+        self.dataset = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}[split]
+        if self.dataset is None or len(self.dataset) == 0:
+            raise ValueError(f"--split {split}: the checkpoint's data module has no {split} images")
+        n = len(self.dataset) if num is None else min(num, len(self.dataset))
+        self.shape = (n, *image_shape(model))
+        self.pad, self.seed = model.spec.pad, seed
+
+    def _one(self, i: int) -> Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(image_seed(self.seed, i))
+            item = self.dataset[i]
+        x = item[0] if isinstance(item, (list, tuple)) else item
+        return x[..., self.pad:-self.pad, self.pad:-self.pad] if self.pad else x
+
+    def __getitem__(self, index: list[int] | slice) -> Tensor:
+        indices = range(self.shape[0])[index] if isinstance(index, slice) else index
+        return torch.stack([self._one(i) for i in indices])
 
 
 def read_mask(path: str, shape: tuple[int, ...]) -> Mask:
