@@ -1,4 +1,5 @@
-"""Console entry points (issues 6, 16): nvae-train / -sample / -eval / -convert exist, run, document options."""
+"""Console entry points (issues 6, 16, 27, 28): nvae-train / -sample / -eval / -convert / -export / -restore
+exist, run, document options."""
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,12 @@ import nvae.data as data_modules
 from nvae.cli.evaluate import build_parser as eval_parser
 from nvae.lightning import NVAEModule
 from nvae.model import NVAEConfig
+from nvae.cli.restore import build_parser as restore_parser
 from nvae.cli.sample import build_parser as sample_parser
 
-SCRIPTS = {"nvae-train": "nvae.cli:nvae_train", "nvae-sample": "nvae.cli:nvae_sample", "nvae-eval": "nvae.cli:nvae_eval",
-           "nvae-convert": "nvae.cli:nvae_convert"}
+SCRIPTS = {"nvae-train": "nvae.cli:nvae_train", "nvae-sample": "nvae.cli:nvae_sample",
+           "nvae-eval": "nvae.cli:nvae_eval", "nvae-convert": "nvae.cli:nvae_convert", "nvae-export": "nvae.cli:nvae_export",
+           "nvae-restore": "nvae.cli:nvae_restore"}
 
 
 def test_console_scripts_are_declared() -> None:
@@ -34,6 +37,7 @@ def test_console_scripts_are_declared() -> None:
     ("nvae-eval", ["nll", "--help"], "--num-importance-samples"),
     ("nvae-eval", ["nll", "--help"], "--dmol-bins"),
     ("nvae-convert", ["--help"], "--data-root"),
+    ("nvae-restore", ["--help"], "--lpips-weights"),
 ])
 def test_entry_point_help_runs(script: str, args: list[str], expect: str) -> None:
     exe = shutil.which(script, path=str(Path(sys.executable).parent))
@@ -54,8 +58,8 @@ def _argparse_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return actions
 
 
-def test_every_sample_and_eval_option_has_a_description() -> None:
-    for parser in (sample_parser(), eval_parser()):
+def test_every_sample_eval_and_restore_option_has_a_description() -> None:
+    for parser in (sample_parser(), eval_parser(), restore_parser()):
         undocumented = [a.option_strings or a.dest for a in _argparse_actions(parser) if not (a.help or "").strip()]
         assert not undocumented
 

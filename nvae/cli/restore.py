@@ -5,12 +5,12 @@ Prost et al., ICCV 2023), and score the restorations.
     nvae-restore --checkpoint CKPT|DIR --split test --num-images 8 --operator sr:2 ...
     nvae-restore --checkpoint CKPT|DIR --observed DIR|NPZ [--mask PNG] [--clean DIR|NPZ] --operator sr:2 ...
 
-With ``--images`` (or ``--split``, the checkpoint's own data) the clean images are degraded by the operator and seeded noise, then restored and
-scored (PSNR, SSIM, and LPIPS with ``--lpips-weights``); with ``--observed`` the images are already
-degraded. OUT receives grid.png (observation | restorations | clean), images/NNNNNN.png (image i's
-restoration s is number i * N + s), scores.csv (one row per restoration); the last line printed is one
-JSON object. ``--devices 2 --strategy ddp`` shares the images between processes (per-image seeds: the
-same numbers as one process).
+With ``--images`` (or ``--split``, the checkpoint's own data) the clean images are degraded by the
+operator and seeded noise, then restored and scored (PSNR, SSIM, and LPIPS with ``--lpips-weights``);
+with ``--observed`` the images are already degraded. OUT receives grid.png (observation | restorations
+| clean), images/NNNNNN.png (image i's restoration s is number i * N + s), scores.csv (one row per
+restoration); the last line printed is one JSON object. ``--devices 2 --strategy ddp`` shares the
+images between processes (per-image seeds: the same numbers as one process). See docs/restoration.md.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(OPERATOR_NAMES)}; e.g. inpaint-random:0.5, inpaint-half:top, sr:4, blur:9,2.0")
     p.add_argument("--sigma", type=io.positive_float, default=0.05,
                    help="standard deviation of the observation noise, images in [0, 1]")
-    p.add_argument("--method", choices=METHODS, default="pnp")
+    p.add_argument("--method", choices=METHODS, default="pnp",
+                   help="pnp (PnP-HVAE), or a baseline: adam (latents by gradient descent), encode-decode, degraded")
     p.add_argument("--sigma-dec", type=io.positive_float, default=0.3, help="PnP: the decoder's constant sigma")
     p.add_argument("--beta", type=io.positive_float, default=1.0, help="PnP: the weight of log p(x|z)")
     p.add_argument("--temperature", type=io.temperature_schedule, default=(1.0, 1.0), metavar="T|FIRST:LAST",
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per pass")
     p.add_argument("--grid-rows", type=positive_int, default=8, help="images shown in grid.png")
     p.add_argument("--lpips-weights", help=f"torchvision backbone weights for LPIPS ({', '.join(LPIPS_NETS.values())})")
-    p.add_argument("--lpips-net", choices=list(LPIPS_NETS), default="alex")
+    p.add_argument("--lpips-net", choices=list(LPIPS_NETS), default="alex", help="LPIPS backbone of --lpips-weights")
     p.add_argument("--output", default="restored", help="folder for grid.png, images/ and scores.csv")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --output")
     p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
