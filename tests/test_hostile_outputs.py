@@ -235,7 +235,17 @@ def test_a_failed_or_interrupted_png_write_leaves_no_partial_file(
         capsys: pytest.CaptureFixture[str], error: BaseException, expected: str) -> None:
     import nvae.cli.outputs as outputs
 
-    monkeypatch.setattr(outputs, "save_image", partial_then(error, after=2))
+    real = outputs.write_png
+    calls: list = []
+
+    def fails_on_the_third(image: torch.Tensor, fp: Path) -> None:  # a partial file, then the error
+        calls.append(fp)
+        if len(calls) > 2:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+            raise error
+        real(image, fp)
+
+    monkeypatch.setattr(outputs, "write_png", fails_on_the_third)
     out = tmp_path / "pngs"
     line = refusal(sample_main, ["--checkpoint", str(quickstart_checkpoint), "--num-samples", "4", "--format", "pngs",
                                  "--output", str(out), "--quiet"], capsys)
@@ -341,7 +351,7 @@ def test_sample_streams_batches_and_keeps_the_images_of_each_seed(
     if fmt == "npz":
         images = np.load(out, allow_pickle=False)["images"]
     else:
-        images = np.stack([np.asarray(Image.open(out / f"{i:06d}.png"))[..., :1].transpose(2, 0, 1) for i in range(11)])
+        images = np.stack([np.asarray(Image.open(out / f"{i:06d}.png"))[None] for i in range(11)])  # gray PNGs
     model = load_checkpoint(quickstart_checkpoint).model
     expected = []
     for b, n in enumerate([4, 4, 3]):  # the per-batch seeds, as sampling has always drawn them

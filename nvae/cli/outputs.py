@@ -140,11 +140,18 @@ def atomic(path: Path) -> Iterator[Path]:
         raise
 
 
-def save_png(images: torch.Tensor, path: Path) -> None:
-    """uint8 image(s) (C, H, W), or a grid made beforehand, as one PNG at ``path`` (torchvision's
-    ``save_image`` on [0, 1] floats: the pixels written are the uint8 values)."""
+def write_png(image: torch.Tensor, fp: Path) -> None:
+    """A uint8 image (C, H, W) as a PNG file: gray (C = 1) as a gray PNG, colour as RGB."""
+    from PIL import Image
+
+    array = image.to(torch.uint8).cpu().permute(1, 2, 0).numpy()  # (H, W, C)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(fp, format="png")
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """A uint8 image (C, H, W) as one PNG at ``path``, written whole or not at all."""
     with atomic(path) as tmp:
-        save_image(images.float() / 255.0, tmp, format="png")
+        write_png(image, tmp)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:

@@ -40,7 +40,8 @@ COLUMNS = ["row", "image", "sample", "psnr", "ssim", "lpips", "iterations", "sec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description="Restore images with a trained NVAE as the prior "
+                                "(PnP-HVAE, Prost et al., ICCV 2023) and score the restorations; docs/restoration.md.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an nvae checkpoint or model directory")
     src = p.add_mutually_exclusive_group(required=True)
@@ -51,22 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--observed", help="degraded images (folder or .npz) to restore")
     p.add_argument("--clean", help="with --observed: the clean images, to score the restorations")
     p.add_argument("--mask", help="inpainting mask image (0 missing, anything else observed) instead of --operator")
-    p.add_argument("--operator", default="inpaint-box",
-                   help=f"{', '.join(OPERATOR_NAMES)}; e.g. inpaint-random:0.5, inpaint-half:top, sr:4, blur:9,2.0")
-    p.add_argument("--sigma", type=io.positive_float, default=0.05,
+    p.add_argument("--operator", default=None,
+                   help=f"{', '.join(OPERATOR_NAMES)}; e.g. inpaint-random:0.5, inpaint-half:top, sr:4, blur:9,2.0 "
+                        f"(default: inpaint-box)")
+    p.add_argument("--sigma", type=io.bounded(1e-4, 10), default=0.05,
                    help="standard deviation of the observation noise, images in [0, 1]")
     p.add_argument("--method", choices=METHODS, default="pnp",
                    help="pnp (PnP-HVAE), or a baseline: adam (latents by gradient descent), encode-decode, degraded")
-    p.add_argument("--sigma-dec", type=io.positive_float, default=0.3, help="PnP: the decoder's constant sigma")
-    p.add_argument("--beta", type=io.positive_float, default=1.0, help="PnP: the weight of log p(x|z)")
-    p.add_argument("--temperature", type=io.temperature_schedule, default=(1.0, 1.0), metavar="T|FIRST:LAST",
+    p.add_argument("--sigma-dec", type=io.bounded(1e-4, 10), default=0.3, help="PnP: the decoder's constant sigma")
+    p.add_argument("--beta", type=io.bounded(1e-3, 1e3), default=1.0, help="PnP: the weight of log p(x|z)")
+    p.add_argument("--temperature", type=io.temperature_schedule, default="1.0", metavar="T|FIRST:LAST",
                    help="prior temperature, or linear from the top group to the last")
     p.add_argument("--iterations", type=positive_int, default=30, help="PnP iterations or Adam steps")
-    p.add_argument("--tol", type=float, default=1e-4, help="PnP: stop when the relative change of x stays below")
+    p.add_argument("--tol", type=io.bounded(0, 1), default=1e-4,
+                   help="PnP: stop when the relative change of x stays below")
     p.add_argument("--patience", type=positive_int, default=3, help="PnP: ... for this many iterations")
-    p.add_argument("--lr", type=io.positive_float, default=0.05, help="Adam's learning rate")
+    p.add_argument("--lr", type=io.bounded(1e-6, 10), default=0.05, help="Adam's learning rate")
     p.add_argument("--num-samples", type=positive_int, default=1, help="PnP sampling mode: N restorations per image")
-    p.add_argument("--num-images", type=positive_int, default=None, help="the first N images (default: all)")
+    p.add_argument("--num-images", type=positive_int, default=None, help="the first N images (None: all)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per pass")
     p.add_argument("--grid-rows", type=positive_int, default=8, help="images shown in grid.png")
     p.add_argument("--lpips-weights", help=f"torchvision backbone weights for LPIPS ({', '.join(LPIPS_NETS.values())})")
@@ -98,7 +101,6 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     stale = io.check_output(out, args.overwrite)
     loaded = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     model = loaded.model
-    check_batch(model.spec, model.cfg, args.batch_size * args.num_samples, "--batch-size")
     shape = io.image_shape(model)
     op = io.operator(args, shape)
     clean = io.clean_images(args.images or args.clean, "--images" if args.images else "--clean", model,
@@ -108,11 +110,13 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     observed = io.observed_images(args.observed, op, shape, args.num_images) if args.observed else None
     if observed is not None and clean is not None and clean.shape[0] != observed.shape[0]:
         raise ValueError(f"--clean has {clean.shape[0]} images, --observed {observed.shape[0]}")
-    lpips = load_lpips(args.lpips_weights, args.lpips_net, min(shape[1:])) \
-        if args.lpips_weights and clean is not None else None
+    if args.lpips_weights and clean is None:
+        raise ValueError("--lpips-weights scores against clean images: give --clean with --observed")
+    lpips = load_lpips(args.lpips_weights, args.lpips_net, min(shape[1:])) if args.lpips_weights else None
     n, k = (observed if observed is not None else clean).shape[0], method.num_samples
+    check_batch(model.spec, model.cfg, min(args.batch_size, n) * k, "--batch-size x --num-samples")
     mine = list(range(rank, n, world))
-    bar = tqdm(total=len(mine), desc=f"{method.name} {args.operator if not args.mask else 'mask'}", unit="img",
+    bar = tqdm(total=len(mine), desc=f"{method.name} {_operator_name(args)}", unit="img",
                disable=args.quiet or rank != 0)
     rows = []
     for start in range(0, len(mine), args.batch_size):
@@ -124,6 +128,10 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             restored, iterations = restore(model, op, y, idx, method,
                                            progress=lambda it: bar.set_postfix(iteration=it, refresh=False))
         seconds = (time.perf_counter() - began) / len(idx)
+        bad = (~torch.isfinite(restored.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"the restoration of image {idx[bad[0]]} is not finite: lower --lr (adam) or raise "
+                             f"--sigma / --sigma-dec")
         for b, i in enumerate(idx):
             for s in range(k):
                 png = (restored[b, s].clamp(0, 1) * 255).round().byte().cpu()
@@ -180,16 +188,20 @@ def _write_grid(out: Path, op: Any, clean: Any, observed: Optional[torch.Tensor]
     save_grid(torch.stack(tiles), out / "grid.png", nrow=1 + k + (clean is not None))
 
 
+def _operator_name(args: argparse.Namespace) -> str:
+    return "mask" if args.mask else args.operator or "inpaint-box"
+
+
 def _summary(table: torch.Tensor, args: argparse.Namespace, method: Method, world: int, scored: bool,
              with_lpips: bool, n: int) -> dict[str, Any]:
     _, _, _, p, s, lp, it, sec = table.T
-    result: dict[str, Any] = {"method": method.name, "operator": "mask" if args.mask else args.operator,
-                              "sigma": args.sigma, "num_images": n, "num_samples": method.num_samples}
+    result: dict[str, Any] = {"method": method.name, "operator": _operator_name(args), "sigma": args.sigma,
+                              "num_images": n, "num_samples": method.num_samples}
     if scored:
         result.update(psnr=round(p.mean().item(), 4), ssim=round(s.mean().item(), 5))
     if with_lpips:
         result["lpips"] = round(lp.mean().item(), 5)
-    result.update(seconds_per_image=round(sec.mean().item() / method.num_samples, 4),
+    result.update(seconds_per_image=round(sec.mean().item(), 4),  # all of an image's restorations
                   iterations=round(it.mean().item(), 2), processes=world, output=args.output)
     if method.name == "pnp":
         st = method.settings

@@ -4,21 +4,20 @@ or option."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from nvae.cli.outputs import OutputError, check_folder, stale_files
+from nvae.cli.outputs import NVAE_TEMP, OutputError, check_folder, stale_files
 from nvae.data.base import DataError, quantize
 from nvae.data.files import read_image
 from nvae.metrics.images import load_images
 from nvae.model import NVAE
-from nvae.sampling import image_seed
 from nvae.restore.operators import Mask, Operator, parse_operator
+from nvae.restore.run import DATA_STREAM, stream_seed
 
 OUTPUT_FILES = ("grid.png", "scores.csv")
 
@@ -81,7 +80,7 @@ class SplitImages:
 
     def _one(self, i: int) -> Tensor:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(image_seed(self.seed, i))
+            torch.manual_seed(stream_seed(self.seed, DATA_STREAM, i))
             item = self.dataset[i]
         x = item[0] if isinstance(item, (list, tuple)) else item
         return x[..., self.pad:-self.pad, self.pad:-self.pad] if self.pad else x
@@ -92,23 +91,35 @@ class SplitImages:
 
 
 def read_mask(path: str, shape: tuple[int, ...]) -> Mask:
-    """A mask image (any nonzero pixel is observed, 0 is missing) of the images' height and width."""
+    """A mask image of the images' height and width: a pixel whose every channel is 0 is missing, any
+    other observed, read at its own bit depth (a 16-bit 0/1 mask, a dark red pixel count as observed)."""
     try:
-        mask = np.asarray(read_image(path, "L"))
+        img = read_image(path, None)
     except DataError as err:
         raise ValueError(f"--mask: {err}") from None
-    if mask.shape != tuple(shape[1:]):
-        raise ValueError(f"--mask '{path}' is {mask.shape[0]}x{mask.shape[1]}, the images {shape[1]}x{shape[2]}")
-    if mask.min() > 0:
-        raise ValueError(f"--mask '{path}' has no missing pixel (0 is missing, anything else observed)")
-    return Mask(torch.from_numpy(mask > 0).unsqueeze(0))
+    if img.mode == "P":  # palette indices: their colours decide
+        img = img.convert("RGBA")
+    levels = np.asarray(img)
+    if levels.ndim == 3 and img.mode in ("RGBA", "LA", "PA"):
+        levels = levels[..., :-1]  # the alpha channel says nothing about being observed
+    observed = (levels != 0).any(axis=-1) if levels.ndim == 3 else levels != 0
+    if observed.shape != tuple(shape[1:]):
+        raise ValueError(f"--mask '{path}' is {observed.shape[0]}x{observed.shape[1]}, the images "
+                         f"{shape[1]}x{shape[2]}")
+    if observed.all() or not observed.any():
+        what = "no missing pixel" if observed.all() else "no observed pixel"
+        raise ValueError(f"--mask '{path}' has {what} (0 is missing, anything else observed)")
+    return Mask(torch.from_numpy(observed).unsqueeze(0))
 
 
 def operator(args: argparse.Namespace, shape: tuple[int, ...]) -> Operator:
-    """``--mask`` when given, else ``--operator`` (a random mask drawn from ``--seed``)."""
+    """``--mask`` when given, else ``--operator`` (inpaint-box by default; a random mask is one for all the
+    images, drawn from ``--seed``)."""
     if args.mask:
+        if args.operator is not None:
+            raise ValueError(f"--mask is the operator: leave out --operator {args.operator}")
         return read_mask(args.mask, shape)
-    return parse_operator(args.operator, shape, torch.Generator().manual_seed(args.seed))
+    return parse_operator(args.operator or "inpaint-box", shape, torch.Generator().manual_seed(args.seed))
 
 
 def observed_images(path: str, op: Operator, shape: tuple[int, ...], num: Optional[int]) -> Tensor:
@@ -120,40 +131,50 @@ def observed_images(path: str, op: Operator, shape: tuple[int, ...], num: Option
     return images.float() / 255.0
 
 
+def bounded(low: float, high: float) -> Callable[[str], float]:
+    """argparse ``type``: a number in [low, high] (bounds that keep every step finite in float32)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number in [{low:g}, {high:g}]"
+    return parse
+
+
 def temperature_schedule(text: str) -> tuple[float, float]:
-    """argparse ``type`` of ``--temperature``: T or FIRST:LAST, each a finite number > 0."""
+    """argparse ``type`` of ``--temperature``: T or FIRST:LAST, each in (0, 10]."""
     parts = text.split(":")
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"must be T or FIRST:LAST with numbers > 0, got {text!r}")
+    if len(values) not in (1, 2) or not all(0 < v <= 10 for v in values):
+        raise argparse.ArgumentTypeError(f"must be T or FIRST:LAST with numbers in (0, 10], got {text!r}")
     return (values[0], values[-1])
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type``: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
 
 
 def check_output(folder: Path, overwrite: bool) -> list[Path]:
     """The output folder can be written: empty or new, or (``overwrite``) holding only an earlier run's
-    files (grid.png, scores.csv, images/NNNNNN.png), which are returned for removal once replaced."""
+    files (grid.png, scores.csv, images/NNNNNN.png, temporary files of a killed run), which are returned
+    for removal once replaced. A link where ``images`` should be is refused (files would land elsewhere)."""
+    if folder.is_symlink() and not folder.exists():
+        raise OutputError(f"--output '{folder}' is a link to a folder that does not exist")
     check_folder(folder)
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
     if entries and not overwrite:
         raise OutputError(f"--output '{folder}' already holds {len(entries)} file(s) (an earlier run?); pass "
                           f"--overwrite to replace nvae-restore's files there, or choose another folder")
-    foreign = [p.name for p in entries if not ((p.name in OUTPUT_FILES and p.is_file())
-                                               or (p.name == "images" and p.is_dir()))]
+    images = folder / "images"
+    foreign = [p.name for p in entries if not (
+        (p.name in OUTPUT_FILES and p.is_file()) or (p == images and p.is_dir() and not p.is_symlink())
+        or (NVAE_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink()))]
     if foreign:
-        raise OutputError(f"--output '{folder}' holds {', '.join(foreign[:3])}, not written by nvae-restore; "
-                          f"choose another folder")
-    return stale_files(folder / "images", overwrite, "--output") if (folder / "images").is_dir() else []
+        raise OutputError(f"--output '{folder}' holds {', '.join(foreign[:3])}, not written by nvae-restore "
+                          f"(links included); choose another folder")
+    leftovers = [p for p in entries if NVAE_TEMP.fullmatch(p.name)]
+    return leftovers + (stale_files(images, overwrite, "--output") if images.is_dir() else [])

@@ -10,7 +10,7 @@ import os
 import stat
 import struct
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -114,8 +114,9 @@ def list_images(folder: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_image(path: str, mode: str) -> Image.Image:
-    """The image at ``path`` decoded and converted to ``mode`` ('RGB' or 'L'), 8 bits per channel.
+def read_image(path: str, mode: Optional[str]) -> Image.Image:
+    """The image at ``path`` decoded and converted to ``mode`` ('RGB' or 'L'), 8 bits per channel (with
+    ``mode`` None: as decoded, its own mode and bit depth).
 
     Raises :class:`DataError` naming the file when it cannot be decoded, is truncated, or its header
     claims more than :data:`MAX_IMAGE_PIXELS` pixels (checked before decoding: ``Image.open`` only
@@ -133,7 +134,7 @@ def read_image(path: str, mode: str) -> Image.Image:
                 raise DataError(f"its header claims {width} x {height} pixels ({width * height:,}), more than the "
                                 f"{MAX_IMAGE_PIXELS:,} an image may have here (a decompression bomb?)")
             img.load()  # decodes here, inside the try: a truncated file is an OSError (LOAD_TRUNCATED_IMAGES off)
-            return to_8_bit(img).convert(mode)
+            return img.copy() if mode is None else to_8_bit(img).convert(mode)
     except (DataError, *READ_ERRORS) as err:
         raise DataError(f"cannot read image '{path}': {err}") from None
 

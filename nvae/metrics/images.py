@@ -10,6 +10,8 @@ unpickling). A folder of images is read file by file; a truncated PNG is refused
 from __future__ import annotations
 
 import math
+import os
+import stat
 import zipfile
 import zlib
 from pathlib import Path
@@ -129,17 +131,23 @@ def check_image_header(path: Union[str, Path], key: str, header: NpyHeader) -> N
 
 
 def _read_image(f: Path) -> np.ndarray:
-    """One image file as uint8 (H, W, C); ValueError naming it when truncated or unreadable (PIL decodes a
-    PNG cut after its pixel data, so a PNG must also end with its IEND chunk)."""
+    """One image file as uint8 (H, W, C); ValueError naming it when truncated, unreadable or not a regular
+    file (a named pipe would block forever). 16-bit gray is scaled to 8 bits (PIL's ``convert('L')`` would
+    clip it to white); a PNG must also end with its IEND chunk (PIL decodes a PNG cut after its pixel data)."""
     from PIL import Image
 
+    from nvae.data.files import to_8_bit
+
     try:
+        if not stat.S_ISREG(os.stat(f).st_mode):
+            raise OSError("not a regular file (a named pipe, device or socket?)")
         if f.suffix.lower() == ".png":
             with open(f, "rb") as fh:
                 fh.seek(max(0, f.stat().st_size - len(PNG_END)))
                 if fh.read() != PNG_END:
                     raise OSError("the file does not end with a PNG's IEND chunk")
         with Image.open(f) as img:
+            img = to_8_bit(img)
             a = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image '{f}': {err} (truncated or not an image: delete or replace it)") from None
@@ -152,8 +160,8 @@ def _array_to_nchw(a: np.ndarray, source: str) -> Tensor:
     if a.ndim != 4:
         raise ValueError(f"{source}: expected images (N, H, W, C) or (N, C, H, W), got shape {a.shape}")
     if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
-            raise ValueError(f"{source}: expected uint8 images (or float in [0, 1]), got {a.dtype}")
+        if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"{source}: expected uint8 images (or finite floats in [0, 1]), got {a.dtype}")
         a = np.round(a * 255.0).astype(np.uint8)
     if a.shape[1] in (1, 3):
         return torch.from_numpy(np.ascontiguousarray(a))

@@ -164,6 +164,8 @@ class Mask(Operator):
         if not 0 < fraction < 1:
             raise ValueError(f"box fraction {fraction} is not in (0, 1)")
         bh, bw = max(1, round(fraction * h)), max(1, round(fraction * w))
+        if bh == h and bw == w:
+            raise ValueError(f"a box of fraction {fraction} hides every pixel of a {h}x{w} image")
         mask = torch.ones(1, h, w, dtype=torch.float64)
         top, left = (h - bh) // 2, (w - bw) // 2
         mask[:, top:top + bh, left:left + bw] = 0
@@ -177,7 +179,11 @@ class Mask(Operator):
         h, w = image_shape[-2:]
         if not 0 < fraction < 1:
             raise ValueError(f"random-mask fraction {fraction} is not in (0, 1)")
-        hidden = torch.randperm(h * w, generator=generator)[:round(fraction * h * w)]
+        count = round(fraction * h * w)
+        if not 0 < count < h * w:
+            raise ValueError(f"a fraction {fraction} of a {h}x{w} image's pixels is {count} pixel(s): "
+                             f"it must hide some and keep some")
+        hidden = torch.randperm(h * w, generator=generator)[:count]
         mask = torch.ones(h * w, dtype=torch.float64)
         mask[hidden] = 0
         return cls(mask.view(1, h, w))
@@ -365,10 +371,13 @@ def parse_operator(text: str, image_shape: Sequence[int], generator: torch.Gener
         fraction = float(_number(args[0], float, "fraction", text)) if args else 0.5
         if not 0 < fraction < 1:
             raise ValueError(f"operator '{text}': fraction {args[0]} is not in (0, 1)")
-        if name == "inpaint-box":
-            return Mask.box(image_shape, fraction)
-        return Mask.random(image_shape, fraction,
-                           generator if generator is not None else torch.Generator().manual_seed(0))
+        try:
+            if name == "inpaint-box":
+                return Mask.box(image_shape, fraction)
+            return Mask.random(image_shape, fraction,
+                               generator if generator is not None else torch.Generator().manual_seed(0))
+        except ValueError as err:
+            raise ValueError(f"operator '{text}': {err}") from None
     if name == "inpaint-half":
         missing = args[0] if args else "bottom"
         if missing not in ("top", "bottom"):
@@ -385,6 +394,9 @@ def parse_operator(text: str, image_shape: Sequence[int], generator: torch.Gener
     width = float(_number(args[1], float, "blur width", text))
     if size < 1 or size % 2 == 0:
         raise ValueError(f"operator '{text}': blur size {size} is not a positive odd integer")
+    if size > 2 * max(h, w) + 1:  # wider changes nothing (zero padding) but the time and memory it takes
+        raise ValueError(f"operator '{text}': blur size {size} is larger than 2 x {max(h, w)} + 1 for "
+                         f"{h}x{w} images")
     if not (width > 0 and math.isfinite(width)):
         raise ValueError(f"operator '{text}': blur width {args[1]} is not a positive number")
     return GaussianBlur(size, width)

@@ -19,7 +19,8 @@ from nvae.restore.pnp import PnPSettings, pnp_restore
 from nvae.sampling import image_seed
 
 METHODS = ("pnp", "adam", "encode-decode", "degraded")
-NOISE_STREAM, SAMPLE_STREAM = 0, 1  # separate seed streams for observation noise and sampling-mode draws
+# separate seed streams: observation noise, sampling-mode draws, a data set's random transforms
+NOISE_STREAM, SAMPLE_STREAM, DATA_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,14 @@ class Method:
             raise ValueError("--num-samples above 1 is PnP's sampling mode (--method pnp)")
 
 
+def stream_seed(seed: int, stream: int, index: int) -> int:
+    """The seed of image ``index``'s numbers in ``stream``: distinct for every (seed, stream, index), so the
+    observation noise of an image never repeats the draws that made it (dynamic binarization)."""
+    return image_seed(seed, index) * 4 + stream  # |seed| < 10^12: fits torch's 64-bit seeds
+
+
 def _generator(seed: int, stream: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(image_seed(seed + stream, index))
+    return torch.Generator().manual_seed(stream_seed(seed, stream, index))
 
 
 def observe(op: Operator, clean: Tensor, sigma: float, indices: Sequence[int], seed: int) -> Tensor:

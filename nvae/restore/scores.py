@@ -8,6 +8,7 @@ backbone from a file the user names instead (torchvision's ``alexnet-owt-7be5be7
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,29 @@ def ssim(estimate: Tensor, clean: Tensor) -> Tensor:
                                                reduction="none")
 
 
+def _read_weights(path: Path) -> object:
+    """A state dict from a file of others: a regular file, torch's zip format sized against memory, read
+    with ``weights_only=True`` (nothing unpickled); ValueError of one line otherwise."""
+    import os
+    import stat
+
+    from nvae.limits import check_archive
+
+    source = f"--lpips-weights '{path}'"
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{source} is not a regular file")
+    except FileNotFoundError:
+        raise ValueError(f"{source} does not exist") from None
+    check_archive(path, source)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{source} holds objects other than tensors; nvae reads weights only") from None
+    except Exception as err:  # a damaged archive
+        raise ValueError(f"{source} cannot be read: {str(err).splitlines()[0][:160]}") from None
+
+
 def load_lpips(path: str | Path, net: str = "alex", size: int = 256) -> Callable[[Tensor, Tensor], Tensor]:
     """LPIPS(estimate, clean) -> (B,) for images of ``size`` pixels, the backbone read from ``path``;
     ValueError naming the file when it is not that backbone's state dict, or the size when too small."""
@@ -41,21 +65,18 @@ def load_lpips(path: str | Path, net: str = "alex", size: int = 256) -> Callable
     if size < LPIPS_MIN_SIZE[net]:
         raise ValueError(f"LPIPS ({net}) needs images of at least {LPIPS_MIN_SIZE[net]} pixels a side, these have "
                          f"{size}; leave out --lpips-weights")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"--lpips-weights '{path}' does not exist") from None
-    except Exception as err:  # unpickling refused or a damaged file: one line naming it
-        raise ValueError(f"--lpips-weights '{path}' is not a weights file torch can read safely: "
-                         f"{str(err).splitlines()[0]}") from None
+    state = _read_weights(Path(path))
     metric = _LPIPS(pretrained=True, net=net, pnet_rand=True).eval()  # linear heads from torchmetrics
     wanted = {}
     for name, param in metric.net.named_parameters():  # 'slice2.3.weight' is the backbone's 'features.3.weight'
         key = "features." + name.split(".", 1)[1]
-        if not isinstance(state, dict) or key not in state or tuple(state[key].shape) != tuple(param.shape):
+        value = state.get(key) if isinstance(state, dict) else None
+        if not (torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape) and value.is_floating_point()):
             raise ValueError(f"--lpips-weights '{path}' is not torchvision's {net} weights "
-                             f"({LPIPS_NETS[net]}): no '{key}' of shape {tuple(param.shape)}")
-        wanted[name] = state[key]
+                             f"({LPIPS_NETS[net]}): no floating-point '{key}' of shape {tuple(param.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"--lpips-weights '{path}': '{key}' holds values that are not finite")
+        wanted[name] = value.float()
     metric.net.load_state_dict(wanted)
     for p in metric.parameters():
         p.requires_grad_(False)
