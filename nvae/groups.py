@@ -79,7 +79,7 @@ class LatentGroup(nn.Module):
         self.dec_combiner = DecoderCombiner(dec_channels, latent)
         self.residual = cfg.residual_posterior
         self.latent_channels = latent
-        self.checkpoint = False  # see forward
+        self.recompute = False  # see forward
 
     def forward(self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float, z_shape: tuple[int, ...],
                 use_mean: bool = False, hook: GroupHook | None = None, index: int = 0
@@ -89,11 +89,11 @@ class LatentGroup(nn.Module):
         ``hook`` (see :data:`GroupHook`) picks z; by default, with ``enc`` (the group's encoder
         feature) z comes from the posterior (its mean when ``use_mean``), without it from the prior
         at ``temperature``. log q and KL are zero unless z is the default posterior choice. With
-        ``checkpoint`` set (gradients on, no hook), the whole group is recomputed in backward and
-        only its inputs are kept; the recomputation draws the same noise (the RNG state is
-        restored) and leaves BatchNorm running statistics alone.
+        ``recompute`` set (activation checkpointing; gradients on, no hook), the whole group is
+        recomputed in backward and only its inputs are kept; the recomputation draws the same noise
+        (the RNG state is restored) and leaves BatchNorm running statistics alone.
         """
-        if self.checkpoint and torch.is_grad_enabled() and hook is None:
+        if self.recompute and torch.is_grad_enabled() and hook is None:
             return checkpoint(once_then_frozen(self._forward, self), h, enc, temperature, z_shape, use_mean,
                               use_reentrant=False)
         return self._forward(h, enc, temperature, z_shape, use_mean, hook, index)

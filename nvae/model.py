@@ -128,7 +128,7 @@ class NVAE(nn.Module):
             elif isinstance(m, DecoderCell):
                 m.recompute_expanded = mode != "none"
         for group in self.dec_groups:
-            group.checkpoint = mode == "group"
+            group.recompute = mode == "group"
             if mode == "group":
                 group.cells.checkpoint = "none"  # recomputed with the group
 
