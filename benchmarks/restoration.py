@@ -1,5 +1,5 @@
 """Restoration with the quickstart model as the prior: PSNR, SSIM and seconds per image of PnP-HVAE and of
-every baseline, per operator, on the 500 test digits (issue 28; the table of docs/restoration.md).
+every baseline, per operator, on the 500 test digits (the table of docs/restoration.md).
 
     python benchmarks/restoration.py --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt
         [--num-images 500] [--threads 2] [--operators inpaint-box sr:2 ...] [--output restoration_runs]

@@ -1,5 +1,5 @@
-"""`restore.py` / `nvae-restore`: restore images with a trained NVAE as the prior (issue 28; PnP-HVAE,
-Prost et al., ICCV 2023), and score the restorations.
+"""`restore.py` / `nvae-restore`: restore images with a trained NVAE as the prior (PnP-HVAE, Prost
+et al., ICCV 2023), and score the restorations.
 
     nvae-restore --checkpoint CKPT|DIR --images DIR|NPZ --operator inpaint-box --sigma 0.05 --output OUT
     nvae-restore --checkpoint CKPT|DIR --split test --num-images 8 --operator sr:2 ...

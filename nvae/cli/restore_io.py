@@ -1,4 +1,4 @@
-"""What ``nvae-restore`` reads and checks before any work (issue 28): the clean or observed images, the
+"""What ``nvae-restore`` reads and checks before any work: the clean or observed images, the
 mask, the operator, and the output folder. Every problem is a ValueError of one line naming the file
 or option."""
 from __future__ import annotations

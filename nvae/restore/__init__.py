@@ -1,5 +1,5 @@
-"""Image restoration with a trained NVAE as the prior (issue 28; PnP-HVAE, Prost, Houdard, Almansa,
-Papadakis, ICCV 2023, arXiv 2303.11217): the degradation operators with exact adjoints
+"""Image restoration with a trained NVAE as the prior (PnP-HVAE, Prost, Houdard, Almansa, Papadakis,
+ICCV 2023, arXiv 2303.11217): the degradation operators with exact adjoints
 (:mod:`~nvae.restore.operators`), the latent step (:mod:`~nvae.restore.latent_step`), the PnP loop
 (:mod:`~nvae.restore.pnp`), the baselines (:mod:`~nvae.restore.baselines`), one batch by one method with
 per-image seeds (:mod:`~nvae.restore.run`) and the scores (:mod:`~nvae.restore.scores`). The command is

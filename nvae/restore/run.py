@@ -1,4 +1,4 @@
-"""Restoring a batch of images with one method, image by image reproducible (issue 28).
+"""Restoring a batch of images with one method, image by image reproducible.
 
 Every random number is drawn from a generator seeded by the image's index (:func:`nvae.sampling.image_seed`),
 so an image's observation noise, its sampling-mode draws and therefore its result do not depend on
