@@ -27,7 +27,7 @@ from nvae.cli import restore_io as io
 from nvae.cli.common import add_processes, device_arg, end_distributed, launch, positive_int, resolve_device, seed_arg
 from nvae.cli.outputs import json_line, one_line_errors, save_grid, save_png, save_text
 from nvae.limits import check_batch
-from nvae.metrics.images import _read_image
+from nvae.metrics.images import read_image_file
 from nvae.metrics.likelihood import gather_rows
 from nvae.restore.baselines import degraded
 from nvae.restore.operators import OPERATOR_NAMES
@@ -181,7 +181,7 @@ def _write_grid(out: Path, op: Any, clean: Any, observed: Optional[torch.Tensor]
     for i in idx:
         tiles.append(degraded(op, y[i:i + 1])[0])
         for s in range(k):
-            img = torch.from_numpy(_read_image(out / "images" / f"{i * k + s:06d}.png").copy()).permute(2, 0, 1)
+            img = torch.from_numpy(read_image_file(out / "images" / f"{i * k + s:06d}.png").copy()).permute(2, 0, 1)
             tiles.append(img[:channels].float() / 255.0)
         if clean is not None:
             tiles.append(truth[i])

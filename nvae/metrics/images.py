@@ -130,7 +130,7 @@ def check_image_header(path: Union[str, Path], key: str, header: NpyHeader) -> N
                  f"'{path}': images {key!r} {header.describe()}")
 
 
-def _read_image(f: Path) -> np.ndarray:
+def read_image_file(f: Path) -> np.ndarray:
     """One image file as uint8 (H, W, C); ValueError naming it when truncated, unreadable or not a regular
     file (a named pipe would block forever). 16-bit gray is scaled to 8 bits (PIL's ``convert('L')`` would
     clip it to white); a PNG must also end with its IEND chunk (PIL decodes a PNG cut after its pixel data)."""
@@ -190,7 +190,7 @@ def load_images(path: Union[str, Path]) -> Tensor:
         raise FileNotFoundError(f"no PNG/JPG images in '{path}'")
     arrays: list[np.ndarray] = []
     for f in files:
-        a = _read_image(f)  # (H, W, C)
+        a = read_image_file(f)  # (H, W, C)
         if arrays and a.shape[:2] != arrays[0].shape[:2]:
             raise ValueError(f"image size mismatch: {f} is {a.shape[0]}x{a.shape[1]}, "
                              f"expected {arrays[0].shape[0]}x{arrays[0].shape[1]} (as {files[0].name})")

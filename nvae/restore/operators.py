@@ -222,6 +222,14 @@ class Mask(Operator):
         return f"Mask(shape={tuple(self.mask.shape)}, observed={self.mask.mean().item():.3f})"
 
 
+def _decimated(shape: Sequence[int], factor: int) -> Shape:
+    """``shape`` (..., H, W) with H and W divided by ``factor``; ValueError when it does not divide them."""
+    *lead, h, w = shape
+    if h % factor or w % factor:
+        raise ValueError(f"scale {factor} does not divide the image size {h}x{w}")
+    return (*lead, h // factor, w // factor)
+
+
 def gaussian_kernel(size: int, width: float) -> torch.Tensor:
     """A (size, size) Gaussian of standard deviation ``width`` pixels, centred, summing to 1 (float64)."""
     if size < 1 or size % 2 == 0:
@@ -248,21 +256,15 @@ class Blur(Operator):
         self.kernel, self.stride = kernel, stride
         self.padding = (kernel.shape[0] // 2, kernel.shape[1] // 2)
 
-    def _check(self, h: int, w: int) -> None:
-        if h % self.stride or w % self.stride:
-            raise ValueError(f"scale {self.stride} does not divide the image size {h}x{w}")
-
     def out_shape(self, in_shape: Sequence[int]) -> Shape:
-        *lead, h, w = in_shape
-        self._check(h, w)
-        return (*lead, h // self.stride, w // self.stride)
+        return _decimated(in_shape, self.stride)
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel.to(device=x.device, dtype=x.dtype)
         return k.expand(x.shape[1], 1, *k.shape).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(*x.shape[-2:])
+        _decimated(x.shape, self.stride)
         return F.conv2d(x, self._weight(x), stride=self.stride, padding=self.padding, groups=x.shape[1])
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
@@ -315,17 +317,11 @@ class AvgPool(Operator):
             raise ValueError(f"scale {scale} is not >= 1")
         self.scale = scale
 
-    def _check(self, h: int, w: int) -> None:
-        if h % self.scale or w % self.scale:
-            raise ValueError(f"scale {self.scale} does not divide the image size {h}x{w}")
-
     def out_shape(self, in_shape: Sequence[int]) -> Shape:
-        *lead, h, w = in_shape
-        self._check(h, w)
-        return (*lead, h // self.scale, w // self.scale)
+        return _decimated(in_shape, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(*x.shape[-2:])
+        _decimated(x.shape, self.scale)
         return F.avg_pool2d(x, self.scale)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:

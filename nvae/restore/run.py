@@ -6,6 +6,7 @@ the batch or the process it falls in: 1 or N processes give the same per-image n
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -75,7 +76,7 @@ def restore(model: NVAE, op: Operator, y: Tensor, indices: Sequence[int], method
     if n == 1:
         result = pnp_restore(model, op, y, x0, method.settings, progress=progress)
         return result.mean.unsqueeze(1), result.iterations.unsqueeze(1)
-    sampling = PnPSettings(**{**method.settings.__dict__, "sample": True})
+    sampling = dataclasses.replace(method.settings, sample=True)
     generators = [_generator(method.seed, SAMPLE_STREAM, i * n + s) for i in indices for s in range(n)]
     repeat = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731  (B, ...) -> (B * N, ...), image-major
     result = pnp_restore(model, op, repeat(y), repeat(x0), sampling, generators, progress)

@@ -8,13 +8,17 @@ backbone from a file the user names instead (torchvision's ``alexnet-owt-7be5be7
 """
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from nvae.limits import check_archive
 
 LPIPS_NETS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 LPIPS_MIN_SIZE = {"alex": 31, "vgg": 16}  # smaller images vanish in the backbone's pooling (measured)
@@ -35,11 +39,6 @@ def ssim(estimate: Tensor, clean: Tensor) -> Tensor:
 def _read_weights(path: Path) -> object:
     """A state dict from a file of others: a regular file, torch's zip format sized against memory, read
     with ``weights_only=True`` (nothing unpickled); ValueError of one line otherwise."""
-    import os
-    import stat
-
-    from nvae.limits import check_archive
-
     source = f"--lpips-weights '{path}'"
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
