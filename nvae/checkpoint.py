@@ -17,7 +17,6 @@ checks the file this way before anything named in it is imported or instantiated
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -25,9 +24,10 @@ import torch
 
 from nvae.data.registry import UntrustedName, class_path, datamodule_class, subclasses
 from nvae.hparams import group_flat_hparams
-from nvae.limits import check_archive, check_fits
-from nvae.model import NVAE, NVAEConfig
-from nvae.spec import ImageSpec
+from nvae.limits import check_archive
+from nvae.loading import LoadedCheckpoint, check_state, described_model
+from nvae.model import NVAE
+from nvae.pretrained import load_model_dir
 
 STATE_KEY = "state_dict"  # Lightning's: the LightningModule's state dict (the NVAE's under "model.")
 HPARAMS_KEY = "hyper_parameters"  # Lightning's: NVAEModule's hyper-parameters ("arch", "image_spec", ...)
@@ -198,19 +198,6 @@ def training_checkpoint(state_dict: Mapping[str, torch.Tensor], hparams: dict[st
 
 
 # ------------------------------------------------------------------------------------------ rebuilding
-@dataclass
-class LoadedCheckpoint:
-    """A model in eval mode plus what the checkpoint says about its training."""
-
-    model: NVAE
-    weights: str
-    """'ema' when the checkpoint's EMA weights were loaded, else 'raw'."""
-    hparams: dict[str, Any]
-    data: Optional[dict[str, Any]]
-    """{'class_path': ..., 'init_args': {...}} of the training data module, if recorded (checked)."""
-    path: Path
-
-
 def model_hparams(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The model hyper-parameters of an nvae checkpoint of this format; ValueError if it has none, no
     state dict, or another format."""
@@ -221,50 +208,9 @@ def model_hparams(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
     return hparams
 
 
-def described_model(hparams: Mapping[str, Any], source: str) -> tuple[ImageSpec, NVAEConfig]:
-    """The image spec and architecture ``hparams`` (a checkpoint's hyper-parameters) describe, after the
-    model's size was checked against this machine's memory on the meta device
-    (:func:`nvae.limits.check_fits`); one-line ValueError otherwise."""
-    try:
-        spec, cfg = ImageSpec(**hparams["image_spec"]), NVAEConfig(**hparams["arch"])
-    except (TypeError, KeyError) as err:
-        raise ValueError(f"{source}: hyper_parameters do not describe an NVAE ({err})") from None
-    except ValueError as err:  # a field out of range (ImageSpec / NVAEConfig name it)
-        raise ValueError(f"{source}: {err}") from None
-    check_fits(spec, cfg, source)
-    return spec, cfg
-
-
 def build_model(hparams: Mapping[str, Any], source: str) -> NVAE:
     """The NVAE that ``hparams`` describe, built once :func:`described_model` has checked its size."""
-    return NVAE(*described_model(hparams, source))
-
-
-def check_state(state: object, expected: Mapping[str, torch.Tensor], entry: str) -> dict[str, torch.Tensor]:
-    """``state`` if it holds exactly the tensors of ``expected`` (a model's state dict), each of its shape
-    and kind (floating or integer) and finite; ValueError naming ``entry`` and the first bad key otherwise."""
-    state = check_tensors(state, entry)
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    if missing or extra:
-        what = f"{len(missing)} missing (first {missing[0]!r})" if missing else ""
-        what += ("; " if missing and extra else "") + (f"{len(extra)} unexpected (first {extra[0]!r})" if extra else "")
-        raise ValueError(f"{entry}: tensors do not match the model its hyper-parameters describe: {what}")
-    for key, like in expected.items():
-        value = state[key]
-        if value.layout != torch.strided:  # sparse, quantized-packed, ...: not what any model tensor is
-            raise ValueError(f"{entry}: {key!r} is a {value.layout} tensor, the model needs a dense one")
-        if value.shape != like.shape:
-            raise ValueError(f"{entry}: {key!r} has shape {tuple(value.shape)}, the model needs {tuple(like.shape)}")
-        if value.is_complex() or value.is_floating_point() != like.is_floating_point():
-            raise ValueError(f"{entry}: {key!r} is {value.dtype}, the model needs {like.dtype}")
-        if value.numel() * value.element_size() > value.untyped_storage().nbytes():  # an expanded view: checking
-            raise ValueError(f"{entry}: {key!r} claims more values than its storage holds")  # it would allocate
-        if value.is_floating_point() and not bool(torch.isfinite(value.to(like.dtype)).all()):  # finite once cast
-            raise ValueError(f"{entry}: {key!r} holds non-finite values (NaN or inf): the weights are broken")
-        if key.endswith("running_var") and bool((value < 0).any()):
-            raise ValueError(f"{entry}: {key!r} holds negative variances: the BatchNorm statistics are broken")
-    return state
+    return NVAE(*described_model(hparams, source, NVAE))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
@@ -273,9 +219,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     as a model directory (:func:`nvae.pretrained.load_model_dir`)."""
     path = Path(path)
     if path.is_dir():
-        from nvae.pretrained import load_model_dir  # imports this module: loaded on first use
-
-        return load_model_dir(path, device, use_ema)
+        return load_model_dir(path, device, use_ema, NVAE)
     ckpt = read_checkpoint(path)
     source = f"checkpoint '{path}'"
     hparams = model_hparams(ckpt, f"'{path}'")
@@ -300,6 +244,20 @@ def build_datamodule(data: Optional[dict[str, Any]], **overrides: Any) -> Any:
         raise ValueError("the checkpoint records no data module: name one with --data CLASS_PATH [--data-root DIR]")
     cls = datamodule_class(data.get("class_path"), f"{DATA_KEY}.class_path")
     return instantiate_datamodule(cls, offline(data.get("init_args", {})), overrides)
+
+
+def load_datamodule(path: str | Path, cls: Optional[type] = None, **overrides: Any) -> Any:
+    """The data module the checkpoint at ``path`` recorded, rebuilt safely: the file is read with
+    ``weights_only=True`` and its names checked (:func:`check_names`); the class is ``cls`` when given,
+    else the recorded one (an allowed data module). ``overrides`` replace recorded arguments."""
+    checkpoint = read_checkpoint(path, map_location="cpu")
+    recorded = checkpoint.get(DATA_KEY) or {}
+    saved = checkpoint.get(DATAMODULE_HPARAMS_KEY) or recorded.get("init_args") or {}
+    if cls is None:
+        cls = datamodule_class(recorded.get("class_path") or saved.get("_class_path"),
+                               f"checkpoint '{path}': {DATA_KEY}.class_path")
+    init_args = offline({k: v for k, v in saved.items() if not k.startswith("_")})
+    return instantiate_datamodule(cls, {**init_args, **overrides}, {})
 
 
 def offline(init_args: Mapping[str, Any]) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def planned_keys(run: OfficialRun, state: Mapping[str, torch.Tensor]) -> dict[st
     (:func:`nvae.limits.check_fits`) and, laid out on the meta device (no memory), has the names and
     shapes of ``state``: the model then allocated is the size of the file's own tensors."""
     try:
-        check_fits(run.spec, run.arch, source="official args")
+        check_fits(run.spec, run.arch, NVAE, source="official args")
         with torch.device("meta"):
             model = NVAE(run.spec, run.arch)
     except ValueError as err:  # nvae's own bounds on a model (nvae.limits, the geometry)

@@ -20,13 +20,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nvae.callbacks import EMAWeights, GuardedSteps
-from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, check_state,
-                             described_model, model_hparams, read_checkpoint, upgrade)
+from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, model_hparams,
+                             read_checkpoint, upgrade)
 from nvae.checkpoint_state import check_training_state, sanitize_paths
 from nvae.compat import (attached_trainer, cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
                          writes_logs_this_step)
 from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig, as_group
 from nvae.limits import check_fits
+from nvae.loading import check_state, described_model
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
                              nelbo, regularization_coeff)
@@ -86,7 +87,7 @@ class NVAEModule(L.LightningModule):
             "channels_last": channels_last, "gradient_checkpointing": gradient_checkpointing, "compile": compile,
             "active_kl_threshold": active_kl_threshold})
         self.spec, self.channels_last, self.active_kl_threshold = image_spec, channels_last, active_kl_threshold
-        check_fits(image_spec, arch, "model.arch and image_spec")  # sized on the meta device before allocating
+        check_fits(image_spec, arch, NVAE, "model.arch and image_spec")  # sized on the meta device before allocating
         self.model = NVAE(image_spec, arch)
         power_iters = self.objective.power_iters
         self.spectral = SpectralRegularizer(self.model, power_iters=power_iters, initial_iters=10 * power_iters)
@@ -176,7 +177,7 @@ class NVAEModule(L.LightningModule):
         checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
         source = f"checkpoint '{checkpoint_path}'"
         saved = model_hparams(checkpoint, source)
-        described_model(saved, source)  # its size checked before NVAEModule builds it
+        described_model(saved, source, NVAE)  # its size checked before NVAEModule builds it
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in {**saved, **kwargs}.items() if k in accepted and k != "self"}
         try:

@@ -13,9 +13,10 @@ groups (millions of modules). Two checks stop such a file before memory is touch
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from nvae.arch import NVAEConfig
 from nvae.spec import ImageSpec
@@ -80,22 +81,21 @@ def available_memory() -> Optional[int]:
         return None
 
 
-def model_bytes(spec: ImageSpec, cfg: NVAEConfig) -> int:
-    """Bytes of the parameters and buffers of the NVAE ``spec``/``cfg`` describe, measured on the meta
-    device (nothing allocated); :func:`check_structure` first."""
-    from nvae.model import NVAE
-
+def model_bytes(spec: ImageSpec, cfg: NVAEConfig, model_cls: Callable[[ImageSpec, NVAEConfig], nn.Module]) -> int:
+    """Bytes of the parameters and buffers of ``model_cls(spec, cfg)`` (NVAE or a subclass), measured on
+    the meta device (nothing allocated); :func:`check_structure` first."""
     check_structure(spec, cfg)
     with torch.device("meta"):
-        model = NVAE(spec, cfg)
+        model = model_cls(spec, cfg)
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def check_fits(spec: ImageSpec, cfg: NVAEConfig, source: str = "model", available: Optional[int] = None) -> int:
+def check_fits(spec: ImageSpec, cfg: NVAEConfig, model_cls: Callable[[ImageSpec, NVAEConfig], nn.Module],
+               source: str = "model", available: Optional[int] = None) -> int:
     """ValueError naming the size when the model's tensors, held twice while a file is read
     (:data:`LOADING_COPIES`), exceed the memory available; returns the model's bytes."""
     check_structure(spec, cfg, source)
-    size = model_bytes(spec, cfg)
+    size = model_bytes(spec, cfg, model_cls)
     free = available_memory() if available is None else available
     if free is not None and LOADING_COPIES * size > free:
         raise ValueError(f"{source}: the model it describes has {size / 2**30:.1f} GiB of weights and needs at least "

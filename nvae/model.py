@@ -204,9 +204,9 @@ class NVAE(nn.Module):
     def from_pretrained(cls, source: str, device: str | torch.device = "cpu", use_ema: bool = True) -> "NVAE":
         """The NVAE of a model directory (``config.json`` + ``model.safetensors``; nothing unpickled) or of a
         Hugging Face Hub repository ``owner/name`` (with ``nvae[hub]``), in eval mode: :mod:`nvae.pretrained`."""
-        from nvae.pretrained import load_model_dir  # imports this module
+        from nvae.pretrained import load_model_dir  # model files are read by a layer above the model
 
-        return load_model_dir(source, device, use_ema).model
+        return load_model_dir(source, device, use_ema, cls).model
 
     def save_pretrained(self, folder: str, card: str = "", data: Optional[dict] = None, overwrite: bool = False) -> None:
         """Write this model's current weights, architecture and memory format as a model directory

@@ -10,7 +10,7 @@ known and every value typed and bounded (:func:`nvae.limits.check_fits` sizes th
 device); each safetensors header is parsed here first (its size bounded, every tensor's dtype, shape
 and byte range checked against the file's length, the model's state dict and the other tensors)
 before the ``safetensors`` library maps the data; then no tensor may be missing, unexpected, of
-another shape or kind, or non-finite (:func:`nvae.checkpoint.check_state`). Nothing in a directory
+another shape or kind, or non-finite (:func:`nvae.loading.check_state`). Nothing in a directory
 names code. ``owner/name`` is fetched from the Hugging Face Hub when ``huggingface_hub`` is installed
 (``pip install 'nvae[hub]'``) and then read the same way.
 """
@@ -25,8 +25,9 @@ from typing import Any, Mapping
 
 import torch
 
-from nvae.checkpoint import LoadedCheckpoint, check_state, described_model
-from nvae.model import NVAE
+from torch import nn
+
+from nvae.loading import LoadedCheckpoint, check_state, described_model
 
 CONFIG, WEIGHTS, RAW_WEIGHTS, CARD = "config.json", "model.safetensors", "model_raw.safetensors", "README.md"
 FORMAT = "nvae-model-1"  # config.json's "format": the layout version of a model directory
@@ -149,7 +150,7 @@ def read_header(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
             raise ModelDirError(f"{where}: tensors {name!r} and {other!r} overlap")
 
 
-def read_weights(path: Path, model: NVAE) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of ``path``, header checked first (:func:`read_header`), then values (:func:`check_state`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -187,20 +188,22 @@ def resolve(source: str | Path) -> Path:
                             f"({type(err).__name__})") from None
 
 
-def load_model_dir(source: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedCheckpoint:
-    """The NVAE in a model directory (or a Hub repository), in eval mode on ``device``: checked as the
-    module docstring says; the raw weights when ``use_ema`` is False and the directory has them."""
+def load_model_dir(source: str | Path, device: str | torch.device, use_ema: bool, model_cls: type[nn.Module]
+                   ) -> LoadedCheckpoint:
+    """The model in a model directory (or a Hub repository), built as ``model_cls`` (NVAE or a subclass)
+    and in eval mode on ``device``: checked as the module docstring says; the raw weights when
+    ``use_ema`` is False and the directory has them."""
     folder = resolve(source)
     config = read_config(folder)
     source_name = f"model directory '{folder}'"
     try:
-        spec, cfg = described_model({"image_spec": config["image_spec"], "arch": config["arch"]}, source_name)
+        spec, cfg = described_model({"image_spec": config["image_spec"], "arch": config["arch"]}, source_name, model_cls)
     except ValueError as err:
         raise ModelDirError(str(err)) from None
     if config.get("likelihood", spec.likelihood) != spec.likelihood:
         raise ModelDirError(f"{source_name}: likelihood {config.get('likelihood')!r} is not the "
                             f"{spec.likelihood!r} its image_spec has")
-    model = NVAE(spec, cfg)
+    model = model_cls(spec, cfg)
     weights = config.get("weights", "raw")
     path = folder / WEIGHTS
     if weights == "ema" and not use_ema and (folder / RAW_WEIGHTS).is_file():

@@ -16,12 +16,14 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from nvae.model import NVAE
 from nvae.pretrained import CARD, CONFIG, FORMAT, RAW_WEIGHTS, WEIGHTS
+
+if TYPE_CHECKING:  # the model calls this module (NVAE.save_pretrained): a type here, no import
+    from nvae.model import NVAE
 
 MEMBERS = (WEIGHTS, RAW_WEIGHTS, CARD, CONFIG)  # in the order they are renamed into place
 KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
@@ -72,7 +74,7 @@ def check_destination(folder: Path, overwrite: bool, sources: Sequence[Path] = (
                          "is written to a new or empty folder, never among other files")
 
 
-def save_model_dir(model: NVAE, folder: str | Path, raw_state: Optional[Mapping[str, torch.Tensor]] = None,
+def save_model_dir(model: "NVAE", folder: str | Path, raw_state: Optional[Mapping[str, torch.Tensor]] = None,
                    data: Optional[dict[str, Any]] = None, provenance: Optional[dict[str, Any]] = None,
                    card: str = "", channels_last: bool = False, overwrite: bool = False,
                    sources: Sequence[Path] = ()) -> Path:

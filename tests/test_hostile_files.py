@@ -21,6 +21,7 @@ from nvae.cli import sample as sample_cli
 from nvae.cli import train as train_cli
 from nvae.data.registry import UntrustedName
 from nvae.lightning import NVAEModule
+from nvae.model import NVAE
 from hostile_helpers import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,9 +233,9 @@ def test_check_fits_counts_the_real_model_on_meta(tiny_rgb: torch.nn.Module) -> 
     from nvae.limits import check_fits
 
     real = sum(t.numel() * t.element_size() for t in [*tiny_rgb.parameters(), *tiny_rgb.buffers()])
-    assert check_fits(tiny_rgb.spec, tiny_rgb.cfg, available=10 * real) == real
+    assert check_fits(tiny_rgb.spec, tiny_rgb.cfg, NVAE, available=10 * real) == real
     with pytest.raises(ValueError, match="more than the"):
-        check_fits(tiny_rgb.spec, tiny_rgb.cfg, available=real)  # needs 2x while loading
+        check_fits(tiny_rgb.spec, tiny_rgb.cfg, NVAE, available=real)  # needs 2x while loading
 
 
 # ------------------------------------------------------------------------------------------ weights

@@ -18,12 +18,13 @@ import pytest
 import torch
 from hostile_helpers import one_line
 
+from nvae.checkpoint import load_checkpoint
 from nvae.cli import convert as convert_cli
 from nvae.cli import evaluate as eval_cli
 from nvae.cli import export as export_cli
 from nvae.cli import sample as sample_cli
 from nvae.model import NVAE
-from nvae.pretrained import CONFIG, WEIGHTS, ModelDirError, load_model_dir
+from nvae.pretrained import CONFIG, WEIGHTS, ModelDirError
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official" / "cifar10_tiny" / "checkpoint.pt"
 needs_fixture = pytest.mark.skipif(not OFFICIAL.is_file(), reason="../shared/fixtures/official is not here")
@@ -84,8 +85,8 @@ def test_a_member_that_is_not_a_file_is_refused(model_dir: Path, quickstart_chec
 def test_files_are_readable_by_others_and_a_directory_exports_again(model_dir: Path, tmp_path: Path) -> None:
     assert {oct(os.stat(model_dir / n).st_mode & 0o777) for n in (CONFIG, WEIGHTS, "README.md")} == {"0o644"}
     export_cli.main([str(model_dir), str(tmp_path / "again")])  # a model directory as the source
-    for key, value in load_model_dir(model_dir).model.state_dict().items():
-        assert torch.equal(value, load_model_dir(tmp_path / "again").model.state_dict()[key]), key
+    for key, value in load_checkpoint(model_dir).model.state_dict().items():
+        assert torch.equal(value, load_checkpoint(tmp_path / "again").model.state_dict()[key]), key
 
 
 def test_save_pretrained_keeps_the_memory_format(model_dir: Path, tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_deep_json_duplicate_keys_and_odd_names_are_one_line(model_dir: Path, tm
     for text, expected in cases.items():
         (folder / CONFIG).write_text(text)
         with pytest.raises(ModelDirError) as err:
-            load_model_dir(folder)
+            load_checkpoint(folder)
         assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)[:300]
 
 
@@ -129,7 +130,7 @@ def test_a_deep_safetensors_header_is_one_line(model_dir: Path, tmp_path: Path) 
     text = b'{"__metadata__": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     (folder / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text)
     with pytest.raises(ModelDirError, match="not JSON nvae reads"):
-        load_model_dir(folder)
+        load_checkpoint(folder)
 
 
 def test_a_float64_weight_that_overflows_float32_is_refused(model_dir: Path, tmp_path: Path) -> None:
@@ -140,7 +141,7 @@ def test_a_float64_weight_that_overflows_float32_is_refused(model_dir: Path, tmp
     state["stem.weight"] = torch.full_like(state["stem.weight"], 1e300, dtype=torch.float64)
     save_file(state, str(folder / WEIGHTS))
     with pytest.raises(ModelDirError, match="'stem.weight' holds non-finite values"):
-        load_model_dir(folder)
+        load_checkpoint(folder)
 
 
 def test_data_arguments_that_do_not_fit_the_data_module_are_one_line(model_dir: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from nvae.cli import evaluate as eval_cli
 from nvae.cli import export as export_cli
 from nvae.cli import sample as sample_cli
 from nvae.model import NVAE
-from nvae.pretrained import CONFIG, RAW_WEIGHTS, WEIGHTS, ModelDirError, load_model_dir
+from nvae.pretrained import CONFIG, RAW_WEIGHTS, WEIGHTS, ModelDirError
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_ema_weights_and_the_raw_ones(quickstart_checkpoint: Path, tmp_path: Pat
     export_cli.main([str(with_ema), str(tmp_path / "dir")])
     assert (tmp_path / "dir" / RAW_WEIGHTS).is_file()
     for use_ema, expected in ((True, ck["nvae_ema"]), (False, raw)):
-        loaded = load_model_dir(tmp_path / "dir", use_ema=use_ema)
+        loaded = load_checkpoint(tmp_path / "dir", use_ema=use_ema)
         assert loaded.weights == ("ema" if use_ema else "raw")
         for key, value in loaded.model.state_dict().items():
             assert torch.equal(value, expected[key]), key
@@ -150,7 +150,7 @@ def test_crafted_config_json_is_one_line(model_dir: Path, tmp_path: Path, case: 
     edit, expected = CONFIG_CASES[case]
     _edit_config(folder, edit)
     with pytest.raises(ModelDirError, match=expected) as err:
-        load_model_dir(folder)
+        load_checkpoint(folder)
     assert "\n" not in str(err.value)
 
 
@@ -159,7 +159,7 @@ def test_nan_in_config_and_a_data_module_naming_code(model_dir: Path, tmp_path: 
     text = (folder / CONFIG).read_text().replace('"num_channels": 16', '"num_channels": NaN')
     (folder / CONFIG).write_text(text)
     with pytest.raises(ModelDirError, match="plain, finite values"):
-        load_model_dir(folder)
+        load_checkpoint(folder)
     folder2 = _copy(model_dir, tmp_path / "b")
     marker = tmp_path / "MARKER"
     _edit_config(folder2, lambda c: c.update(data={"class_path": "subprocess.Popen",
@@ -210,7 +210,7 @@ def test_crafted_safetensors_headers_are_one_line_and_allocate_nothing(model_dir
     _write(folder / WEIGHTS, header, data, length)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ModelDirError, match=expected) as err:
-        load_model_dir(folder)
+        load_checkpoint(folder)
     assert "\n" not in str(err.value)
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 512  # MiB: nothing large
 
@@ -223,7 +223,7 @@ def test_non_finite_weights_in_a_directory_are_refused(model_dir: Path, tmp_path
     nan = struct.pack("<f", math.nan) * ((end - begin) // 4)
     _write(folder / WEIGHTS, header, data[:begin] + nan + data[end:])
     with pytest.raises(ModelDirError, match="non-finite"):
-        load_model_dir(folder)
+        load_checkpoint(folder)
 
 
 # ------------------------------------------------------------------------------------------ BN readjustment

@@ -2,7 +2,7 @@
 
 Each crafted checkpoint is a real quickstart checkpoint with one entry changed to name code. Every
 loader gets each one: sample.py, evaluate.py nll|fid|recon, train.py --resume and --ckpt_path,
-NVAEModule.load_from_checkpoint and ImageDataModule.load_from_checkpoint. The payloads would create
+NVAEModule.load_from_checkpoint and nvae.checkpoint.load_datamodule. The payloads would create
 a marker file if anything ran them; the marker must not exist afterwards.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from nvae.checkpoint import check_names
+from nvae.checkpoint import check_names, load_datamodule
 from nvae.cli import evaluate as eval_cli
 from nvae.cli import sample as sample_cli
 from nvae.cli import train as cli
 from nvae.config_check import check_command_line, check_config_file
-from nvae.data import ImageDataModule, register_datamodule
+from nvae.data import register_datamodule
 from nvae.data.bundled import BundledMNISTDataModule
 from nvae.data.registry import UntrustedName, datamodule_class
 from nvae.lightning import NVAEModule
@@ -102,7 +102,7 @@ def commands(ckpt: Path, out: Path) -> dict[str, Callable[[], Any]]:
         "evaluate.py recon": lambda: eval_cli.main(["recon", "--checkpoint", str(ckpt), "--num-images", "2",
                                                     "--output", str(out / "r.png"), "--device", "cpu"]),
         "NVAEModule.load_from_checkpoint": lambda: NVAEModule.load_from_checkpoint(ckpt),
-        "ImageDataModule.load_from_checkpoint": lambda: ImageDataModule.load_from_checkpoint(ckpt),
+        "load_datamodule": lambda: load_datamodule(ckpt),
         "train.py --resume": lambda: cli.main([*train, "--resume", str(ckpt)]),
     }
 
@@ -145,8 +145,10 @@ def test_the_issue_example_through_the_script(clean_checkpoint: dict, tmp_path: 
 def test_clean_checkpoint_loads_everywhere(quickstart_checkpoint: Path) -> None:
     """The checks let nvae's own checkpoints through (the refusals above are not blanket refusals)."""
     module = NVAEModule.load_from_checkpoint(quickstart_checkpoint)
-    data = ImageDataModule.load_from_checkpoint(quickstart_checkpoint)
+    data = load_datamodule(quickstart_checkpoint)
     assert isinstance(data, BundledMNISTDataModule) and data.batch_size == 2
+    with pytest.raises(TypeError, match="nvae.checkpoint.load_datamodule"):  # Lightning's would import names
+        BundledMNISTDataModule.load_from_checkpoint(quickstart_checkpoint)
     state = torch.load(quickstart_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     for key, value in module.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)  # loaded exactly

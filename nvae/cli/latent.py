@@ -21,7 +21,8 @@ from nvae.cli.common import at_least
 from nvae.cli.outputs import save_grid, save_torch
 from nvae.data.base import DataError, quantize
 from nvae.data.files import read_image
-from nvae.data.folder import IMAGE_EXTENSIONS, CenterSquare
+from nvae.data.base import CenterSquare
+from nvae.data.folder import IMAGE_EXTENSIONS
 from nvae.model import NVAE
 
 

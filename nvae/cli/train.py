@@ -16,7 +16,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from nvae.checkpoint import described_model, model_hparams, read_checkpoint
+from nvae.checkpoint import model_hparams, read_checkpoint
 from nvae.checkpoint_state import check_training_state
 from nvae.cli.common import end_distributed
 from nvae.config_check import check_command_line, import_policy
@@ -24,6 +24,8 @@ from nvae.data import ImageDataModule
 from nvae.data.base import DataError
 from nvae.guard import TrainingDiverged
 from nvae.lightning import NVAEModule
+from nvae.loading import described_model
+from nvae.model import NVAE
 from nvae.presets import describe, resolve_config_args
 from nvae.resilience import find_resume_checkpoint
 
@@ -112,7 +114,7 @@ def check_resume_file(path: str, option: str) -> None:
     source = f"checkpoint '{path}'"
     check_training_state(ckpt, source)
     if option == "--ckpt_path":  # LightningCLI builds the model from the file's hyper-parameters
-        described_model(model_hparams(ckpt, source), source)
+        described_model(model_hparams(ckpt, source), source, NVAE)
 
 
 def runs_on_gpu(accelerator: object) -> bool:

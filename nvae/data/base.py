@@ -87,6 +87,19 @@ class Pad:
         return f"Pad({self.pad})"
 
 
+class CenterSquare:
+    """Center crop a PIL image to the largest square it contains."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return img.crop((left, top, left + s, top + s))
+
+    def __repr__(self) -> str:
+        return "CenterSquare()"
+
+
 class DataError(RuntimeError):
     """A data item that cannot be used (unreadable file, ...): the message names it."""
 
@@ -173,26 +186,11 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set: Optional[Dataset] = None
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str, map_location: object = None,  # type: ignore[override]
-                             hparams_file: Optional[str] = None, **kwargs: object) -> "ImageDataModule":
-        """The data module a checkpoint recorded, rebuilt safely: the file is read with
-        ``weights_only=True`` and its names checked (:func:`nvae.checkpoint.check_names`); the class is
-        ``cls``, or the recorded one (an allowed data module) when called on ``ImageDataModule``.
-        ``kwargs`` override the recorded arguments."""
-        from nvae.checkpoint import DATA_KEY, DATAMODULE_HPARAMS_KEY, instantiate_datamodule, offline, read_checkpoint
-        from nvae.data.registry import datamodule_class
-
-        if hparams_file is not None:
-            raise ValueError("ImageDataModule.load_from_checkpoint: hparams_file is not supported")
-        checkpoint = read_checkpoint(checkpoint_path, map_location="cpu")
-        recorded = checkpoint.get(DATA_KEY) or {}
-        saved = checkpoint.get(DATAMODULE_HPARAMS_KEY) or recorded.get("init_args") or {}
-        target = cls
-        if cls is ImageDataModule:
-            target = datamodule_class(recorded.get("class_path") or saved.get("_class_path"),
-                                      f"checkpoint '{checkpoint_path}': {DATA_KEY}.class_path")
-        init_args = offline({k: v for k, v in saved.items() if not k.startswith("_")})
-        return instantiate_datamodule(target, {**init_args, **kwargs}, {})
+    def load_from_checkpoint(cls, checkpoint_path: str, *args: object, **kwargs: object) -> "ImageDataModule":
+        """Refused: Lightning's version would import what the file names. A checkpoint's data module is
+        rebuilt safely by :func:`nvae.checkpoint.load_datamodule`."""
+        raise TypeError(f"{cls.__name__}.load_from_checkpoint is not supported: use "
+                        f"nvae.checkpoint.load_datamodule({str(checkpoint_path)!r}) (it reads the file safely)")
 
     # -- to implement ---------------------------------------------------------------------------
     @property

@@ -18,22 +18,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from nvae.data.base import DataError, ImageDataModule, TensorImages, ToGrid, missing_data_error, random_hflip, seeded_permutation
+from nvae.data.base import (CenterSquare, DataError, ImageDataModule, TensorImages, ToGrid, missing_data_error,
+                             random_hflip, seeded_permutation)
 from nvae.data.files import IMAGE_EXTENSIONS, list_images, read_image
+from nvae.data.lmdb import LMDBDataModule, has_official_lmdb
 from nvae.spec import ImageSpec
-
-
-class CenterSquare:
-    """Center crop a PIL image to the largest square it contains."""
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        return img.crop((left, top, left + s, top + s))
-
-    def __repr__(self) -> str:
-        return "CenterSquare()"
 
 
 class ImageFiles(Dataset):
@@ -285,8 +274,6 @@ class ImageNet32DataModule(ImageFolderDataModule):
                          seed, skip_unreadable)
 
     def build_datasets(self) -> tuple[Dataset, Optional[Dataset], Dataset]:
-        from nvae.data.lmdb import LMDBDataModule, has_official_lmdb
-
         if has_official_lmdb(self.root):
             rank_zero_info(f"ImageNet 32: the official LMDB folders under {self.root} (Oord et al.'s version)")
             oord = LMDBDataModule(self.root, 32, num_bits=self.num_bits, random_flip=self.random_flip)

@@ -17,9 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from nvae.data.base import DataError, ImageDataModule, ToGrid, missing_data_error
+from nvae.data.base import CenterSquare, DataError, ImageDataModule, ToGrid, missing_data_error
 from nvae.data.celeba import CropBox
-from nvae.data.folder import CenterSquare
 from nvae.spec import ImageSpec
 
 SPLITS = ("train.lmdb", "validation.lmdb")  # the official names: training and held-out

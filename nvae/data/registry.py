@@ -12,6 +12,7 @@ imports a module, so a name from a file cannot trigger any module's import-time 
 """
 from __future__ import annotations
 
+import sys
 from typing import TypeVar
 
 from nvae.data.base import ImageDataModule
@@ -59,7 +60,7 @@ def allowed_datamodules() -> dict[str, type[ImageDataModule]]:
 
     nvae's own data modules are listed under their full path and as ``nvae.data.<Name>``.
     """
-    import nvae.data as public  # the package's exported names (nvae.data imports this module)
+    public = sys.modules["nvae.data"]  # the package (always loaded before its modules): its exported names
 
     found: dict[str, type[ImageDataModule]] = {}
     for cls in subclasses(ImageDataModule):
