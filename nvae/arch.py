@@ -1,6 +1,6 @@
 """The architecture of an NVAE (paper sec. 3, table 6): ``model.arch`` in the presets.
 
-The image's shape, bits and likelihood come from :class:`nvae.spec.ImageSpec`, never from here.
+The image's shape and bits come from :class:`nvae.spec.ImageSpec`, never from here.
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nvae.distributions import DMOL_BINS
+from nvae.likelihoods import AUTO, check_name
 
 
 @dataclass
@@ -40,8 +41,11 @@ class NVAEConfig:
     """Decoder cells per latent group."""
     num_flows: int = 0
     """Inverse autoregressive flow pairs on each group's posterior sample (0 = none)."""
+    likelihood: str = AUTO
+    """p(x | z): a name of :data:`nvae.likelihoods.LIKELIHOODS` ("bernoulli", "dmol"), or "auto", the
+    paper's choice: Bernoulli for 1-bit data, the discretized mixture of logistics otherwise."""
     num_mixtures: int = 10
-    """Logistic mixture components of the likelihood (multi-bit data)."""
+    """Logistic mixture components of the "dmol" likelihood."""
     use_se: bool = True
     """Squeeze-and-excitation at the end of every cell."""
     residual_posterior: bool = True
@@ -74,6 +78,7 @@ class NVAEConfig:
                     raise ValueError(f"model.arch.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.fused_ops, bool):
             raise ValueError(f"model.arch.fused_ops must be true or false, got {self.fused_ops!r}")
+        check_name(self.likelihood)
         if self.dmol_bins not in DMOL_BINS:
             raise ValueError(f"model.arch.dmol_bins must be one of {', '.join(DMOL_BINS)}, got {self.dmol_bins!r}")
         if self.num_preprocess_blocks != self.num_postprocess_blocks:

@@ -17,6 +17,7 @@ checks the file this way before anything named in it is imported or instantiated
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -26,7 +27,7 @@ from nvae.data.registry import UntrustedName, class_path, datamodule_class, subc
 from nvae.hparams import group_flat_hparams
 from nvae.limits import check_archive
 from nvae.loading import LoadedCheckpoint, check_state, described_model
-from nvae.model import NVAE
+from nvae.model import NVAE, NVAEConfig
 from nvae.pretrained import load_model_dir
 
 STATE_KEY = "state_dict"  # Lightning's: the LightningModule's state dict (the NVAE's under "model.")
@@ -170,12 +171,14 @@ def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any]) 
     check_format(checkpoint, "checkpoint")
     saved = checkpoint.get(HPARAMS_KEY, {})
     diffs = []
+    defaults = {"arch": {f.name: f.default for f in fields(NVAEConfig)}, "image_spec": {}}
     for group in ("arch", "image_spec"):
         old, new = saved.get(group) or {}, hparams.get(group) or {}
         for key in sorted(set(old) | set(new)):
             if key in FREE_ARCH_FIELDS:  # the configuration's choice applies
                 continue
-            if old.get(key) != new.get(key):
+            default = defaults[group].get(key)  # a field newer than the checkpoint: its default held then
+            if old.get(key, default) != new.get(key, default):
                 diffs.append(f"model.{group}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
     if diffs:
         raise ValueError("checkpoint does not fit this configuration: " + "; ".join(diffs))

@@ -9,20 +9,19 @@ evaluation and, through its per-group hook (:mod:`nvae.groups`), the latent API 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from nvae.arch import NVAEConfig
 from nvae.cells import DecoderCell, EncoderCell
-from nvae.distributions import Bernoulli, DiscMixLogistic, dmol_channels
 from nvae.groups import GroupHook, GroupPosterior, GroupView, LatentGroup
+from nvae.likelihoods import Likelihood, LikelihoodFamily, likelihood_family, likelihood_name
 from nvae.limits import check_structure
 from nvae.ops import CellStack, Conv2d, use_fused_ops
 from nvae.spec import ImageSpec
 
-Likelihood = Union[Bernoulli, DiscMixLogistic]
 CHECKPOINT_MODES = ("none", "cell", "group")
 __all__ = ["CHECKPOINT_MODES", "GroupHook", "GroupPosterior", "GroupView", "LatentGroup", "NVAE", "NVAEConfig",
            "NVAEOutput"]
@@ -103,8 +102,7 @@ class NVAE(nn.Module):
                 post.append(DecoderCell(ch, ch // 2 if up else ch, cfg.postprocess_expand, up=up, use_se=cfg.use_se))
                 ch = ch // 2 if up else ch
         self.postprocess = CellStack(*post)
-        out = spec.channels if spec.likelihood == "bernoulli" else dmol_channels(spec.channels, cfg.num_mixtures)
-        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out, 3, padding=1))
+        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, self.likelihood_family.head_channels(spec, cfg), 3, padding=1))
         self.groups_per_scale = groups
         use_fused_ops(self, cfg.fused_ops)
 
@@ -180,12 +178,19 @@ class NVAE(nn.Module):
         params = self.head(self.postprocess(h))
         return NVAEOutput(self._likelihood(params), torch.stack(kls, dim=1), log_q, log_p, torch.stack(kl_channels))
 
+    @property
+    def likelihood_family(self) -> LikelihoodFamily:
+        """How the head parameterizes p(x | z) (``model.arch.likelihood``: :mod:`nvae.likelihoods`)."""
+        return likelihood_family(self.spec, self.cfg)
+
+    @property
+    def likelihood_name(self) -> str:
+        """The name of :attr:`likelihood_family` (``auto`` resolved)."""
+        return likelihood_name(self.cfg.likelihood, self.spec.num_bits)
+
     def _likelihood(self, params: torch.Tensor) -> Likelihood:
         params = params.float()  # the likelihood is evaluated in float32 under mixed precision
-        if self.spec.likelihood == "bernoulli":
-            return Bernoulli(params)
-        spec, cfg = self.spec, self.cfg
-        return DiscMixLogistic(params, spec.channels, spec.num_bits, cfg.num_mixtures, cfg.dmol_bins)
+        return self.likelihood_family.build(params, self.spec, self.cfg)
 
     def forward(self, x: torch.Tensor, use_mean: bool = False) -> NVAEOutput:
         """Encode x (B, C, H, W) in [0, 1], sample the posterior (every group at its mean, pushed

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from nvae.cells import DecoderCell, EncoderCell
+from nvae.likelihoods import MixtureOfLogisticsFamily
 from nvae.limits import check_archive
 from nvae.model import NVAE
 from nvae.official_args import OfficialRun, run_from_args
@@ -175,7 +176,7 @@ def head_permutation(model: NVAE) -> torch.Tensor | None:
     coefficients (channel M + 3M c + M j + m for kind j); nvae: for each kind j, every channel
     (M + M (3 j + c) + m). None for a Bernoulli head (one logit per pixel, same order).
     """
-    if model.spec.likelihood != "dmol":
+    if not isinstance(model.likelihood_family, MixtureOfLogisticsFamily):
         return None
     m, c = model.cfg.num_mixtures, model.spec.channels
     if c != 3:

@@ -200,10 +200,10 @@ def load_model_dir(source: str | Path, device: str | torch.device, use_ema: bool
         spec, cfg = described_model({"image_spec": config["image_spec"], "arch": config["arch"]}, source_name, model_cls)
     except ValueError as err:
         raise ModelDirError(str(err)) from None
-    if config.get("likelihood", spec.likelihood) != spec.likelihood:
-        raise ModelDirError(f"{source_name}: likelihood {config.get('likelihood')!r} is not the "
-                            f"{spec.likelihood!r} its image_spec has")
     model = model_cls(spec, cfg)
+    if config.get("likelihood", model.likelihood_name) != model.likelihood_name:
+        raise ModelDirError(f"{source_name}: likelihood {config.get('likelihood')!r} is not the "
+                            f"{model.likelihood_name!r} its image_spec and arch describe")
     weights = config.get("weights", "raw")
     path = folder / WEIGHTS
     if weights == "ema" and not use_ema and (folder / RAW_WEIGHTS).is_file():

@@ -87,7 +87,7 @@ def save_model_dir(model: "NVAE", folder: str | Path, raw_state: Optional[Mappin
     check_destination(folder, overwrite, sources)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "image_spec": vars(model.spec).copy(), "arch": vars(model.cfg).copy(),
-              "likelihood": model.spec.likelihood, "weights": "ema" if raw_state is not None else "raw",
+              "likelihood": model.likelihood_name, "weights": "ema" if raw_state is not None else "raw",
               "channels_last": bool(channels_last), "data": data, "provenance": provenance or {}}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     writers: dict[str, Callable[[Path], Any]] = {

@@ -17,7 +17,7 @@ class ImageSpec:
     size: int = 32
     """Height and width of the (square) network input, padding included."""
     num_bits: int = 8
-    """Bits per channel: 1 is binary data (Bernoulli likelihood), 2..8 use a discretized mixture."""
+    """Bits per channel: 1 is binary data; 2..8 levels on the grid k / (2^bits - 1)."""
     pad: int = 0
     """Border (pixels per side) added by the data pipeline; the likelihood ignores it."""
 
@@ -34,11 +34,6 @@ class ImageSpec:
             raise ValueError(f"image_spec.size must be >= 1, got {self.size}")
         if self.pad < 0 or 2 * self.pad >= self.size:
             raise ValueError(f"image_spec.pad must be >= 0 and leave pixels inside size {self.size}, got {self.pad}")
-
-    @property
-    def likelihood(self) -> str:
-        """'bernoulli' for binary data, 'dmol' (discretized mixture of logistics) otherwise."""
-        return "bernoulli" if self.num_bits == 1 else "dmol"
 
     @property
     def num_dims(self) -> int:

@@ -88,7 +88,7 @@ def bundled() -> BundledMNISTDataModule:
 def test_bundled_spec_before_setup() -> None:
     dm = BundledMNISTDataModule()
     assert dm.image_spec == ImageSpec(channels=1, size=32, num_bits=1, pad=2)
-    assert dm.image_spec.likelihood == "bernoulli"
+    assert dm.image_spec.num_bits == 1
     assert BundledMNISTDataModule(binarize=False).image_spec == ImageSpec(1, 32, 8, 2)
 
 

@@ -159,9 +159,9 @@ def load(args: argparse.Namespace, device: torch.device) -> LoadedCheckpoint:
     bins = getattr(args, "dmol_bins", None)
     if bins is not None:
         loaded.model.cfg = dataclasses.replace(loaded.model.cfg, dmol_bins=bins)
-    where = f", likelihood bins: {loaded.model.cfg.dmol_bins}" if loaded.model.spec.likelihood == "dmol" else ""
     if not getattr(args, "quiet_rank", False):
-        print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}{where}")
+        print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}, likelihood: "
+              f"{loaded.model.likelihood_family.describe(loaded.model.cfg)}")
     return loaded
 
 

@@ -107,13 +107,13 @@ def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     print(f"IW NLL (K={k}, {res.num_images} {args.split} images, {world} process(es)): {headline} "
           f"[{res.nll_nats:.2f} nats, {res.bpd:.4f} bpd]; negative ELBO {res.nelbo_nats:.2f} nats, "
           f"{res.nelbo_bpd:.4f} bpd")
-    return {**res.as_dict(), "split": args.split, "weights": loaded.weights, "dmol_bins": _bins(loaded),
+    return {**res.as_dict(), "split": args.split, "weights": loaded.weights, "likelihood": _likelihood(loaded),
             "processes": world, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _bins(loaded: LoadedCheckpoint) -> Optional[str]:
-    """The likelihood bins the numbers were computed with (None for a binary model)."""
-    return loaded.model.cfg.dmol_bins if loaded.model.spec.likelihood == "dmol" else None
+def _likelihood(loaded: LoadedCheckpoint) -> str:
+    """The likelihood the numbers were computed with, and its settings (the bins of a mixture)."""
+    return loaded.model.likelihood_family.describe(loaded.model.cfg)
 
 
 @torch.no_grad()
@@ -134,7 +134,7 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{x.shape[0]} reconstructions -> {args.output} (columns: input, reconstruction); "
           f"negative ELBO {nelbo.mean():.2f} nats per image")
     return {"nelbo_nats_mean": nelbo.mean().item(), "nelbo_nats": [round(v, 3) for v in nelbo.tolist()],
-            "num_images": x.shape[0], "output": args.output, "weights": loaded.weights, "dmol_bins": _bins(loaded)}
+            "num_images": x.shape[0], "output": args.output, "weights": loaded.weights, "likelihood": _likelihood(loaded)}
 
 
 def _take(loader: Any, n: int) -> Any:

@@ -49,8 +49,7 @@ def model_card(model: NVAE, data: Optional[dict[str, Any]], provenance: dict[str
         "A deep hierarchical VAE (Vahdat & Kautz, \"NVAE: A Deep Hierarchical Variational Autoencoder\", "
         "NeurIPS 2020) for the `nvae` framework.", "",
         f"- **Data:** {dataset} (`{class_path or 'unknown'}`); images {model.spec.channels} x {model.spec.size} x "
-        f"{model.spec.size}, {model.spec.num_bits} bit(s), likelihood `{model.spec.likelihood}`"
-        + (f" with `{model.cfg.dmol_bins}` bins" if model.spec.likelihood == "dmol" else "") + ".",
+        f"{model.spec.size}, {model.spec.num_bits} bit(s), likelihood `{model.likelihood_family.describe(model.cfg)}`.",
         f"- **Parameters:** {params:,}.",
         f"- **The paper's result on this data:** {paper}. Check this model with "
         "`python evaluate.py nll --checkpoint THIS_DIR -K 1000`.",
