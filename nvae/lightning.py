@@ -92,7 +92,8 @@ class NVAEModule(L.LightningModule):
         power_iters = self.objective.power_iters
         self.spectral = SpectralRegularizer(self.model, power_iters=power_iters, initial_iters=10 * power_iters)
         self._bn_gammas = batchnorm_gammas(self.model)  # parameters: the same after SyncBatchNorm or .to()
-        self.register_buffer("alpha", kl_balance_alpha(self.model.group_scale, self.model.groups_per_scale[::-1]),
+        topology = self.model.topology
+        self.register_buffer("alpha", kl_balance_alpha(topology.group_scales, topology.groups_per_scale),
                              persistent=False)
         self.guarded_steps = GuardedSteps(guard_config)
         self.ema_weights = EMAWeights(ema_decay, self.guarded_steps) if ema_decay else None

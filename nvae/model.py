@@ -21,6 +21,7 @@ from nvae.likelihoods import Likelihood, LikelihoodFamily, likelihood_family, li
 from nvae.limits import check_structure
 from nvae.ops import CellStack, Conv2d, use_fused_ops
 from nvae.spec import ImageSpec
+from nvae.topology import Topology
 
 CHECKPOINT_MODES = ("none", "cell", "group")
 __all__ = ["CHECKPOINT_MODES", "GroupHook", "GroupPosterior", "GroupView", "LatentGroup", "NVAE", "NVAEConfig",
@@ -66,35 +67,31 @@ class NVAE(nn.Module):
                 ch = 2 * ch if down else ch
         self.preprocess = CellStack(*pre)
 
-        # Encoder tower, finest scale first: per group its cells; a down cell between scales.
-        groups = cfg.groups_per_scale()
+        # Encoder tower, finest scale first: per group its cells; a down cell after each scale but the coarsest.
+        self.topology = topology = Topology.of(spec, cfg)
         self.enc_groups = nn.ModuleList()
         self.enc_down = nn.ModuleList()
-        scale_channels = []
-        for s, n in enumerate(groups):
-            scale_channels.append(ch)
-            for _ in range(n):
-                self.enc_groups.append(CellStack(*[EncoderCell(ch, ch, use_se=cfg.use_se)
+        for scale, groups in topology.encoder_order():
+            c = scale.channels
+            for _ in groups:
+                self.enc_groups.append(CellStack(*[EncoderCell(c, c, use_se=cfg.use_se)
                                                    for _ in range(cfg.num_cell_per_cond_enc)]))
-            if s < len(groups) - 1:
-                self.enc_down.append(EncoderCell(ch, 2 * ch, down=True, use_se=cfg.use_se))
-                ch *= 2
-        self.enc_top = nn.Sequential(nn.ELU(), Conv2d(ch, ch, 1), nn.ELU())
+            if scale.index > 0:
+                self.enc_down.append(EncoderCell(c, 2 * c, down=True, use_se=cfg.use_se))
+        top = topology.scales[0]
+        self.enc_top = nn.Sequential(nn.ELU(), Conv2d(top.channels, top.channels, 1), nn.ELU())
 
-        # Decoder, coarsest scale first: learned h0, latent groups, an up cell between scales.
-        top = spec.size // cfg.downsampling
-        self.h0 = nn.Parameter(torch.rand(ch, top, top))
+        # Decoder, coarsest scale first: learned h0, latent groups, an up cell before each scale but the coarsest.
+        self.h0 = nn.Parameter(torch.rand(top.channels, top.size, top.size))
         self.dec_groups = nn.ModuleList()
         self.dec_up = nn.ModuleList()
-        self.group_scale: list[int] = []  # scale index (0 = coarsest) of each decoder group
-        for s, n in enumerate(reversed(groups)):
-            for g in range(n):
-                self.dec_groups.append(LatentGroup(cfg, ch, ch, first=(s == 0 and g == 0)))
-                self.group_scale.append(s)
-            if s < len(groups) - 1:
-                self.dec_up.append(DecoderCell(ch, ch // 2, cfg.decoder_expand, up=True, use_se=cfg.use_se))
-                ch //= 2
+        for group in topology.groups:
+            c = topology.scales[group.scale].channels
+            if group.starts_scale and group.index > 0:
+                self.dec_up.append(DecoderCell(2 * c, c, cfg.decoder_expand, up=True, use_se=cfg.use_se))
+            self.dec_groups.append(LatentGroup(cfg, c, c, first=group.index == 0))
 
+        ch = topology.scales[-1].channels
         post: list[nn.Module] = []
         for _ in range(cfg.num_postprocess_blocks):
             for c in range(cfg.num_postprocess_cells):
@@ -103,7 +100,6 @@ class NVAE(nn.Module):
                 ch = ch // 2 if up else ch
         self.postprocess = CellStack(*post)
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, self.likelihood_family.head_channels(spec, cfg), 3, padding=1))
-        self.groups_per_scale = groups
         use_fused_ops(self, cfg.fused_ops)
 
     def set_checkpointing(self, mode: bool | str) -> None:
@@ -134,23 +130,17 @@ class NVAE(nn.Module):
     def num_groups(self) -> int:
         return len(self.dec_groups)
 
-    def _latent_shapes(self, batch: int) -> list[tuple[int, ...]]:
-        """(B, L, h, w) of every group's latent, coarsest first."""
-        top = self.spec.size // self.cfg.downsampling
-        return [(batch, self.cfg.num_latent_per_group, top * 2 ** s, top * 2 ** s) for s in self.group_scale]
-
     def encode_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Bottom-up pass: one feature map per latent group, coarsest (top) group first."""
         h = self.preprocess(self.stem(2.0 * x - 1.0))
-        feats, g = [], 0
-        for s, n in enumerate(self.groups_per_scale):
-            for _ in range(n):
-                h = self.enc_groups[g](h)
-                feats.append(h)
-                g += 1
-            if s < len(self.enc_down):
-                h = self.enc_down[s](h)
-        feats.reverse()
+        feats: list[torch.Tensor] = [h] * self.num_groups  # each replaced below
+        enc_groups, enc_down = iter(self.enc_groups), iter(self.enc_down)
+        for scale, groups in self.topology.encoder_order():
+            for group in groups:
+                h = next(enc_groups)(h)
+                feats[group.index] = h
+            if scale.index > 0:
+                h = next(enc_down)(h)
         feats[0] = self.enc_top(feats[0])
         return feats
 
@@ -166,9 +156,10 @@ class NVAE(nn.Module):
         h = self.h0.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, C, h, w)
         kls, kl_channels, log_q, log_p = [], [], 0.0, 0.0
         up = iter(self.dec_up)
-        for i, (group, shape) in enumerate(zip(self.dec_groups, self._latent_shapes(batch))):
-            if i > 0 and self.group_scale[i] != self.group_scale[i - 1]:
+        for slot, group in zip(self.topology.groups, self.dec_groups):
+            if slot.starts_scale and slot.index > 0:
                 h = next(up)(h)
+            i, shape = slot.index, self.topology.latent_shape(slot, batch)
             h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape, use_mean, hook, i)
             per_channel = kl.sum(dim=(2, 3))  # (B, L)
             kls.append(per_channel.sum(dim=1))

@@ -73,20 +73,19 @@ def module_pairs(model: NVAE, wrapped: bool = False) -> Iterator[tuple[str, nn.M
     for i, cell in enumerate(model.preprocess):
         yield from _cell(f"pre_process.{i}", cell, wrapped)
     # encoder tower, finest first: per group its cells, then its combiner (all but the top group); down cells
-    groups, k, g = model.num_groups, 0, 0
-    for s, n in enumerate(model.groups_per_scale):
-        for _ in range(n):
-            for cell in model.enc_groups[g]:
+    k, enc_groups, enc_down = 0, iter(model.enc_groups), iter(model.enc_down)
+    for scale, groups in model.topology.encoder_order():
+        for group in groups:
+            for cell in next(enc_groups):
                 yield from _cell(f"enc_tower.{k}", cell, wrapped)
                 k += 1
-            if g < groups - 1:
-                combiner = model.dec_groups[groups - 1 - g].enc_combiner
+            if group.index > 0:
+                combiner = model.dec_groups[group.index].enc_combiner
                 assert combiner is not None
                 yield f"enc_tower.{k}.conv", combiner.conv
                 k += 1
-            g += 1
-        if s < len(model.enc_down):
-            yield from _cell(f"enc_tower.{k}", model.enc_down[s], wrapped)
+        if scale.index > 0:
+            yield from _cell(f"enc_tower.{k}", next(enc_down), wrapped)
             k += 1
     yield "enc0.1", model.enc_top[1]
     for i, group in enumerate(model.dec_groups):
@@ -101,8 +100,8 @@ def module_pairs(model: NVAE, wrapped: bool = False) -> Iterator[tuple[str, nn.M
             yield f"dec_sampler.{i - 1}.1", group.prior[1]
     # decoder tower, coarsest first: per group its cells (none for the top one) and combiner; up cells
     k, up = 0, iter(model.dec_up)
-    for i, group in enumerate(model.dec_groups):
-        if i > 0 and model.group_scale[i] != model.group_scale[i - 1]:
+    for slot, group in zip(model.topology.groups, model.dec_groups):
+        if slot.starts_scale and slot.index > 0:
             yield from _cell(f"dec_tower.{k}", next(up), wrapped)
             k += 1
         for cell in group.cells:

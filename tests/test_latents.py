@@ -38,7 +38,7 @@ def test_encode_shapes_and_decode_of_all_groups_is_deterministic(fitted: NVAE) -
     x = patterns()
     groups = fitted.encode(x)
     assert len(groups) == fitted.num_groups == 4
-    for g, shape in zip(groups, fitted._latent_shapes(4)):
+    for g, shape in zip(groups, [fitted.topology.latent_shape(g, 4) for g in fitted.topology.groups]):
         assert g.mean.shape == g.std.shape == g.z.shape == shape and (g.std > 0).all()
     torch.testing.assert_close(groups[0].z, groups[0].mean)  # means by default (no flows here)
     z = [g.z for g in groups]
@@ -119,7 +119,7 @@ def test_traverse_hook_sees_every_group_top_first_and_default_choice_matches_for
         plain = model(x, use_mean=True)
         default = model.traverse(2, model.encode_features(x), hook=lambda view: None, use_mean=True)
     assert [v.index for v in views] == list(range(model.num_groups))
-    assert [v.shape for v in views] == model._latent_shapes(2)
+    assert [v.shape for v in views] == [model.topology.latent_shape(g, 2) for g in model.topology.groups]
     # the same z in both: exactly the same decoder input, so the same likelihood parameters
     torch.testing.assert_close(hooked.likelihood.mean(), plain.likelihood.mean(), rtol=0, atol=0)
     torch.testing.assert_close(default.kl, plain.kl, rtol=0, atol=0)  # None: the default posterior choice

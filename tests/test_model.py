@@ -231,9 +231,16 @@ def test_groups_halving_and_latent_shapes() -> None:
     assert cfg.groups_per_scale() == [8, 4, 2]
     model = NVAE(ImageSpec(3, 32, 5), cfg)
     assert model.num_groups == 14
-    shapes = model._latent_shapes(1)
-    assert shapes[0][2:] == (4, 4) and shapes[-1][2:] == (16, 16)
-    assert sum(1 for s in shapes if s[2] == 4) == 2  # coarsest scale holds the fewest groups
+    topology = model.topology
+    shapes = [topology.latent_shape(g, 1) for g in topology.groups]
+    assert shapes[0] == (1, 4, 4, 4) and shapes[-1] == (1, 4, 16, 16)
+    assert topology.groups_per_scale == [2, 4, 8]  # coarsest scale holds the fewest groups
+    assert [s.channels for s in topology.scales] == [64, 32, 16]  # 8 channels, x2 per downsampling
+    assert [g.index for g in topology.groups if g.starts_scale] == [0, 2, 6]  # an up cell before 2 and 6
+    with torch.no_grad():  # the model runs the table: every group's latent has the listed shape
+        seen = []
+        model.traverse(1, hook=lambda view: seen.append(view.shape))
+    assert seen == shapes
 
 
 def test_loss_falls_on_fixed_batch(tiny_binary: NVAE) -> None:
