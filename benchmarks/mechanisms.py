@@ -3,7 +3,7 @@
     python benchmarks/mechanisms.py --config configs/mnist.yaml --batch-size 8 [--rounds 8] [--threads 2]
     python benchmarks/mechanisms.py --config configs/mnist.yaml --batch-size 8 --allocator [--steps 5]
 
-Mechanisms (issue 18): the hand-written CPU autograd as a whole (``model.arch.fused_ops``), the
+Mechanisms: the hand-written CPU autograd as a whole (``model.arch.fused_ops``), the
 depthwise weight-gradient autotuner (against oneDNN's own kernel) and the allocator settings
 (``NVAE_MALLOC``). The vectorized ELU and nvae's own Adamax were measured here too and removed
 (docs/performance.md; commit 04750d2 has them).

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))  # this checkout's nvae (nvae.runtime impor
 from nvae.runtime import REEXECUTED, preloads  # noqa: E402
 LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
-# --mechanisms: nvae's CPU-only mechanisms, each against the plain path it replaces (issue 18): the first
+# --mechanisms: nvae's CPU-only mechanisms, each against the plain path it replaces: the first
 # row is nvae as it runs; every other row swaps one mechanism for plain PyTorch.
 MECHANISM_OPTIONS = ["32", "32 plain-ops", "32 onednn-dw", "32 glibc-default"]
 WORDS = {"32": ["--precision", "32"], "bf16": ["--precision", "bf16-mixed"], "16": ["--precision", "16-mixed"],

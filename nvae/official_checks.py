@@ -1,4 +1,4 @@
-"""What an official checkpoint holds, checked before nvae builds or allocates anything from it (issue 26).
+"""What an official checkpoint holds, checked before nvae builds or allocates anything from it.
 
 A checkpoint from someone else is data to judge: a field of the wrong type, out of range or not
 finite stops the conversion with one :class:`OfficialFormatError` line naming it; nothing is
@@ -29,8 +29,8 @@ class OfficialFormatError(ValueError):
 # (CIFAR-10), 20 latents per group, 2 cells per group, 2 flow pairs (CelebA-HQ, FFHQ), 10 mixture
 # components, batch 200 (MNIST) and 292 cells in all (CelebA-HQ: 36 groups of 2 + 2 cells and 2 x 2
 # flow cells, plus 4 pre/postprocessing cells). Each limit leaves room (5x the paper or more) yet
-# keeps the layout check within seconds: it builds the model on the meta device (no memory; about
-# 0.3 ms a module, ~4,000 modules for CelebA-HQ). Memory is bounded by that check and by
+# keeps the layout check within seconds: it builds the model on the meta device (no memory; the
+# time grows with the modules built, ~4,000 for CelebA-HQ). Memory is bounded by that check and by
 # nvae.limits.check_fits (the model's bytes against the memory available), not by these numbers: the
 # model nvae then allocates matches the file's own tensors shape for shape.
 INT_LIMITS: dict[str, tuple[int, int]] = {

@@ -10,9 +10,9 @@ takes that record, runs the power iteration and leaves its u, v in the slot, and
 *spectral token* (a zero scalar added to the loss) carries sigma's gradient c back into the
 convolution's own backward, where :func:`add_token_grad` adds c u v^T to the weight's gradient.
 So the weight receives one gradient instead of two, and no kernel-sized gradient is held from the
-start of backward until the convolution is reached (all kernels at once: 0.5 GB for the CIFAR-10
-preset). Convolutions that make their kernel without a token (the plain path, evaluation) are read
-afresh by the regularizer and take plain autograd through sigma = u^T W v.
+start of backward until the convolution is reached (every kernel of the model at once).
+Convolutions that make their kernel without a token (the plain path, evaluation) are read afresh
+by the regularizer and take plain autograd through sigma = u^T W v.
 
 This module imports torch only; :mod:`nvae.ops.conv` imports it, never the other way round.
 """

@@ -1,4 +1,4 @@
-"""BatchNorm readjustment and its cache (issue 27): ``--seed`` fixes the readjusted statistics (so the images),
+"""BatchNorm readjustment and its cache: ``--seed`` fixes the readjusted statistics (so the images),
 the cache key follows the weights file itself (not a model directory's folder, not the stem, not the mtime
 alone) and which weights were loaded; ``--encode`` writes the same bytes for the same latents."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""nvae.compat: each private Lightning/torch attribute nvae reads exists and does what nvae expects (issue 15)."""
+"""nvae.compat: each private Lightning/torch attribute nvae reads exists and does what nvae expects."""
 from __future__ import annotations
 
 from typing import Any

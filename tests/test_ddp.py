@@ -114,7 +114,7 @@ def test_sigterm_to_every_process_checkpoints_and_resumes(tmp_path: Path) -> Non
 
 
 def test_train_py_with_two_cpu_processes_trains_tests_and_writes_samples_once(tmp_path: Path) -> None:
-    """The README's CPU DDP command end to end: fit, the sample grids of rank 0, then the test run after fit.
+    """docs/scaling.md's CPU DDP command end to end: fit, the sample grids of rank 0, then the test run after fit.
 
     trainer.log_dir is a broadcast under DDP: read by rank 0 alone (the sample grids, the closing
     message), it paired with the other rank's next broadcast and the test run after fit deadlocked.
@@ -150,7 +150,7 @@ def _two_nodes(tmp: Path, launch: list[list[str]], envs: list[dict[str, str]]) -
 
 
 def test_train_py_under_torchrun_as_two_nodes_exits_cleanly(tmp_path: Path) -> None:
-    """The README's torchrun multi-node command, with 2 "nodes" of 1 CPU process on this machine.
+    """docs/scaling.md's torchrun multi-node command, with 2 "nodes" of 1 CPU process on this machine.
 
     Run by hand (2 threads each), 5 of 7 such runs failed before train.py destroyed its gloo process
     group at the end: a process aborted after its last line ("terminate called without an active
@@ -164,7 +164,7 @@ def test_train_py_under_torchrun_as_two_nodes_exits_cleanly(tmp_path: Path) -> N
 
 
 def test_train_py_under_slurm_as_two_nodes(tmp_path: Path) -> None:
-    """The README's SLURM command: each process gets the variables srun sets for
+    """docs/scaling.md's SLURM command: each process gets the variables srun sets for
     ``sbatch --nodes 2 --ntasks-per-node 1`` (Lightning's SLURMEnvironment reads them), on this machine."""
     assert not os.environ.get("SLURM_JOB_ID")  # a test run inside a real SLURM job would mix the two
     port = str(_free_port())  # else Lightning derives it from SLURM_JOB_ID

@@ -1,4 +1,4 @@
-"""The RGB discretized logistic mixture against a brute-force reference written from its definition (issue 17).
+"""The RGB discretized logistic mixture against a brute-force reference written from its definition.
 
 Definition (PixelCNN++, Salimans et al. 2017; NVAE sec. 4): a pixel's channels are decoded in order;
 given mixture component m, channel c is logistic with scale s_cm and mean mu_cm + sum_{j<c} a_jcm x_j

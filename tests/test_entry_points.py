@@ -1,4 +1,4 @@
-"""Console entry points (issues 6, 16, 27, 28): nvae-train / -sample / -eval / -convert / -export / -restore
+"""Console entry points: nvae-train / -sample / -eval / -convert / -export / -restore
 exist, run, document options."""
 from __future__ import annotations
 

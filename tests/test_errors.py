@@ -1,4 +1,4 @@
-"""Bad input stops early with one line naming the field or file (issue 5), and --resume auto works."""
+"""Bad input stops early with one line naming the field or file, and --resume auto works."""
 from __future__ import annotations
 
 import os

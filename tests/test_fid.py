@@ -1,7 +1,7 @@
 """FID maths against closed forms and scipy, feature statistics, caching, image loading (paper sec. 5).
 
 Everything runs offline on the CPU: a small random conv net stands in for Inception (a
-default-initialized InceptionV3 gives degenerate features, DESIGN.md 4b); the real weights are
+default-initialized InceptionV3 gives degenerate features); the real weights are
 only touched by the slow test, when NVAE_INCEPTION_WEIGHTS names the file.
 """
 from __future__ import annotations
@@ -262,7 +262,7 @@ def test_inception_real_weights() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Against torchmetrics and torch-fidelity (issue 17): the same features give the same FID
+# Against torchmetrics and torch-fidelity: the same features give the same FID
 # ---------------------------------------------------------------------------------------------
 def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Two sets of 300 real gray digits (the bundled MNIST): zeros-to-fours and fives-to-nines."""

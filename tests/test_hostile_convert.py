@@ -1,4 +1,4 @@
-"""``nvae-convert`` given a hostile or damaged official checkpoint (issue 26): one line naming the field.
+"""``nvae-convert`` given a hostile or damaged official checkpoint: one line naming the field.
 
 Each test crafts its input from the official cifar10_tiny fixture (one entry edited, saved to
 tmp_path), runs the command line and checks the one error line (exit 2, no traceback), that the

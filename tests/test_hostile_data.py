@@ -1,4 +1,4 @@
-"""Image folders from others (issue 26): decompression bombs, truncated and 16-bit PNGs, symlink loops,
+"""Image folders from others: decompression bombs, truncated and 16-bit PNGs, symlink loops,
 named pipes, and fewer images than a batch each give one line naming the file or the numbers, or the
 right images."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Files from others (issue 26): configs, checkpoints and weights files that try to run code, remove
+"""Files from others: configs, checkpoints and weights files that try to run code, remove
 files, reach the network or exhaust memory are refused in one line, and what they aimed at survives.
 
 Each crafted file is a real quickstart checkpoint (the session fixture) or a real config with one

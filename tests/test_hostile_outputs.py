@@ -1,4 +1,4 @@
-"""Hostile arguments and outputs for sample.py and evaluate.py (issue 26): each case stops with one line and
+"""Hostile arguments and outputs for sample.py and evaluate.py: each case stops with one line and
 no traceback, checked before the work where it can be; outputs are complete or absent; memory does not
 grow with --num-samples (the images are streamed batch by batch)."""
 from __future__ import annotations

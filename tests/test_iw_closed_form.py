@@ -1,4 +1,4 @@
-"""The importance-weighted estimator against a model whose log p(x) is known in closed form (issue 17).
+"""The importance-weighted estimator against a model whose log p(x) is known in closed form.
 
 A linear-Gaussian stand-in, p(z) = N(0, I_d), p(x | z) = N(A z + b, s^2 I_D), has
 log p(x) = log N(x; b, A A^T + s^2 I) and the Gaussian posterior N(M (x - b), S) with

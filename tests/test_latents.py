@@ -1,4 +1,4 @@
-"""The latent API (issue 6): encode, decode, partial reconstruction, interpolation, and sample.py's flags."""
+"""The latent API: encode, decode, partial reconstruction, interpolation, and sample.py's flags."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -105,7 +105,7 @@ def test_sample_cli_reconstruct_interpolate_encode(quickstart_checkpoint: Path, 
 
 
 def test_traverse_hook_sees_every_group_top_first_and_default_choice_matches_forward(tiny_rgb: NVAE) -> None:
-    """The public traversal's hook (issue 28): the posterior it sees is the one the model decodes with."""
+    """The public traversal's hook: the posterior it sees is the one the model decodes with."""
     model = tiny_rgb.eval()  # one flow per group: the hook's posterior is the pre-flow Gaussian
     x = random_images(model.spec, n=2)
     views = []

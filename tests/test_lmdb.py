@@ -1,4 +1,4 @@
-"""The official code's LMDB folders (issue 17), built here in its format: key str(index), value raw
+"""The official code's LMDB folders, built here in its format: key str(index), value raw
 square RGB bytes (ImageNet-32 of Oord et al.) or an encoded PNG (CelebA-HQ)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model directories against a hostile tester (issue 27): where one may be written, and odd contents.
+"""Model directories against a hostile tester: where one may be written, and odd contents.
 
 Each case is what a probe did to the first version: the one line expected, and what must survive.
 """

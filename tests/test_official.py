@@ -1,4 +1,4 @@
-"""The official NVAE checkpoints (issue 16): converted, nvae computes what the official code computed.
+"""The official NVAE checkpoints: converted, nvae computes what the official code computed.
 
 The outside truth is ../shared/fixtures/official (made by the official code; never regenerated here):
 three small trained checkpoints with the official model's outputs on a batch, every posterior sample

@@ -1,4 +1,4 @@
-"""Presets by name (issue 15): `--config cifar10` is configs/cifar10.yaml; `train.py presets` lists them."""
+"""Presets by name: `--config cifar10` is configs/cifar10.yaml; `train.py presets` lists them."""
 from __future__ import annotations
 
 from pathlib import Path

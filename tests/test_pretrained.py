@@ -1,4 +1,4 @@
-"""Model directories (issue 27): config.json + model.safetensors + card, loaded without unpickling.
+"""Model directories: config.json + model.safetensors + card, loaded without unpickling.
 
 A real quickstart checkpoint is exported with the command; the directory must give bit-identical
 outputs and seeded samples with torch.load made to raise, run under every command, and refuse

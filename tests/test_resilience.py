@@ -1,4 +1,4 @@
-"""Runs that survive (issue 5): skipped bad steps, rollbacks, EMA, exact resume, preemption, safe checkpoints."""
+"""Runs that survive: skipped bad steps, rollbacks, EMA, exact resume, preemption, safe checkpoints."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""`nvae-restore` (issue 28) as a user runs it: real digits as PNG files, files written, scores, processes,
+"""`nvae-restore` as a user runs it: real digits as PNG files, files written, scores, processes,
 converted official checkpoints, one-line errors."""
 from __future__ import annotations
 

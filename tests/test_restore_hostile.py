@@ -1,4 +1,4 @@
-"""`nvae-restore` (issue 28) given files and settings from others: links, pipes, 16-bit images, odd masks,
+"""`nvae-restore` given files and settings from others: links, pipes, 16-bit images, odd masks,
 pickles as weights, settings that would overflow; each refused in one line or read correctly."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PnP-HVAE latent step (issue 28): the Gaussian product against its closed form and against a
+"""The PnP-HVAE latent step: the Gaussian product against its closed form and against a
 numerical minimization of its objective."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Degradation operators of issue 28 (nvae/restore/operators.py): exact adjoints, the data step
+"""Degradation operators (nvae/restore/operators.py): exact adjoints, the data step
 against a dense solve, masks, the parser's one-line errors."""
 from __future__ import annotations
 

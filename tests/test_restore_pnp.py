@@ -1,4 +1,4 @@
-"""PnP-HVAE restoration (issue 28): the loop's fixed points and invariants, on tiny models."""
+"""PnP-HVAE restoration: the loop's fixed points and invariants, on tiny models."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""TensorBoard (issue 6): a debug run's event file holds the scalars, images and hyperparameters."""
+"""TensorBoard: a debug run's event file holds the scalars, images and hyperparameters."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""A file cannot make nvae run code (issue 15): crafted checkpoints and configs are refused with one line.
+"""A file cannot make nvae run code: crafted checkpoints and configs are refused with one line.
 
 Each crafted checkpoint is a real quickstart checkpoint with one entry changed to name code. Every
 loader gets each one: sample.py, evaluate.py nll|fid|recon, train.py --resume and --ckpt_path,

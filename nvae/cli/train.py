@@ -1,4 +1,4 @@
-"""`train.py`: the training command line, a LightningCLI over NVAEModule and the data modules (DESIGN sec. 3).
+"""`train.py`: the training command line, a LightningCLI over NVAEModule and the data modules.
 
 The data module's ``image_spec`` is linked into the model, so image shape and bit depth are
 given once. After ``fit`` the held-out negative ELBO of the trained weights is printed.
