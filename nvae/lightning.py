@@ -2,8 +2,8 @@
 
 Adamax (``torch.optim.Adamax``) with linear learning-rate warm-up then cosine decay, KL warm-up
 and balancing, spectral and BatchNorm regularization. The hyper-parameters come in groups
-(:mod:`nvae.hparams`); the step guard and the weight EMA are callbacks the module adds
-(:mod:`nvae.callbacks`), exact resume and preemption those of :mod:`nvae.resilience`. Checkpoints
+(:mod:`nvae.hparams`); the step guard, the weight EMA, exact resume and preemption are callbacks
+built by :mod:`nvae.training`, which the module adds. Checkpoints
 hold plain-dict hyper-parameters, so a checkpoint alone rebuilds the model.
 """
 from __future__ import annotations
@@ -19,23 +19,19 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from nvae.callbacks import EMAWeights, GuardedSteps
 from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compatible, check_names, model_hparams,
                              read_checkpoint, upgrade)
 from nvae.checkpoint_state import check_training_state, sanitize_paths
-from nvae.compat import (attached_trainer, cpu_capability, cpu_has_bf16, ddp_kwargs, sync_batchnorm_requested,
-                         writes_logs_this_step)
+from nvae.compat import attached_trainer, writes_logs_this_step
 from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig, as_group
 from nvae.limits import check_fits
 from nvae.loading import check_state, described_model
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
                              nelbo, regularization_coeff)
-from nvae.resilience import PreemptionCheckpoint, RNGState, SafeCheckpointIO
 from nvae.spec import ImageSpec
 from nvae.spectral import SpectralRegularizer
-
-SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # trainer.precision as Lightning spells it
+from nvae.training import TrainingCallbacks
 
 
 class NVAEModule(L.LightningModule):
@@ -95,9 +91,7 @@ class NVAEModule(L.LightningModule):
         topology = self.model.topology
         self.register_buffer("alpha", kl_balance_alpha(topology.group_scales, topology.groups_per_scale),
                              persistent=False)
-        self.guarded_steps = GuardedSteps(guard_config)
-        self.ema_weights = EMAWeights(ema_decay, self.guarded_steps) if ema_decay else None
-        self.rng_state = RNGState()
+        self.run_callbacks = TrainingCallbacks.build(guard_config, ema_decay)  # nvae.training: the guard, EMA, ...
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model.set_checkpointing(gradient_checkpointing)
@@ -105,10 +99,9 @@ class NVAEModule(L.LightningModule):
             self.model.compile()  # whole forward pass, in place (state-dict keys unchanged)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The guard, the EMA, RNG states, atomic finite-only checkpoints and a checkpoint on
-        SIGTERM/SIGINT, once per trainer: fit, then test, share the same objects."""
-        own = [self.guarded_steps, self.ema_weights, self.rng_state, SafeCheckpointIO(),
-               PreemptionCheckpoint(self.rng_state)]
+        """What a run needs around the objective (:class:`nvae.training.TrainingCallbacks`), once per
+        trainer: fit, then test, share the same objects."""
+        own = self.run_callbacks.all()
         trainer = attached_trainer(self)
         present = {type(c) for c in trainer.callbacks} if trainer is not None else set()
         return [c for c in own if c is not None and type(c) not in present]  # attached once per trainer
@@ -209,28 +202,6 @@ class NVAEModule(L.LightningModule):
             for dropped in sanitize_paths(checkpoint, [f for f in folders if f]):
                 rank_zero_warn(f"{source}: {dropped} is not a file in this run's checkpoint folder; forgotten "
                                "(nvae never lets a checkpoint name files to remove)")
-
-    def setup(self, stage: str) -> None:
-        """Refuse precisions the model does not run in, and SyncBatchNorm under CPU DDP, before any work.
-
-        Under DDP, gradients default to views of DDP's all-reduce buckets (``gradient_as_bucket_view``)
-        unless the strategy was given that argument: otherwise every process holds the gradients twice.
-        """
-        precision = str(self.trainer.precision)
-        if precision not in SUPPORTED_PRECISIONS:
-            raise ValueError(f"trainer.precision {precision!r} is not supported: use 32, bf16-mixed or 16-mixed "
-                             "(float32 weights; the KL, likelihood and spectral norms are computed in float32)")
-        strategy = self.trainer.strategy
-        on_cpu = strategy.root_device.type == "cpu"
-        if sync_batchnorm_requested(strategy) and self.trainer.world_size > 1 and on_cpu:  # DDP would fail later
-            raise ValueError("trainer.sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run under CPU DDP "
-                             "(gloo); drop --trainer.sync_batchnorm on CPU (each process then keeps its own statistics)")
-        ddp_args = ddp_kwargs(strategy)  # DDPStrategy's DistributedDataParallel args
-        if ddp_args is not None:
-            ddp_args.setdefault("gradient_as_bucket_view", True)
-        if stage == "fit" and precision in ("bf16-mixed", "16-mixed") and on_cpu and not cpu_has_bf16():  # once a run
-            rank_zero_warn(f"trainer.precision {precision} on a CPU without bf16 instructions (capability "
-                           f"{cpu_capability()}): bf16 runs ~10x slower than float32 here; use --trainer.precision 32")
 
     def on_fit_end(self) -> None:
         """Hyperparameters with the final validation bits/dim (TensorBoard's HPARAMS tab)."""

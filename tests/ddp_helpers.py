@@ -85,7 +85,7 @@ class NanLossOnRank(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:  # noqa: ANN001
         flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-        torch.save({"skipped": int(module.guarded_steps.guard.skipped), "weights": flat},
+        torch.save({"skipped": int(module.run_callbacks.guard.guard.skipped), "weights": flat},
                    Path(self.path) / f"rank{trainer.global_rank}.pt")
 
 

@@ -50,7 +50,7 @@ def test_format2_hyper_parameters_and_guard_are_upgraded() -> None:
     assert int(guard["num_norms"]) == REFERENCE["guard"]["num_norms"] == 3
     module = NVAEModule.load_from_checkpoint(CKPT)
     assert module.optim.learning_rate == 2e-3 and module.objective.power_iters == 2
-    assert module.guarded_steps.config.rollback_after == 7 and module.ema_weights is not None
+    assert module.run_callbacks.guard.config.rollback_after == 7 and module.run_callbacks.ema is not None
 
 
 def test_format2_checkpoint_resumes_training(tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_format2_checkpoint_resumes_training(tmp_path: Path) -> None:
                         enable_checkpointing=False, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=data, ckpt_path=str(CKPT))
     assert trainer.global_step == 4
-    guard = module.guarded_steps.guard
+    guard = module.run_callbacks.guard.guard
     assert int(guard.num_norms) == 4 and int(guard.good_steps) == REFERENCE["guard"]["good_steps"] + 1
     torch.testing.assert_close(guard.norms[:3].double(), torch.tensor(REFERENCE["guard"]["norms"][:3], dtype=torch.float64))
-    assert module.ema_weights.ema is not None
+    assert module.run_callbacks.ema.ema is not None

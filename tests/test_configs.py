@@ -75,7 +75,7 @@ def test_gpu_recipe_sets_mixed_precision_and_sync_batchnorm_on_gpus(monkeypatch:
                                                                     expected: str) -> None:
     from jsonargparse import Namespace
 
-    from nvae.cli.train import apply_gpu_recipe
+    from nvae.training import apply_gpu_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)

@@ -15,6 +15,7 @@ from conftest import random_images, tiny_config
 from nvae.cli.train import main as train_main
 from nvae.data import ImageFolderDataModule
 from nvae.lightning import NVAEModule
+from nvae.training import TrainerChecks
 from nvae.model import NVAE
 from nvae.cli.sample import main as sample_main
 from nvae.spec import ImageSpec
@@ -123,13 +124,12 @@ def test_sync_batchnorm_under_cpu_ddp_is_refused_before_ddp(devices: int, strate
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, sync_batchnorm=True, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     module = NVAEModule(arch=tiny_config(), image_spec=ImageSpec(channels=1, size=16, num_bits=1))
-    module.trainer = trainer
     if not refused:
-        module.setup("fit")
+        TrainerChecks().setup(trainer, module, "fit")
         return
     with pytest.raises(ValueError, match="trainer.sync_batchnorm needs GPUs: .* drop --trainer.sync_batchnorm on CPU") \
             as err:
-        module.setup("fit")
+        TrainerChecks().setup(trainer, module, "fit")
     one_line(err)
 
 

@@ -76,7 +76,7 @@ def test_16_mixed_runs_in_float16_and_matches_float32_trajectory(monkeypatch: py
     monkeypatch.setattr(Conv2d, "convolve", recording)
     trainer, module, half = fit("16-mixed", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
     assert dtypes == {torch.float16}  # every regular convolution ran in float16
-    assert trainer.precision_plugin.scaler.get_scale() == 256.0 and int(module.guarded_steps.guard.skipped) == 0
+    assert trainer.precision_plugin.scaler.get_scale() == 256.0 and int(module.run_callbacks.guard.guard.skipped) == 0
     # Tolerance 0.2% per step, as for bf16; measured 1e-5 (float16 keeps 10 mantissa bits).
     for a, b in zip(full, half):
         assert abs(a - b) <= 2e-3 * abs(a), (full, half)
@@ -90,8 +90,8 @@ def test_16_mixed_loss_scale_overflows_are_not_bad_steps() -> None:
     trainer, module, losses = fit("16-mixed", steps=16, rollback_after=3)
     scale = trainer.precision_plugin.scaler.get_scale()
     assert scale < 2.0 ** 16  # overflows happened and were left to the scaler
-    assert int(module.guarded_steps.guard.skipped) == 0 and int(module.guarded_steps.guard.rollbacks) == 0
-    assert int(module.guarded_steps.guard.good_steps) < 16  # the overflow steps did not update
+    assert int(module.run_callbacks.guard.guard.skipped) == 0 and int(module.run_callbacks.guard.guard.rollbacks) == 0
+    assert int(module.run_callbacks.guard.guard.good_steps) < 16  # the overflow steps did not update
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert losses[-1] < losses[0]
 
@@ -146,16 +146,16 @@ def test_compiled_forward_matches_eager_on_cpu(monkeypatch: pytest.MonkeyPatch, 
 
 @pytest.mark.parametrize("has_bf16", [False, True])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
-    import nvae.lightning as nvae_lightning
+    import nvae.training as nvae_training
 
-    monkeypatch.setattr(nvae_lightning, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(nvae_training, "cpu_has_bf16", lambda: has_bf16)
     module = NVAEModule(arch=tiny_config(), image_spec=ImageSpec(channels=1, size=16, num_bits=1, pad=2))
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False)
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module.setup("fit")
-        module.setup("test")  # the test pass after fit does not warn again
+        nvae_training.TrainerChecks().setup(trainer, module, "fit")
+        nvae_training.TrainerChecks().setup(trainer, module, "test")  # the test pass after fit does not warn again
     lines = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
     assert len(lines) == (0 if has_bf16 else 1)
     if lines:

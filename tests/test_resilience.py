@@ -124,7 +124,7 @@ def test_nan_loss_step_is_skipped_and_training_continues(tmp_path: Path) -> None
     inject = Inject(nan_steps=(3,))
     trainer, module = fit(tmp_path, 6, [inject])
     assert trainer.global_step == 6
-    assert int(module.guarded_steps.guard.skipped) == 1
+    assert int(module.run_callbacks.guard.guard.skipped) == 1
     torch.testing.assert_close(inject.weights_after[3], inject.weights_before[3], rtol=0, atol=0)  # no update
     assert not torch.equal(inject.weights_after[4], inject.weights_before[4])  # the next step updates again
     assert all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
@@ -133,7 +133,7 @@ def test_nan_loss_step_is_skipped_and_training_continues(tmp_path: Path) -> None
 def test_consecutive_bad_steps_roll_back_and_lower_the_lr(tmp_path: Path) -> None:
     inject = Inject(nan_steps=(4, 5))
     trainer, module = fit(tmp_path, 8, [inject], rollback_after=2, snapshot_every=2)
-    assert int(module.guarded_steps.guard.rollbacks) == 1 and float(module.guarded_steps.guard.lr_scale) == 0.5
+    assert int(module.run_callbacks.guard.guard.rollbacks) == 1 and float(module.run_callbacks.guard.guard.lr_scale) == 0.5
     # snapshots are taken after good steps 1, 2, 4 (global steps 0, 1, 3): the rollback restores step 3's weights
     torch.testing.assert_close(inject.weights_after[5], inject.weights_after[3], rtol=0, atol=0)
     lr = trainer.optimizers[0].param_groups[0]["lr"]
@@ -238,7 +238,7 @@ def test_ema_is_validated_saved_and_loaded_for_sampling(tmp_path: Path) -> None:
     seen = WeightsDuringValidation()
     trainer, module = fit(tmp_path, 6, [L.pytorch.callbacks.ModelCheckpoint(save_last=True), seen], ema_decay=0.5)
     live, evaluated = seen.live[-1], seen.evaluated[-1]  # the validation after step 6
-    ema = torch.cat([module.ema_weights.ema.params[n].flatten() for n, _ in module.model.named_parameters()])
+    ema = torch.cat([module.run_callbacks.ema.ema.params[n].flatten() for n, _ in module.model.named_parameters()])
     torch.testing.assert_close(evaluated, ema, rtol=0, atol=0)  # validation ran on the averages
     assert not torch.equal(evaluated, live)
     now = torch.cat([p.detach().flatten() for p in module.model.parameters()])
@@ -249,9 +249,9 @@ def test_ema_is_validated_saved_and_loaded_for_sampling(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.cat([p.flatten() for p in loaded.model.parameters()]), ema, rtol=0, atol=0)
     assert load_checkpoint(path, use_ema=False).weights == "raw"
     # a checkpoint written while validation holds the averages (e.g. preempted then) stores the same
-    module.ema_weights.swap(module, True)
+    module.run_callbacks.ema.swap(module, True)
     trainer.save_checkpoint(tmp_path / "during_validation.ckpt")
-    module.ema_weights.swap(module, False)
+    module.run_callbacks.ema.swap(module, False)
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     during, after = (torch.load(tmp_path / f, weights_only=True) for f in ("during_validation.ckpt", "after.ckpt"))
     for key in ("state_dict", EMA_KEY):
@@ -315,3 +315,20 @@ def test_warmup_epochs_count_the_real_batches_of_an_epoch(tmp_path: Path) -> Non
     assert trainer.global_step == 8 and module.total_steps == 8
     assert [factor(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])  # linear warm-up over 3 steps
     assert factor(3) == pytest.approx(1.0)  # then the cosine starts at the peak
+
+
+def test_a_run_s_callbacks_are_built_in_one_place_and_shared() -> None:
+    """nvae.training builds what a run needs around the objective; fit, then test, get the same objects."""
+    from nvae.callbacks import EMAWeights, GuardedSteps
+    from nvae.resilience import PreemptionCheckpoint, RNGState, SafeCheckpointIO
+    from nvae.training import TrainerChecks
+
+    module = NVAEModule(arch=tiny_config(), image_spec=ImageSpec(channels=1, size=16, num_bits=1), ema_decay=0.9)
+    first, again = module.configure_callbacks(), module.configure_callbacks()
+    assert [type(c) for c in first] == [TrainerChecks, GuardedSteps, EMAWeights, RNGState, SafeCheckpointIO,
+                                        PreemptionCheckpoint]
+    shared = (GuardedSteps, EMAWeights, RNGState)
+    assert [c for c in first if isinstance(c, shared)] == [c for c in again if isinstance(c, shared)]
+    assert first[2].guard is first[1]  # the EMA skips what the guard skipped
+    no_ema = NVAEModule(arch=tiny_config(), image_spec=ImageSpec(channels=1, size=16, num_bits=1)).configure_callbacks()
+    assert not any(isinstance(c, EMAWeights) for c in no_ema)

@@ -28,6 +28,7 @@ from nvae.loading import described_model
 from nvae.model import NVAE
 from nvae.presets import describe, resolve_config_args
 from nvae.resilience import find_resume_checkpoint
+from nvae.training import apply_gpu_recipe
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs in --help
 
@@ -115,32 +116,6 @@ def check_resume_file(path: str, option: str) -> None:
     check_training_state(ckpt, source)
     if option == "--ckpt_path":  # LightningCLI builds the model from the file's hyper-parameters
         described_model(model_hparams(ckpt, source), source, NVAE)
-
-
-def runs_on_gpu(accelerator: object) -> bool:
-    """Whether Lightning's ``trainer.accelerator`` setting picks a CUDA GPU on this machine."""
-    import torch
-
-    if accelerator in ("gpu", "cuda"):
-        return True
-    return accelerator in (None, "auto") and torch.cuda.is_available()
-
-
-def apply_gpu_recipe(config: Namespace) -> str:
-    """``gpu_recipe: official`` on a GPU: bf16-mixed (16-mixed without bf16 support) unless another mixed
-    precision is set, and synchronized BatchNorm; returns what changed ('' when nothing did)."""
-    import torch
-
-    if config.get("gpu_recipe") != "official" or not runs_on_gpu(config.get("trainer.accelerator")):
-        return ""
-    changes = []
-    if str(config.get("trainer.precision")) in ("32", "32-true", "None"):
-        config["trainer.precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-        changes.append(f"trainer.precision {config['trainer.precision']}")
-    if not config.get("trainer.sync_batchnorm"):
-        config["trainer.sync_batchnorm"] = True
-        changes.append("trainer.sync_batchnorm true")
-    return ", ".join(changes)
 
 
 def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = ()) -> Optional[NVAECLI]:
