@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace, processes: int) -> None:
     from throughput import build, random_batch
 
     torch.set_num_threads(args.threads)
-    from nvae.runtime import keep_heap_memory
+    from nvae.allocator import keep_heap_memory
 
     keep_heap_memory()  # as train.py does; a no-op where select_allocator (below) preloaded tcmalloc
 
@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
-    from nvae.runtime import select_allocator
+    from nvae.allocator import select_allocator
 
     select_allocator("ddp_scaling.py")  # NVAE_MALLOC, as train.py; workers inherit LD_PRELOAD
     main()

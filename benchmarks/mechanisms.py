@@ -39,7 +39,7 @@ import throughput  # noqa: E402
 
 from nvae.ops import use_fused_ops  # noqa: E402
 from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
-from nvae.runtime import REEXECUTED, keep_heap_memory, preloads  # noqa: E402
+from nvae.allocator import REEXECUTED, keep_heap_memory, preloads  # noqa: E402
 
 Switch = tuple[Callable[[], None], Callable[[], None]]  # (to the plain path, back to nvae's)
 

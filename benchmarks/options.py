@@ -10,7 +10,7 @@ checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (cha
 off; default: the preset's), ``compile`` (torch.compile; its compilation is excluded by the
 warm-up step but takes minutes on CPU), a CPU mechanism replaced by plain PyTorch (``plain-ops``:
 ``model.arch.fused_ops false``; ``onednn-dw``: oneDNN's own depthwise weight gradient instead
-of the fastest of several), and the allocator (``NVAE_MALLOC``, see nvae.runtime; by default
+of the fastest of several), and the allocator (``NVAE_MALLOC``, see nvae.allocator; by default
 whatever this process's environment says, as for train.py): ``tcmalloc``, ``glibc`` (glibc with
 freed memory kept in the heap), ``glibc-default`` (glibc as it comes) or ``live`` (glibc giving every freed block of 64 KiB or more back to
 the kernel, so the peak resident set follows the memory actually in use: the allocator-independent
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's nvae (nvae.runtime imports no torch)
+sys.path.insert(0, str(HERE.parent))  # this checkout's nvae (nvae.allocator imports no torch)
 
-from nvae.runtime import REEXECUTED, preloads  # noqa: E402
+from nvae.allocator import REEXECUTED, preloads  # noqa: E402
 LIVE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"
 DEFAULT_OPTIONS = ["32", "32 nchw", "32 ckpt", "bf16", "bf16 nchw", "bf16 ckpt"]
 # --mechanisms: nvae's CPU-only mechanisms, each against the plain path it replaces: the first
@@ -64,7 +64,7 @@ def environment(option: str) -> dict[str, str]:
         raise SystemExit(f"option {option!r} names more than one allocator ({', '.join(words)})")
     if words:
         env["NVAE_MALLOC"] = MALLOC_WORDS[words[0]]
-        env.pop(REEXECUTED, None)  # the child decides afresh (nvae.runtime.select_allocator)
+        env.pop(REEXECUTED, None)  # the child decides afresh (nvae.allocator.select_allocator)
         if words[0] != "tcmalloc":  # a tcmalloc preloaded into this process would serve the child's mallocs
             env["LD_PRELOAD"] = ":".join(p for p in preloads(env) if "tcmalloc" not in p)
     if "live" in words:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: through
 
 from throughput import PHASES, build_parser, default_threads, parse_args, prepare, synchronize  # noqa: E402
 
-from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
+from nvae.allocator import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -62,7 +62,7 @@ from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
 from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
-from nvae.runtime import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
+from nvae.allocator import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")

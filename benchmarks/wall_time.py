@@ -159,7 +159,7 @@ def report(clock: Any, wall: float, threads: int, argv: list[str]) -> dict[str, 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, rest = parse(argv)
-    from nvae.runtime import select_allocator
+    from nvae.allocator import select_allocator
 
     select_allocator("wall_time.py")  # as train.py does (it may re-execute this script)
     import tempfile

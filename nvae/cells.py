@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from nvae.ops import (Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, Step, UpsampleConv,
+from nvae.ops import (Conv2d, DepthwiseConv2d, FactorizedReduce, SqueezeExcite, BNConvStep, UpsampleConv,
                       autoregressive_mask, batch_norm, bn_swish_conv)
 
 RESIDUAL_SCALE = 0.1
@@ -20,7 +20,7 @@ class EncoderCell(nn.Module):
     """BN - Swish - conv3x3 - BN - Swish - conv3x3 - SE (fig. 3b); stride 2 when ``down``.
 
     ``branch`` holds the layers (its indices are the state-dict keys); Swish is applied by
-    :meth:`forward` as part of each step (:class:`nvae.ops.Step`), so that converting the BatchNorm
+    :meth:`forward` as part of each step (:class:`nvae.ops.BNConvStep`), so that converting the BatchNorm
     layers, e.g. to SyncBatchNorm, leaves the cell as it is.
     """
 
@@ -37,8 +37,8 @@ class EncoderCell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn1, conv1, bn2, conv2, se = self.branch  # looked up each call: SyncBatchNorm conversion replaces BNs
-        h = bn_swish_conv(x, Step(bn1, True, conv1))
-        h = bn_swish_conv(h, Step(bn2, True, conv2))
+        h = bn_swish_conv(x, BNConvStep(bn1, True, conv1))
+        h = bn_swish_conv(h, BNConvStep(bn2, True, conv2))
         return self.skip(x) + RESIDUAL_SCALE * se(h)
 
 
@@ -77,9 +77,9 @@ class DecoderCell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         upsample, bn_in, expand, bn_mid, depthwise, bn_out, project, bn_final, se = self.branch  # state-dict order
-        expand_step = Step(bn_in, False, expand)  # BN - conv1x1 (no Swish)
-        depthwise_step = Step(bn_mid, True, depthwise)  # BN - Swish - dwconv5x5
-        project_step = Step(bn_out, True, project)  # BN - Swish - conv1x1
+        expand_step = BNConvStep(bn_in, False, expand)  # BN - conv1x1 (no Swish)
+        depthwise_step = BNConvStep(bn_mid, True, depthwise)  # BN - Swish - dwconv5x5
+        project_step = BNConvStep(bn_out, True, project)  # BN - Swish - conv1x1
         h = upsample(x)
         if not self.recompute_expanded:
             h = bn_swish_conv(h, expand_step)  # (B, expand * C, H, W), stored

@@ -97,3 +97,23 @@ def test_paper_presets_ask_for_the_gpu_recipe_and_stay_float32_on_cpu(preset: st
         cli = build(preset, "debug")
     assert cli.config.gpu_recipe == "official"
     assert cli.trainer.precision == "32-true" and not sync_batchnorm_requested(cli.trainer.strategy)
+
+
+def _architecture_rows() -> dict[str, list[str]]:
+    """docs/architecture.md's presets table: preset name -> its cells."""
+    text = (CONFIGS.parent / "docs" / "architecture.md").read_text()
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| `") and ".yaml`" in line]
+    return {cells[0].strip(" `").removesuffix(".yaml"): [c.strip() for c in cells] for cells in rows}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS) + ["quickstart"])
+def test_the_architecture_page_describes_each_preset_as_it_builds(preset: str) -> None:
+    """Bits, scales x groups (finest first), channels, flows and parameters of docs/architecture.md's table."""
+    row = _architecture_rows()[preset]
+    with torch.device("meta"):
+        cli = build(preset, "debug")
+    cfg, spec = cli.model.model.cfg, cli.model.spec
+    groups = cfg.groups_per_scale()
+    shown = f"{len(groups)} x {groups[0]}" if len(set(groups)) == 1 else f"{len(groups)} x ({', '.join(map(str, groups))})"
+    assert row[2:6] == [str(spec.num_bits), shown, str(cfg.num_channels), str(cfg.num_flows)]
+    assert row[-1] == f"{sum(p.numel() for p in cli.model.parameters()):,}"

@@ -16,3 +16,14 @@ def test_architecture_names_every_module_and_only_real_files() -> None:
     files = {p.name for folder in ("nvae", "tests", "benchmarks") for p in (ROOT / folder).rglob("*.py")}
     files |= {p.name for p in ROOT.glob("*.py")}
     assert sorted(named - files) == []  # a file the page describes that is gone
+
+
+def test_the_checkpoint_table_lists_nvae_s_own_entries() -> None:
+    """Every ``nvae_*`` entry checkpoint.py defines is in the page's table, and the table names no entry
+    that checkpoint.py does not define."""
+    from nvae import checkpoint
+
+    defined = {v for k, v in vars(checkpoint).items() if k.endswith("_KEY") and isinstance(v, str)}
+    table = set(re.findall(r"^\| `(\w+)` \|", DOC, re.MULTILINE))
+    assert table <= defined
+    assert {k for k in defined if k.startswith("nvae_")} <= table

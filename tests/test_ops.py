@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvae.ops import Conv2d, DepthwiseConv2d, Step, batch_norm, bn_swish_conv, depthwise
+from nvae.ops import Conv2d, DepthwiseConv2d, BNConvStep, batch_norm, bn_swish_conv, depthwise
 from nvae.ops import conv as conv_ops
 
 CONVS = {
@@ -18,7 +18,7 @@ CONVS = {
 }
 
 
-Pairs = list[Step]
+Pairs = list[BNConvStep]
 CHAINS = [[name] for name in CONVS] + [["depthwise 5x5", "1x1 no bias"], ["3x3 stride 2", "3x3 weight-normed, bias"]]
 
 

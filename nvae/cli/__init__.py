@@ -1,6 +1,6 @@
 """The command lines: entry points of train.py, sample.py, evaluate.py and nvae-train/-sample/-eval/-convert.
 
-Each entry picks the memory allocator first (:func:`nvae.runtime.select_allocator`: the process may
+Each entry picks the memory allocator first (:func:`nvae.allocator.select_allocator`: the process may
 re-execute itself with tcmalloc preloaded), then imports torch and its command module:
 
     train     (nvae-train,   python train.py)     the LightningCLI over NVAEModule and the data modules
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from nvae.runtime import select_allocator
+from nvae.allocator import select_allocator
 
 
 def _program() -> str:

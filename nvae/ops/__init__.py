@@ -9,9 +9,9 @@
 from nvae.ops.checkpointing import CellStack, once_then_frozen
 from nvae.ops.conv import Conv2d
 from nvae.ops.depthwise import DepthwiseConv2d
-from nvae.ops.fused import Step, bn_swish_conv, use_fused_ops
+from nvae.ops.fused import BNConvStep, bn_swish_conv, use_fused_ops
 from nvae.ops.layers import FactorizedReduce, SqueezeExcite, UpsampleConv, autoregressive_mask, batch_norm
 
-__all__ = ["CellStack", "Conv2d", "DepthwiseConv2d", "FactorizedReduce", "SqueezeExcite", "Step",
+__all__ = ["CellStack", "Conv2d", "DepthwiseConv2d", "FactorizedReduce", "SqueezeExcite", "BNConvStep",
            "UpsampleConv", "autoregressive_mask", "batch_norm", "bn_swish_conv", "once_then_frozen",
            "use_fused_ops"]

@@ -100,14 +100,15 @@ class Conv2d(nn.Conv2d):
             norm = (self.weight if mask is None else self.weight * mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             self.log_weight_norm = nn.Parameter(torch.log(norm + 1e-2))
 
-    def _fast(self) -> bool:
+    def uses_cpu_autograd(self) -> bool:
+        """Whether this layer runs the hand-written CPU autograd now (``fused`` on and the weight on the CPU)."""
         return self.fused and self.weight.device.type == "cpu"
 
     def masked_weight(self) -> torch.Tensor:
         """The raw weight, times the autoregressive mask if there is one."""
         if self.mask is None:
             return self.weight
-        if self._fast() and torch.is_grad_enabled():
+        if self.uses_cpu_autograd() and torch.is_grad_enabled():
             return Masked.apply(self.weight, self.mask)
         return self.weight * self.mask
 
@@ -116,14 +117,14 @@ class Conv2d(nn.Conv2d):
         w = self.masked_weight()
         if self.log_weight_norm is None:
             return w
-        return WeightNorm.apply(w, self.log_weight_norm) if self._fast() else weight_norm(w, self.log_weight_norm)
+        return WeightNorm.apply(w, self.log_weight_norm) if self.uses_cpu_autograd() else weight_norm(w, self.log_weight_norm)
 
     def forward_kernel(self) -> torch.Tensor:
         """:meth:`normalized_weight` for this forward pass; in a fused training step on CPU it is also
         recorded in ``self.spectral`` (w and s with a token; W itself under torch.compile, whose
         compiled backward cannot read the u, v set after the forward)."""
         slot = self.spectral
-        if not (self.training and torch.is_grad_enabled() and self._fast()):
+        if not (self.training and torch.is_grad_enabled() and self.uses_cpu_autograd()):
             return self.normalized_weight()
         compiling = torch.compiler.is_compiling()
         if self.log_weight_norm is None and not compiling:

@@ -20,7 +20,7 @@ from nvae.compat import batch_norm_backward, silu_backward
 from nvae.ops.conv import Conv2d
 
 
-class Step(NamedTuple):
+class BNConvStep(NamedTuple):
     """One step of a chain: BatchNorm, then Swish if ``swish``, then the convolution."""
 
     bn: nn.BatchNorm2d
@@ -37,7 +37,7 @@ def use_fused_ops(module: nn.Module, on: bool) -> None:
             m.fused = on
 
 
-def bn_swish_conv(x: torch.Tensor, *steps: Step) -> torch.Tensor:
+def bn_swish_conv(x: torch.Tensor, *steps: BNConvStep) -> torch.Tensor:
     """``conv(swish(bn(x)))`` (Swish where the step says so) for each step, as one autograd node in CPU training.
 
     Swish belongs to the step, not to the BatchNorm module: converting BatchNorm layers to
@@ -47,7 +47,7 @@ def bn_swish_conv(x: torch.Tensor, *steps: Step) -> torch.Tensor:
     training, with ``fused`` off, off the CPU or with SyncBatchNorm layers (whose statistics come
     from all processes), the steps run layer by layer.
     """
-    steps = tuple(Step(*step) for step in steps)  # plain (bn, swish, conv) tuples too
+    steps = tuple(BNConvStep(*step) for step in steps)  # plain (bn, swish, conv) tuples too
     bns = [step.bn for step in steps]
     fused = all(step.conv.fused for step in steps) and x.device.type == "cpu"
     if not (fused and bns[0].training and torch.is_grad_enabled()) or any(isinstance(bn, nn.SyncBatchNorm) for bn in bns):
@@ -107,7 +107,7 @@ class _BNSwishConvs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, steps: tuple[Step, ...],
+    def forward(ctx: Any, x: torch.Tensor, steps: tuple[BNConvStep, ...],
                 momenta: tuple[float, ...], scales: tuple[Optional[torch.Tensor], ...],
                 *params: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type

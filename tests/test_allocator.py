@@ -1,4 +1,4 @@
-"""nvae.runtime: the allocator (NVAE_MALLOC): freed memory reused without new page faults, tcmalloc
+"""nvae.allocator: the allocator (NVAE_MALLOC): freed memory reused without new page faults, tcmalloc
 preloaded by re-executing the entry point, clear errors."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-import nvae.runtime as runtime
+import nvae.allocator as allocator
 
 PROBE = """
 import resource, sys, torch
-from nvae.runtime import keep_heap_memory
+from nvae.allocator import keep_heap_memory
 applied = keep_heap_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -29,10 +29,10 @@ print(applied, (faults() - before) / 5)
 # What an entry point does first: pick the allocator (may re-execute), then report what it runs with.
 ENTRY = """
 import sys
-from nvae.runtime import select_allocator
+from nvae.allocator import select_allocator
 print(select_allocator("probe"), "|", " ".join(sys.argv[1:]))
 """
-TCMALLOC = runtime.find_tcmalloc() if sys.platform.startswith("linux") else None
+TCMALLOC = allocator.find_tcmalloc() if sys.platform.startswith("linux") else None
 needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None, reason="no libtcmalloc installed (apt install libtcmalloc-minimal4)")
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt, LD_PRELOAD")
 
@@ -89,11 +89,11 @@ def test_bad_setting_is_a_one_line_error_naming_the_variable() -> None:
 
 def test_tcmalloc_requested_but_missing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(runtime, "tcmalloc_loaded", lambda: False)
-    monkeypatch.setattr(runtime, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(allocator, "tcmalloc_loaded", lambda: False)
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
     monkeypatch.setenv("NVAE_MALLOC", "tcmalloc")
     with pytest.raises(SystemExit, match="NVAE_MALLOC=tcmalloc but no libtcmalloc was found"):
-        runtime.select_allocator("train.py")
+        allocator.select_allocator("train.py")
 
 
 class Exec(Exception):
@@ -109,23 +109,23 @@ def test_reexec_preloads_once_and_keeps_other_preloads(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(os, "execve", fake_execve)
-    monkeypatch.setattr(runtime, "tcmalloc_loaded", lambda: False)
-    monkeypatch.setattr(runtime, "find_tcmalloc", lambda: "/opt/lib/libtcmalloc_minimal.so.4")
-    monkeypatch.setattr(runtime, "keep_heap_memory", lambda: False)
-    monkeypatch.setattr(runtime, "_applied", False)  # whatever earlier tests in this process did
+    monkeypatch.setattr(allocator, "tcmalloc_loaded", lambda: False)
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/opt/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "keep_heap_memory", lambda: False)
+    monkeypatch.setattr(allocator, "_applied", False)  # whatever earlier tests in this process did
     monkeypatch.delenv("NVAE_MALLOC", raising=False)
     monkeypatch.delenv("NVAE_MALLOC_PRELOADED", raising=False)
     monkeypatch.setenv("LD_PRELOAD", "/a/libfirst.so /opt/lib/libtcmalloc_minimal.so.4")
     with pytest.raises(Exec):
-        runtime.select_allocator()
+        allocator.select_allocator()
     path, argv, env = calls[0]
     assert (path, argv) == (sys.executable, sys.orig_argv)
     assert env["LD_PRELOAD"] == "/opt/lib/libtcmalloc_minimal.so.4:/a/libfirst.so"
     assert env["NVAE_MALLOC_PRELOADED"] == "1"
     # In the re-executed process a preload that did not take is not retried (no exec loop) ...
     monkeypatch.setenv("NVAE_MALLOC_PRELOADED", "1")
-    assert runtime.select_allocator() == "glibc" and len(calls) == 1
+    assert allocator.select_allocator() == "glibc" and len(calls) == 1
     # ... and is an error where tcmalloc was asked for by name.
     monkeypatch.setenv("NVAE_MALLOC", "tcmalloc")
     with pytest.raises(SystemExit, match="it did not load from LD_PRELOAD"):
-        runtime.select_allocator()
+        allocator.select_allocator()
