@@ -3,7 +3,8 @@
     python benchmarks/mechanisms.py --config configs/mnist.yaml --batch-size 8 [--rounds 8] [--threads 2]
     python benchmarks/mechanisms.py --config configs/mnist.yaml --batch-size 8 --allocator [--steps 5]
 
-Mechanisms: the hand-written CPU autograd as a whole (``model.arch.fused_ops``), the
+Mechanisms: the hand-written CPU autograd as a whole (``model.arch.fused_ops``), the fused
+BN-Swish-conv chains alone (each layer its own node, the convolutions' CPU autograd kept), the
 depthwise weight-gradient autotuner (against oneDNN's own kernel) and the allocator settings
 (``NVAE_MALLOC``). The vectorized ELU and nvae's own Adamax were measured here too and removed
 (docs/performance.md; commit 04750d2 has them).
@@ -37,7 +38,10 @@ sys.path.insert(0, str(HERE.parent))
 
 import throughput  # noqa: E402
 
-from nvae.ops import use_fused_ops  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from nvae import cells  # noqa: E402
+from nvae.ops import BNConvStep, bn_swish_conv, use_fused_ops  # noqa: E402
 from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
 from nvae.allocator import REEXECUTED, keep_heap_memory, preloads  # noqa: E402
 
@@ -51,9 +55,16 @@ def switches(stepper: throughput.Stepper) -> dict[str, Switch]:
     def fixed_depthwise(method: Optional[int]) -> None:
         WEIGHT_GRAD_METHODS.fixed = method
 
+    def layer_by_layer(x: torch.Tensor, *steps: BNConvStep) -> torch.Tensor:
+        for bn, swish, conv in steps:  # each layer its own autograd node; the convolutions keep their CPU autograd
+            x = conv(F.silu(bn(x)) if swish else bn(x))
+        return x
+
     return {
         "fused_ops false (all of nvae.ops' CPU autograd)": (lambda: use_fused_ops(model, False),
                                                              lambda: use_fused_ops(model, True)),
+        "BN-Swish-conv chains layer by layer (weight norm, tokens, NHWC depthwise kept)": (
+            lambda: setattr(cells, "bn_swish_conv", layer_by_layer), lambda: setattr(cells, "bn_swish_conv", bn_swish_conv)),
         "oneDNN depthwise weight gradient (no autotuner)": (lambda: fixed_depthwise(0), lambda: fixed_depthwise(None)),
     }
 
