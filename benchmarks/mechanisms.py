@@ -3,7 +3,7 @@
     python benchmarks/mechanisms.py --config configs/mnist.yaml --batch-size 8 [--rounds 8] [--threads 2]
     python benchmarks/mechanisms.py --config configs/mnist.yaml --batch-size 8 --allocator [--steps 5]
 
-Mechanisms: the hand-written CPU autograd as a whole (``model.arch.fused_ops``), the fused
+Mechanisms: the CPU backend as a whole (``model.arch.backend``: nvae.accel.cpu), its fused
 BN-Swish-conv chains alone (each layer its own node, the convolutions' CPU autograd kept), the
 depthwise weight-gradient autotuner (against oneDNN's own kernel) and the allocator settings
 (``NVAE_MALLOC``). The vectorized ELU and nvae's own Adamax were measured here too and removed
@@ -41,8 +41,9 @@ import throughput  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nvae import cells  # noqa: E402
-from nvae.ops import BNConvStep, bn_swish_conv, use_fused_ops  # noqa: E402
-from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
+from nvae.accel import install  # noqa: E402
+from nvae.accel.cpu.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
+from nvae.ops import BNConvStep, bn_swish_conv  # noqa: E402
 from nvae.allocator import REEXECUTED, keep_heap_memory, preloads  # noqa: E402
 
 Switch = tuple[Callable[[], None], Callable[[], None]]  # (to the plain path, back to nvae's)
@@ -61,8 +62,7 @@ def switches(stepper: throughput.Stepper) -> dict[str, Switch]:
         return x
 
     return {
-        "fused_ops false (all of nvae.ops' CPU autograd)": (lambda: use_fused_ops(model, False),
-                                                             lambda: use_fused_ops(model, True)),
+        "backend plain (no CPU backend)": (lambda: install(model, "plain"), lambda: install(model, "cpu")),
         "BN-Swish-conv chains layer by layer (weight norm, tokens, NHWC depthwise kept)": (
             lambda: setattr(cells, "bn_swish_conv", layer_by_layer), lambda: setattr(cells, "bn_swish_conv", bn_swish_conv)),
         "oneDNN depthwise weight gradient (no autotuner)": (lambda: fixed_depthwise(0), lambda: fixed_depthwise(None)),

@@ -9,7 +9,7 @@ Option words: a precision (32, bf16 = bf16-mixed, 16 = 16-mixed), ``ckpt`` (acti
 checkpointing per latent group), ``ckptcell`` (per cell), ``cl`` / ``nchw`` (channels_last on /
 off; default: the preset's), ``compile`` (torch.compile; its compilation is excluded by the
 warm-up step but takes minutes on CPU), a CPU mechanism replaced by plain PyTorch (``plain-ops``:
-``model.arch.fused_ops false``; ``onednn-dw``: oneDNN's own depthwise weight gradient instead
+``model.arch.backend plain``; ``onednn-dw``: oneDNN's own depthwise weight gradient instead
 of the fastest of several), and the allocator (``NVAE_MALLOC``, see nvae.allocator; by default
 whatever this process's environment says, as for train.py): ``tcmalloc``, ``glibc`` (glibc with
 freed memory kept in the heap), ``glibc-default`` (glibc as it comes) or ``live`` (glibc giving every freed block of 64 KiB or more back to

@@ -61,7 +61,7 @@ from nvae.compat import conv_backward  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
-from nvae.ops.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
+from nvae.accel.cpu.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
 from nvae.allocator import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
 
@@ -106,7 +106,7 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
                    help="build with model.compile=true (torch.compile of the forward pass)")
     p.add_argument("--plain", action="append", default=[], choices=PLAIN_CHOICES,
                    help="replace one CPU mechanism by the plain PyTorch path (repeatable): ops = "
-                        "model.arch.fused_ops false (all hand-written autograd), depthwise = "
+                        "model.arch.backend plain (no CPU backend), depthwise = "
                         "oneDNN's own depthwise weight gradient (no choice by timing)")
     p.add_argument("--sample-steps", type=int, default=3,
                    help="timed sampling passes of batch-size images (eval mode, temperature 1); 0 skips")
@@ -142,7 +142,7 @@ def build(configs: Sequence[str], channels_last: Optional[bool], meta: bool = Fa
     if compile:
         args.append("--model.compile=true")
     if "ops" in plain:
-        args.append("--model.arch.fused_ops=false")
+        args.append("--model.arch.backend=plain")
     # LightningCLI warns when it is given args while sys.argv has some: they are this script's own.
     with torch.device("meta") if meta else nullcontext(), mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = NVAECLI(NVAEModule, ImageDataModule, subclass_mode_data=True, run=False, args=args,

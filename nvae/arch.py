@@ -5,10 +5,12 @@ The image's shape and bits come from :class:`nvae.spec.ImageSpec`, never from he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from nvae.distributions import DMOL_BINS
 from nvae.likelihoods import AUTO, check_name
+
+BACKEND_NAMES = ("auto", "plain", "cpu")  # model.arch.backend: nvae.accel
 
 
 @dataclass
@@ -59,11 +61,14 @@ class NVAEConfig:
     edge bins, every bin's mass computed stably) or "official" (the official code's: a value above
     0.99 in [-1, 1] is a top edge bin, so 8-bit level 254 is too; bins under 1e-5 use the density).
     Converted official checkpoints use "official"; both are valid likelihoods of the same network."""
-    fused_ops: bool = True
-    """On CPU, run the hand-written autograd (fused BatchNorm-Swish-conv chains, weight norm with
-    spectral tokens, the depthwise kernels: :mod:`nvae.ops`); false: the plain
-    PyTorch path. Same function either way (tests/test_fused_equivalence.py); GPUs always run the
-    plain path until a GPU measurement says otherwise."""
+    backend: str = "auto"
+    """How the layers run (:mod:`nvae.accel`): "plain" PyTorch; "cpu", hand-written autograd on the CPU
+    (fused BN-Swish-conv chains storing a cell's input only, weight norm with spectral tokens, NHWC
+    depthwise kernels; plain PyTorch off the CPU); "auto", "cpu" where its package is installed. The
+    same function either way (tests/test_backends.py)."""
+    fused_ops: Optional[bool] = None
+    """The former spelling of ``backend`` (true: "cpu", false: "plain"), read from older checkpoints
+    and configs; null otherwise."""
 
     def __post_init__(self) -> None:
         at_least = {1: ("num_channels", "num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks",
@@ -76,8 +81,12 @@ class NVAEConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < low:
                     raise ValueError(f"model.arch.{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.fused_ops, bool):
-            raise ValueError(f"model.arch.fused_ops must be true or false, got {self.fused_ops!r}")
+        if self.fused_ops is not None:  # an older checkpoint's or config's spelling
+            if not isinstance(self.fused_ops, bool):
+                raise ValueError(f"model.arch.fused_ops must be true or false, got {self.fused_ops!r}")
+            self.backend, self.fused_ops = ("cpu" if self.fused_ops else "plain"), None
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"model.arch.backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
         check_name(self.likelihood)
         if self.dmol_bins not in DMOL_BINS:
             raise ValueError(f"model.arch.dmol_bins must be one of {', '.join(DMOL_BINS)}, got {self.dmol_bins!r}")

@@ -47,7 +47,7 @@ LR_SCHEDULERS_KEY = "lr_schedulers"  # Lightning's: the schedulers' states
 OFFICIAL_KEY = "nvae_official"  # a converted official checkpoint's origin: {"source", "epoch", "global_step", "args"}
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI records
 # model.arch fields a checkpoint may be resumed with another value of: no tensor depends on them
-FREE_ARCH_FIELDS = ("dmol_bins", "fused_ops")  # the likelihood's bins; the hand-written CPU autograd or plain PyTorch
+FREE_ARCH_FIELDS = ("dmol_bins", "backend", "fused_ops")  # the likelihood's bins; how the layers run (nvae.accel)
 
 
 # ------------------------------------------------------------------------------------------ safe reading

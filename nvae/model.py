@@ -19,7 +19,8 @@ from nvae.cells import DecoderCell, EncoderCell
 from nvae.groups import GroupHook, GroupPosterior, GroupView, LatentGroup
 from nvae.likelihoods import Likelihood, LikelihoodFamily, likelihood_family, likelihood_name
 from nvae.limits import check_structure
-from nvae.ops import CellStack, Conv2d, use_fused_ops
+from nvae.accel import install
+from nvae.ops import CellStack, Conv2d
 from nvae.spec import ImageSpec
 from nvae.topology import Topology
 
@@ -100,7 +101,7 @@ class NVAE(nn.Module):
                 ch = ch // 2 if up else ch
         self.postprocess = CellStack(*post)
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, self.likelihood_family.head_channels(spec, cfg), 3, padding=1))
-        use_fused_ops(self, cfg.fused_ops)
+        self.backend = install(self, cfg.backend)  # "plain" or "cpu": nvae.accel
 
     def set_checkpointing(self, mode: bool | str) -> None:
         """Activation checkpointing: recompute activations in backward instead of storing them.

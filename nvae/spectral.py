@@ -1,24 +1,17 @@
-"""Spectral regularization (paper sec. 3.2, "spectral regularization"), and how it meets the convolutions.
+"""Spectral regularization (paper sec. 3.2, "spectral regularization").
 
 L_SR = sum over conv layers of the largest singular value of the (C_out, C_in*k*k) weight,
 estimated by power iteration. The vectors u, v are buffers (saved in checkpoints, so a resumed run
-continues the iteration); weights of equal shape are iterated together as one batch.
-
-Every convolution owns a :class:`SpectralSlot`, created with it: in a training step its forward
-pass records the kernel it made there (:class:`SpectralKernel`), :class:`SpectralRegularizer`
-takes that record, runs the power iteration and leaves its u, v in the slot, and the kernel's
-*spectral token* (a zero scalar added to the loss) carries sigma's gradient c back into the
-convolution's own backward, where :func:`add_token_grad` adds c u v^T to the weight's gradient.
-So the weight receives one gradient instead of two, and no kernel-sized gradient is held from the
-start of backward until the convolution is reached (every kernel of the model at once).
-Convolutions that make their kernel without a token (the plain path, evaluation) are read afresh
-by the regularizer and take plain autograd through sigma = u^T W v.
+continues the iteration); weights of equal shape are iterated together as one batch. Each kernel is
+made from the convolution's parameters, sigma = u^T W v, and autograd carries u v^T to the weight.
+A backend accelerator may instead hand over what its forward pass made this step, as the raw
+weight and weight norm's scale with a *token* whose gradient it turns into u v^T itself
+(:mod:`nvae.accel.cpu.tokens`); the regularizer then sets u, v on the accelerator.
 
 This module imports torch only; :mod:`nvae.ops.conv` imports it, never the other way round.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Protocol
 
 import torch
@@ -40,30 +33,14 @@ class SpectralKernel(NamedTuple):
     """Zero scalar whose gradient c becomes c u v^T in the conv's backward; None: plain autograd."""
 
 
-@dataclass(eq=False)
-class SpectralSlot:
-    """The typed link between one convolution and the regularizer (created in the conv's constructor)."""
-
-    kernel: Optional[SpectralKernel] = None
-    """Set by the conv's forward in a training step, taken (and cleared) by the regularizer."""
-    uv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    """The regularizer's current (u, v) for this conv: rows of its buffers, read by the token's backward."""
-    recomputing: bool = False
-    """True while a checkpointed region runs again in backward: nothing is recorded then (the record
-    would stay alive until the next step)."""
-
-    def take(self) -> Optional[SpectralKernel]:
-        kernel, self.kernel = self.kernel, None
-        return kernel
-
-
 class SpectralConv(Protocol):
     """What the regularizer needs of a convolution (:class:`nvae.ops.conv.Conv2d` is one)."""
 
     out_channels: int
     weight: torch.Tensor
     log_weight_norm: Optional[torch.Tensor]
-    spectral: SpectralSlot
+    accel: Optional[Any]
+    """A backend's accelerator (:class:`nvae.ops.conv.ConvAccelerator`), or None."""
 
     def normalized_weight(self) -> torch.Tensor: ...
 
@@ -92,64 +69,13 @@ def _is_nhwc(kernel: torch.Tensor) -> bool:
     return kernel.dim() == 4 and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last)
 
 
-def strided_like(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``grad`` with exactly ``like``'s strides: a view when they differ only in size-1 dimensions.
-
-    Autograd's layout contract ignores the strides of size-1 dimensions, DDP's gradient buckets do
-    not: a 1x1 kernel's gradient laid out as (C, 1, 1, 1) for a channels_last parameter with strides
-    (C, 1, C, C) draws "Grad strides do not match bucket view strides". Such a view addresses the
-    same elements; any other difference is copied into ``like``'s layout.
-    """
-    if grad.stride() == like.stride():
-        return grad
-    if grad.shape == like.shape and all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), like.stride())):
-        return grad.as_strided(like.shape, like.stride())
-    return torch.empty_like(like, dtype=grad.dtype).copy_(grad)
-
-
-# ------------------------------------------------------------------------------ tokens
-def add_token_grad(grad: Optional[torch.Tensor], grad_token: Optional[torch.Tensor], slot: Optional[SpectralSlot],
-                   like: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
-    """G + c u v^T for a spectral token's gradient c (u, v from ``slot``), v laid out as one kernel row
-    of ``like``. Returns (G', whether G' is a new tensor)."""
-    uv = None if grad_token is None or slot is None else slot.uv
-    if uv is None:
-        return grad, False
-    u, v = uv
-    cu = (grad_token * u).view(-1, 1, 1, 1)  # (out, 1, 1, 1)
-    v_row = kernel_row(v, like)
-    return (cu * v_row if grad is None else torch.addcmul(grad, cu, v_row)), True
-
-
-class SpectralToken(torch.autograd.Function):
-    """The kernel of a convolution without weight normalization, and its spectral token.
-
-    Sigma's gradient c u v^T joins the convolution's own gradient in this node's backward, laid out
-    exactly as the weight (:func:`strided_like`; DDP's buckets compare strides). Weight-normalized
-    convolutions get their token from :class:`nvae.ops.conv.WeightNorm` instead.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, slot: Optional[SpectralSlot]) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(w)
-        ctx.slot = slot
-        ctx.set_materialize_grads(False)
-        return w.view_as(w), w.new_zeros(())
-
-    @staticmethod
-    def backward(ctx: Any, grad: Optional[torch.Tensor],
-                 grad_token: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], None]:
-        (w,) = ctx.saved_tensors
-        grad, _ = add_token_grad(grad, grad_token, ctx.slot, w)
-        return (None if grad is None else strided_like(grad, w)), None
-
-
 # ------------------------------------------------------------------------------ the regularizer
 def spectral_convs(model: nn.Module) -> list[SpectralConv]:
-    """Every convolution of ``model`` with a :class:`SpectralSlot`; a torch convolution without one is refused."""
+    """Every convolution of ``model`` with a weight the regularizer can read (``normalized_weight``); a torch
+    convolution without one is refused."""
     convs = []
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "spectral", None), SpectralSlot):
+        if callable(getattr(module, "normalized_weight", None)) and hasattr(module, "accel"):
             convs.append(module)
         elif isinstance(module, TORCH_CONVS):
             raise ValueError(f"{name or 'model'}: a {type(module).__name__} escapes the spectral regularizer "
@@ -162,7 +88,7 @@ class SpectralRegularizer(nn.Module):
 
     The first call runs ``initial_iters`` power iterations, later calls ``power_iters`` (no
     gradient through u, v); sigma = u^T W v carries the gradient u v^T to W, through tokens where
-    the forward pass recorded them (see the module docstring).
+    a backend's forward pass recorded them (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, power_iters: int = 4, initial_iters: int = 40) -> None:
@@ -193,7 +119,8 @@ class SpectralRegularizer(nn.Module):
         on_cpu = total.device.type == "cpu"
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
-                taken = [c.spectral.take() or SpectralKernel(c.normalized_weight(), None, None) for c in convs]
+                taken = [(c.accel.take_kernel() if c.accel is not None else None)
+                         or SpectralKernel(c.normalized_weight(), None, None) for c in convs]
                 tokens = [k.token for k in taken if k.token is not None]
                 with_tokens = len(tokens) == len(convs)  # else W itself, with autograd through sigma
                 weights = [kernel_matrix(k.weight.float()) for k in taken]  # n x (rows, cols): w or W
@@ -220,7 +147,7 @@ class SpectralRegularizer(nn.Module):
                 total = total + sum(sigmas)
                 if with_tokens:  # each token's gradient c becomes c u v^T in its conv's backward
                     for j, conv in enumerate(convs):
-                        conv.spectral.uv = (u[j], v[j])
+                        conv.accel.uv = (u[j], v[j])
                     total = total + torch.stack(tokens).sum()
         self.initialized.fill_(True)
         return total

@@ -181,13 +181,13 @@ def test_ddp_scaling_runs_lightning_ddp_with_two_processes(tmp_path: Path) -> No
 def test_plain_switches_replace_each_cpu_mechanism() -> None:
     """--plain ops / depthwise (benchmarks/options.py --mechanisms) build what they say."""
     from nvae.ops import Conv2d
-    from nvae.ops.depthwise import WEIGHT_GRAD_METHODS
+    from nvae.accel.cpu.depthwise import WEIGHT_GRAD_METHODS
 
     throughput = _benchmark_module("throughput")
     try:
         for plain in ((), ("ops",), ("depthwise",)):
             cli = throughput.build([str(QUICKSTART)], None, plain=plain)
-            convs = [m.fused for m in cli.model.modules() if isinstance(m, Conv2d)]
+            convs = [m.accel is not None for m in cli.model.modules() if isinstance(m, Conv2d)]
             assert convs and all(convs) == ("ops" not in plain) and not any(convs) == ("ops" in plain)
             assert WEIGHT_GRAD_METHODS.fixed == (0 if "depthwise" in plain else None)
     finally:

@@ -79,11 +79,14 @@ def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_
     backward); kernels made fresh (eval mode here) take plain autograd through sigma = u^T W v."""
     import copy
 
+    from nvae.accel import cpu
+
     torch.manual_seed(0)
     # with convolutions without weight normalization (_SpectralToken), one of a weight-normed one's shape
     a = torch.nn.Sequential(Conv2d(4, 6, 3, padding=1), Conv2d(6, 6, 3, padding=1), Conv2d(6, 128, 1),
                             Conv2d(128, 256, 3, padding=1), Conv2d(256, 4, 1), Conv2d(4, 6, 1, weight_norm=False),
                             Conv2d(6, 6, 3, padding=1, weight_norm=False)).to(memory_format=layout)
+    cpu.install(a)  # the CPU backend: its forward keeps kernels with tokens
     b = copy.deepcopy(a).eval()
     reg_a, reg_b = SpectralRegularizer(a, 3, 3), SpectralRegularizer(b, 3, 3)
     reg_b.load_state_dict(reg_a.state_dict())
@@ -94,7 +97,7 @@ def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_
         loss = (y ** 2).mean() + 0.7 * reg()
         loss.backward()
         losses.append(loss.detach())
-    assert all(m.spectral.uv is not None for m in a) and not any(m.spectral.uv is not None for m in b)
+    assert all(m.accel.uv is not None for m in a) and not any(m.accel.uv is not None for m in b)
     torch.testing.assert_close(losses[0], losses[1])
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
@@ -310,9 +313,9 @@ def test_checkpoint_recomputation_keeps_no_kernels_for_the_next_step(tiny_rgb: N
     spectral = SpectralRegularizer(tiny_rgb)
     out = tiny_rgb(random_images(tiny_rgb.spec))
     loss = out.kl.sum() + spectral()
-    assert not [n for n, m in tiny_rgb.named_modules() if isinstance(m, Conv2d) and m.spectral.kernel is not None]
+    assert not [n for n, m in tiny_rgb.named_modules() if isinstance(m, Conv2d) and m.accel.kernel is not None]
     loss.backward()
-    assert not [n for n, m in tiny_rgb.named_modules() if isinstance(m, Conv2d) and m.spectral.kernel is not None]
+    assert not [n for n, m in tiny_rgb.named_modules() if isinstance(m, Conv2d) and m.accel.kernel is not None]
 
 
 def test_sync_batchnorm_conversion_keeps_the_model() -> None:

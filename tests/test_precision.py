@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from conftest import random_images, tiny_config
 from nvae.hparams import group_flat_hparams
+from nvae.accel.cpu.conv import ConvAccel
 from nvae.lightning import NVAEModule
 from nvae.ops import Conv2d
 from nvae.spec import ImageSpec
@@ -66,14 +67,14 @@ def test_16_mixed_runs_in_float16_and_matches_float32_trajectory(monkeypatch: py
     """An initial loss scale that never overflows here (256) gives the same steps as float32."""
     full = train("32")
     dtypes: set[torch.dtype] = set()
-    convolve = Conv2d.convolve
+    convolve = ConvAccel.convolve  # the CPU backend's (the default here): every convolution but the depthwise ones
 
-    def recording(self: Conv2d, x: torch.Tensor, *args: object) -> torch.Tensor:
-        out = convolve(self, x, *args)
+    def recording(self: ConvAccel, conv: Conv2d, x: torch.Tensor, *args: object) -> torch.Tensor:
+        out = convolve(self, conv, x, *args)
         dtypes.add(out.dtype)
         return out
 
-    monkeypatch.setattr(Conv2d, "convolve", recording)
+    monkeypatch.setattr(ConvAccel, "convolve", recording)
     trainer, module, half = fit("16-mixed", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
     assert dtypes == {torch.float16}  # every regular convolution ran in float16
     assert trainer.precision_plugin.scaler.get_scale() == 256.0 and int(module.run_callbacks.guard.guard.skipped) == 0

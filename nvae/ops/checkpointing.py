@@ -1,6 +1,6 @@
 """Activation checkpointing of NVAE's cell stacks and latent groups (paper sec. 3.3 discusses the
 memory cost): recompute activations in backward instead of storing them, without moving the
-BatchNorm running statistics twice and without recording kernels for the spectral regularizer."""
+BatchNorm running statistics twice and without keeping kernels for the spectral regularizer."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -31,10 +31,10 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def recomputing(module: nn.Module) -> Iterator[None]:
-    """Marks the convolutions of ``module`` as running again in backward (``SpectralSlot.recomputing``):
-    kernels made then are not recorded for the spectral regularizer (they would stay alive until
-    the next step's). Nested regions restore what they found."""
-    slots = [m.spectral for m in module.modules() if isinstance(m, Conv2d)]
+    """Marks the backend accelerators of ``module``'s convolutions as running again in backward
+    (``recomputing``): kernels made then are not kept for the spectral regularizer (they would stay
+    alive until the next step's). Nested regions restore what they found."""
+    slots = [m.accel for m in module.modules() if isinstance(m, Conv2d) and m.accel is not None]
     before = [slot.recomputing for slot in slots]
     for slot in slots:
         slot.recomputing = True
@@ -47,7 +47,7 @@ def recomputing(module: nn.Module) -> Iterator[None]:
 
 def once_then_frozen(fn: Callable[..., Any], owner: nn.Module) -> Callable[..., Any]:
     """``fn``; calls after the first (checkpoint recomputation) keep the BN running stats of ``owner``
-    fixed and record no kernels."""
+    fixed and keep no kernels."""
     calls = 0
 
     def run(*args: Any) -> Any:

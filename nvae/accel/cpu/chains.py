@@ -1,66 +1,39 @@
-"""Fused BatchNorm-Swish-conv chains of NVAE's cells (paper sec. 3.1, fig. 3), one autograd node each.
+"""The CPU backend's BatchNorm-Swish-conv chains (paper sec. 3.1, fig. 3): one autograd node each.
 
 A chain of steps conv(swish(bn(h))) stores only its input and the per-channel batch statistics:
 in backward the BN and Swish outputs are recomputed from them with one multiply-add and one Swish
 each, and the inner convolutions' outputs by running those convolutions once more. The decoder
 cell (fig. 3a) is one chain, BN-conv1x1 / BN-Swish-dwconv5x5 / BN-Swish-conv1x1, storing the
-cell input instead of six maps, five of them expanded x6. It runs on CPU with ``fused_ops`` on
-(:func:`use_fused_ops`); elsewhere the steps run layer by layer, as plain PyTorch.
+cell input instead of six maps, five of them expanded x6: the CPU backend's memory saving.
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nvae.compat import batch_norm_backward, silu_backward
-from nvae.ops.conv import Conv2d
+from nvae.ops.chains import BNConvStep
 
 
-class BNConvStep(NamedTuple):
-    """One step of a chain: BatchNorm, then Swish if ``swish``, then the convolution."""
-
-    bn: nn.BatchNorm2d
-    swish: bool
-    conv: Conv2d
-
-
-def use_fused_ops(module: nn.Module, on: bool) -> None:
-    """Turn the hand-written CPU autograd of every convolution in ``module`` on or off
-    (``NVAEConfig.fused_ops``; set once, when the model is built). Off, or on another device than
-    the CPU, every op is the plain PyTorch composition."""
-    for m in module.modules():
-        if isinstance(m, Conv2d):
-            m.fused = on
-
-
-def bn_swish_conv(x: torch.Tensor, *steps: BNConvStep) -> torch.Tensor:
-    """``conv(swish(bn(x)))`` (Swish where the step says so) for each step, as one autograd node in CPU training.
-
-    Swish belongs to the step, not to the BatchNorm module: converting BatchNorm layers to
-    SyncBatchNorm (``trainer.sync_batchnorm``) and back replaces the modules and keeps the model.
-    The node saves only ``x`` and the batch statistics (not even the weight-normalized kernels:
-    recomputing them is one multiply per weight); the running statistics move once. Outside
-    training, with ``fused`` off, off the CPU or with SyncBatchNorm layers (whose statistics come
-    from all processes), the steps run layer by layer.
-    """
-    steps = tuple(BNConvStep(*step) for step in steps)  # plain (bn, swish, conv) tuples too
+def run_chain(x: torch.Tensor, steps: tuple[BNConvStep, ...]) -> Optional[torch.Tensor]:
+    """The steps as one autograd node in CPU training (see the module docstring); None where that does
+    not apply: outside training or without gradients, off the CPU, when a convolution has no CPU
+    accelerator, or with SyncBatchNorm layers (whose statistics come from all processes)."""
     bns = [step.bn for step in steps]
-    fused = all(step.conv.fused for step in steps) and x.device.type == "cpu"
-    if not (fused and bns[0].training and torch.is_grad_enabled()) or any(isinstance(bn, nn.SyncBatchNorm) for bn in bns):
-        for bn, swish, conv in steps:
-            x = bn(x)
-            x = conv(F.silu(x) if swish else x)
-        return x
+    on_cpu = x.device.type == "cpu" and all(getattr(s.conv.accel, "chain", None) is not None for s in steps)
+    if not (on_cpu and bns[0].training and torch.is_grad_enabled()) or any(isinstance(bn, nn.SyncBatchNorm) for bn in bns):
+        return None
     momenta = tuple(_count_batch(bn) for bn in bns)
     params, scales = [], []
     for bn, _, conv in steps:
-        params += [bn.weight, bn.bias, conv.forward_kernel(), conv.bias]
-        kept = conv.spectral.kernel  # (w, s, token) if forward_kernel() made W = s * w just now
-        fresh = kept is not None and kept.token is not None and not conv.spectral.recomputing
+        accel = conv.accel
+        params += [bn.weight, bn.bias, accel.forward_kernel(conv), conv.bias]
+        kept = accel.kernel  # (w, s, token) if forward_kernel() made W = s * w just now
+        fresh = kept is not None and kept.token is not None and not accel.recomputing
         scales.append(kept.scale if fresh else None)
     return _BNSwishConvs.apply(x, steps, momenta, tuple(scales), *params)
 
@@ -120,7 +93,7 @@ class _BNSwishConvs(torch.autograd.Function):
                 y, mean, invstd = torch.native_batch_norm(h, bn_w, bn_b, bn.running_mean, bn.running_var, True,
                                                           momentum, bn.eps)
                 a = F.silu(y, inplace=True) if swish else y
-                h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
+                h = conv.accel.convolve(conv, _cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
                 # float32 statistics whatever the compiled graph returns (BN backward on bf16 maps expects them)
                 stats += [mean.to(bn.running_var.dtype), invstd.to(bn.running_var.dtype)]
         kernels_dropped = [None if i % 4 == 2 else t for i, t in enumerate(params)]  # recomputed in backward
@@ -134,7 +107,8 @@ class _BNSwishConvs(torch.autograd.Function):
         steps, dtype, n = ctx.steps, ctx.dtype, len(ctx.steps)
         stats, params = saved[:2 * n], list(saved[2 * n:])
         for i, ((_, _, conv), scale) in enumerate(zip(steps, ctx.scales)):  # the weights are those of forward
-            params[4 * i + 2] = (conv.normalized_weight() if scale is None else conv.masked_weight() * scale).detach()
+            accel = conv.accel
+            params[4 * i + 2] = (accel.normalized_weight(conv) if scale is None else accel.masked_weight(conv) * scale).detach()
         need = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * (4 * n)
         with _autocast_off(x.device.type):
@@ -146,12 +120,12 @@ class _BNSwishConvs(torch.autograd.Function):
                 a = F.silu(y) if swish else y
                 acts.append((h, y, a))
                 if i < n - 1:
-                    h = conv.convolve(_cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
+                    h = conv.accel.convolve(conv, _cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
             for i in reversed(range(n)):
                 (bn, swish, conv), (h, y, a) = steps[i], acts.pop()
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
                 mask = (True, need[6 + 4 * i], need[7 + 4 * i] and b is not None)
-                grad_a, grad_w, grad_b = conv.convolve_backward(grad, _cast(a, dtype), _cast(w, dtype), mask)
+                grad_a, grad_w, grad_b = conv.accel.convolve_backward(conv, grad, _cast(a, dtype), _cast(w, dtype), mask)
                 del a
                 grad_y = silu_backward(grad_a.to(y.dtype), y) if swish else grad_a
                 del y, grad_a

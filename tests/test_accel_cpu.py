@@ -1,4 +1,5 @@
-"""The fused BatchNorm-Swish-conv steps (nvae.ops.fused.bn_swish_conv) and the depthwise and weight-norm autograd."""
+"""The CPU backend (nvae.accel.cpu): its fused BatchNorm-Swish-conv chains and its depthwise and weight-norm
+autograd, each against plain PyTorch autograd."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvae.ops import Conv2d, DepthwiseConv2d, BNConvStep, batch_norm, bn_swish_conv, depthwise
-from nvae.ops import conv as conv_ops
+from nvae.accel import cpu
+from nvae.accel.cpu import conv as conv_ops
+from nvae.accel.cpu import depthwise
+from nvae.ops import BNConvStep, Conv2d, DepthwiseConv2d, batch_norm, bn_swish_conv
 
 CONVS = {
     "3x3 weight-normed, bias": lambda c: Conv2d(c, 6, 3, padding=1),
@@ -41,6 +44,11 @@ def _chain(conv_names: list[str], channels: int = 4, swish: bool = True) -> Pair
 
 def _run(pairs: Pairs, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     x = x.detach().requires_grad_(True)
+    for _, _, conv in pairs:  # the CPU backend's accelerators, or none (plain PyTorch)
+        if fused:
+            cpu.install(conv)
+        else:
+            conv.accel = None
     if fused:
         out = bn_swish_conv(x, *pairs)
     else:  # layer by layer, plain autograd
@@ -129,11 +137,12 @@ def test_depthwise_gradients_by_channel_blocks(dtype: torch.dtype) -> None:
     ref_x, ref_w = torch.autograd.grad(F.conv2d(xr, wr, padding=2, groups=channels), (xr, wr), grad_out.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for method in ("folded", 0, 64, 128, channels):
-        grad_w = conv.weight_grad_by(grad_out, x, method)
+        grad_w = depthwise.weight_grad_by(conv, grad_out, x, method)
         assert grad_w.dtype == torch.float32
         torch.testing.assert_close(grad_w.double(), ref_w, rtol=tol, atol=tol * ref_w.abs().max().item())
     depthwise.WEIGHT_GRAD_METHODS.fastest.clear()
-    grad_x, grad_w, _ = conv.convolve_backward(grad_out, x, conv.weight.to(dtype), (True, True, False))
+    grad_x, grad_w, _ = depthwise.DepthwiseAccel().convolve_backward(conv, grad_out, x, conv.weight.to(dtype),
+                                                                    (True, True, False))
     assert list(depthwise.WEIGHT_GRAD_METHODS.fastest.values())[0] in depthwise.DEPTHWISE_GRAD_METHODS
     assert grad_x.dtype == dtype
     torch.testing.assert_close(grad_w.double(), ref_w, rtol=tol, atol=tol * ref_w.abs().max().item())
@@ -145,6 +154,8 @@ def test_steps_in_eval_mode_use_running_statistics_and_their_swish(swish: bool) 
     """Outside training the steps run layer by layer: BatchNorm on its running statistics, Swish where the step says."""
     chain = _chain(["3x3 weight-normed, bias", "1x1 no bias"], swish=swish)
     steps = [(bn.eval(), s, conv.eval()) for bn, s, conv in chain]
+    for _, _, conv in steps:
+        cpu.install(conv)
     x = torch.randn(3, 4, 8, 8)
     h = x
     for bn, s, conv in steps:
@@ -161,14 +172,15 @@ def test_depthwise_gradient_method_is_fixed_under_deterministic_algorithms(monke
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn_like(x)
     used = []
-    by = DepthwiseConv2d.weight_grad_by
-    monkeypatch.setattr(DepthwiseConv2d, "weight_grad_by", lambda self, g, x, m: used.append(m) or by(self, g, x, m))
+    by = depthwise.weight_grad_by
+    monkeypatch.setattr(depthwise, "weight_grad_by", lambda conv, g, x, m: used.append(m) or by(conv, g, x, m))
+    accel = depthwise.DepthwiseAccel()
     depthwise.WEIGHT_GRAD_METHODS.fastest.clear()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    conv.convolve_backward(grad_out, x, conv.weight, (False, True, False))
+    accel.convolve_backward(conv, grad_out, x, conv.weight, (False, True, False))
     assert used == [depthwise.DETERMINISTIC_WEIGHT_GRAD] and not depthwise.WEIGHT_GRAD_METHODS.fastest
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
-    conv.convolve_backward(grad_out, x, conv.weight, (False, True, False))
+    accel.convolve_backward(conv, grad_out, x, conv.weight, (False, True, False))
     assert len(used) > 2 and len(depthwise.WEIGHT_GRAD_METHODS.fastest) == 1  # timed: every candidate ran
 
 
@@ -176,16 +188,17 @@ def test_depthwise_gradient_method_is_fixed_under_deterministic_algorithms(monke
 def test_weight_norm_gradients(layout: torch.memory_format) -> None:
     """The hand-written weight-norm backward against autograd of w * exp(log g) / (||w|| + eps)."""
     conv = Conv2d(3, 5, 3).double().to(memory_format=layout)
+    accel = conv_ops.ConvAccel()
     w, log_g = conv.weight.detach().requires_grad_(True), conv.log_weight_norm.detach().requires_grad_(True)
     assert torch.autograd.gradcheck(conv_ops.WeightNorm.apply, (w, log_g))
     expected = w * torch.exp(log_g) / (torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, 1, 1, 1) + 1e-5)
     grad = torch.randn_like(w)
-    torch.testing.assert_close(torch.autograd.grad(conv.normalized_weight(), list(conv.parameters())[:1], grad),
+    torch.testing.assert_close(torch.autograd.grad(accel.normalized_weight(conv), list(conv.parameters())[:1], grad),
                                torch.autograd.grad(expected, w, grad))
-    torch.testing.assert_close(conv.normalized_weight(), expected)
+    torch.testing.assert_close(accel.normalized_weight(conv), expected)
     with torch.no_grad():  # an all-zero output channel (as a mask can make): finite gradients, not 0 / 0
         conv.weight[0] = 0  # w shares conv.weight's storage
-    grads = torch.autograd.grad(conv.normalized_weight(), [conv.weight, conv.log_weight_norm], grad)
+    grads = torch.autograd.grad(accel.normalized_weight(conv), [conv.weight, conv.log_weight_norm], grad)
     expected = w * torch.exp(log_g) / (torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, 1, 1, 1) + 1e-5)
     assert all(torch.isfinite(g).all() for g in grads) and grads[1][0].item() == 0
     torch.testing.assert_close(grads, torch.autograd.grad(expected, [w, log_g], grad))
@@ -203,6 +216,7 @@ def test_decoder_cell_stores_the_expanded_map_unless_told_to_recompute_it() -> N
 
     torch.manual_seed(0)
     cell = DecoderCell(4, 4, expand=3, use_se=False).train()
+    cpu.install(cell)
     x = torch.randn(2, 4, 8, 8)
     results = {}
     for recompute in (False, True):
