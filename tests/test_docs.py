@@ -27,3 +27,11 @@ def test_the_checkpoint_table_lists_nvae_s_own_entries() -> None:
     table = set(re.findall(r"^\| `(\w+)` \|", DOC, re.MULTILINE))
     assert table <= defined
     assert {k for k in defined if k.startswith("nvae_")} <= table
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """pyproject.toml names its packages one by one: a new folder of modules must be among them."""
+    text = (ROOT / "pyproject.toml").read_text()  # tomllib is Python 3.11+; the list is one literal
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*?)\]", text, re.MULTILINE | re.DOTALL).group(1)))
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "nvae").rglob("__init__.py")}
+    assert sorted(found - listed) == []
