@@ -23,9 +23,10 @@ class WeightNorm(torch.autograd.Function):
     With n = ||w||, s = exp(log_g) / (n + eps) and t = <G, w> per output channel:
     dL/dlog_g = s * t and dL/dw = s * G - s * t / (n * (n + eps)) * w.
 
-    Given a ``slot``, two more outputs serve the spectral regularizer (sec. 3.2): the scale s (no
-    gradient), so that it can iterate on w and s instead of keeping the kernel-sized W, and a zero
-    scalar token whose gradient c adds c u v^T (u, v from the slot) to G here.
+    Given a ``slot`` (the convolution's :class:`ConvAccel`), two more outputs serve the spectral
+    regularizer (sec. 3.2): the scale s (no gradient), so that it can iterate on w and s instead of
+    keeping the kernel-sized W, and a zero scalar token whose gradient c adds c u v^T (u, v from the
+    slot) to G here.
     """
 
     @staticmethod
