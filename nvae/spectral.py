@@ -108,13 +108,22 @@ class SpectralRegularizer(nn.Module):
             self.register_buffer(f"u{i}", F.normalize(torch.randn(len(convs), rows), dim=1, eps=1e-3))
             self.register_buffer(f"v{i}", F.normalize(torch.randn(len(convs), cols), dim=1, eps=1e-3))
         self.register_buffer("initialized", torch.tensor(False))
+        self._warm: Optional[bool] = None
+        """The ``initialized`` buffer's value as Python knows it: read from the device once per run and
+        after each state-dict load (:meth:`_load_from_state_dict`), never once per step."""
 
     @property
     def num_layers(self) -> int:
         return sum(len(g) for g in self._groups)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._warm = None  # a resumed run's buffer: read again on the next call
+
     def forward(self) -> torch.Tensor:
-        iters = self.power_iters if bool(self.initialized) else self.initial_iters
+        if self._warm is None:  # one read of a device value per run, not per step
+            self._warm = bool(self.initialized)
+        iters = self.power_iters if self._warm else self.initial_iters
         total = torch.zeros((), device=self.initialized.device)
         on_cpu = total.device.type == "cpu"
         with torch.autocast(total.device.type, enabled=False):
@@ -149,7 +158,9 @@ class SpectralRegularizer(nn.Module):
                     for j, conv in enumerate(convs):
                         conv.accel.uv = (u[j], v[j])
                     total = total + torch.stack(tokens).sum()
-        self.initialized.fill_(True)
+        if not self._warm:
+            self.initialized.fill_(True)
+            self._warm = True
         return total
 
 
