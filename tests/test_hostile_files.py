@@ -229,6 +229,27 @@ def test_model_sizes_from_a_file_are_checked_before_allocating(clean: dict, tmp_
     assert not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("likelihood", "os.system", "model.arch.likelihood must be auto or one of bernoulli, dmol, got 'os.system'"),
+    ("likelihood", ["dmol"], "model.arch.likelihood must be auto or one of bernoulli, dmol, got ['dmol']"),
+    ("backend", "nvae.accel.cpu.install", "model.arch.backend must be one of auto, plain, cpu"),
+    ("fused_ops", "yes", "model.arch.fused_ops must be true or false, got 'yes'"),
+])
+def test_likelihood_and_backend_names_from_a_file_are_registry_names(clean: dict, tmp_path: Path, field: str,
+                                                                     value: object, expected: str) -> None:
+    """model.arch names a likelihood family and a backend: a file may give only the registered names
+    (nothing is imported or looked up by the name), else one line before a model is built."""
+    ck = copy.deepcopy(clean)
+    ck["hyper_parameters"]["arch"][field] = value
+    crafted = save(ck, tmp_path / "names.ckpt")
+    for run in (lambda: sample_cli.main(["--checkpoint", str(crafted), "--num-samples", "1", "--device", "cpu",
+                                         "--output", str(tmp_path / "s.png")]),
+                lambda: NVAEModule.load_from_checkpoint(crafted)):
+        message = one_line(run)
+        assert expected in message and str(crafted) in message, message
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_check_fits_counts_the_real_model_on_meta(tiny_rgb: torch.nn.Module) -> None:
     from nvae.limits import check_fits
 
