@@ -104,7 +104,7 @@ class NVAEModule(L.LightningModule):
         own = self.run_callbacks.all()
         trainer = attached_trainer(self)
         present = {type(c) for c in trainer.callbacks} if trainer is not None else set()
-        return [c for c in own if c is not None and type(c) not in present]  # attached once per trainer
+        return [c for c in own if type(c) not in present]  # attached once per trainer
 
     # ----------------------------------------------------------------------------- schedules
     @property

@@ -14,12 +14,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from nvae.accel import install
 from nvae.arch import NVAEConfig
 from nvae.cells import DecoderCell, EncoderCell
 from nvae.groups import GroupHook, GroupPosterior, GroupView, LatentGroup
 from nvae.likelihoods import Likelihood, LikelihoodFamily, likelihood_family, likelihood_name
 from nvae.limits import check_structure
-from nvae.accel import install
 from nvae.ops import CellStack, Conv2d
 from nvae.spec import ImageSpec
 from nvae.topology import Topology
@@ -62,8 +62,8 @@ class NVAE(nn.Module):
 
         pre: list[nn.Module] = []
         for _ in range(cfg.num_preprocess_blocks):
-            for c in range(cfg.num_preprocess_cells):
-                down = c == cfg.num_preprocess_cells - 1
+            for i in range(cfg.num_preprocess_cells):
+                down = i == cfg.num_preprocess_cells - 1
                 pre.append(EncoderCell(ch, 2 * ch if down else ch, down=down, use_se=cfg.use_se))
                 ch = 2 * ch if down else ch
         self.preprocess = CellStack(*pre)
@@ -77,7 +77,7 @@ class NVAE(nn.Module):
             for _ in groups:
                 self.enc_groups.append(CellStack(*[EncoderCell(c, c, use_se=cfg.use_se)
                                                    for _ in range(cfg.num_cell_per_cond_enc)]))
-            if scale.index > 0:
+            if scale.down_after:
                 self.enc_down.append(EncoderCell(c, 2 * c, down=True, use_se=cfg.use_se))
         top = topology.scales[0]
         self.enc_top = nn.Sequential(nn.ELU(), Conv2d(top.channels, top.channels, 1), nn.ELU())
@@ -88,15 +88,15 @@ class NVAE(nn.Module):
         self.dec_up = nn.ModuleList()
         for group in topology.groups:
             c = topology.scales[group.scale].channels
-            if group.starts_scale and group.index > 0:
+            if group.up_before:
                 self.dec_up.append(DecoderCell(2 * c, c, cfg.decoder_expand, up=True, use_se=cfg.use_se))
             self.dec_groups.append(LatentGroup(cfg, c, c, first=group.index == 0))
 
         ch = topology.scales[-1].channels
         post: list[nn.Module] = []
         for _ in range(cfg.num_postprocess_blocks):
-            for c in range(cfg.num_postprocess_cells):
-                up = c == 0
+            for i in range(cfg.num_postprocess_cells):
+                up = i == 0
                 post.append(DecoderCell(ch, ch // 2 if up else ch, cfg.postprocess_expand, up=up, use_se=cfg.use_se))
                 ch = ch // 2 if up else ch
         self.postprocess = CellStack(*post)
@@ -140,7 +140,7 @@ class NVAE(nn.Module):
             for group in groups:
                 h = next(enc_groups)(h)
                 feats[group.index] = h
-            if scale.index > 0:
+            if scale.down_after:
                 h = next(enc_down)(h)
         feats[0] = self.enc_top(feats[0])
         return feats
@@ -158,7 +158,7 @@ class NVAE(nn.Module):
         kls, kl_channels, log_q, log_p = [], [], 0.0, 0.0
         up = iter(self.dec_up)
         for slot, group in zip(self.topology.groups, self.dec_groups):
-            if slot.starts_scale and slot.index > 0:
+            if slot.up_before:
                 h = next(up)(h)
             i, shape = slot.index, self.topology.latent_shape(slot, batch)
             h, kl, lq, lp = group(h, None if feats is None else feats[i], temperature, shape, use_mean, hook, i)

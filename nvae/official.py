@@ -84,7 +84,7 @@ def module_pairs(model: NVAE, wrapped: bool = False) -> Iterator[tuple[str, nn.M
                 assert combiner is not None
                 yield f"enc_tower.{k}.conv", combiner.conv
                 k += 1
-        if scale.index > 0:
+        if scale.down_after:
             yield from _cell(f"enc_tower.{k}", next(enc_down), wrapped)
             k += 1
     yield "enc0.1", model.enc_top[1]
@@ -101,7 +101,7 @@ def module_pairs(model: NVAE, wrapped: bool = False) -> Iterator[tuple[str, nn.M
     # decoder tower, coarsest first: per group its cells (none for the top one) and combiner; up cells
     k, up = 0, iter(model.dec_up)
     for slot, group in zip(model.topology.groups, model.dec_groups):
-        if slot.starts_scale and slot.index > 0:
+        if slot.up_before:
             yield from _cell(f"dec_tower.{k}", next(up), wrapped)
             k += 1
         for cell in group.cells:

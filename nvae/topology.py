@@ -27,6 +27,11 @@ class Scale:
     size: int
     """Height and width of its features and latents."""
 
+    @property
+    def down_after(self) -> bool:
+        """The encoder halves the resolution after this scale (every scale but the coarsest)."""
+        return self.index > 0
+
 
 @dataclass(frozen=True)
 class Group:
@@ -35,8 +40,8 @@ class Group:
     index: int
     scale: int
     """Index of its :class:`Scale` (0 = coarsest)."""
-    starts_scale: bool
-    """The first group of its scale: below the top scale, an up cell runs before it."""
+    up_before: bool
+    """The first group of a scale below the top one: the decoder's up cell runs just before it."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class Topology:
                        for s in range(n))
         groups: tuple[Group, ...] = ()
         for scale in scales:
-            groups += tuple(Group(len(groups) + g, scale.index, g == 0) for g in range(scale.groups))
+            below_top = scale.index > 0  # the up cell runs before its first group
+            groups += tuple(Group(len(groups) + g, scale.index, g == 0 and below_top) for g in range(scale.groups))
         return cls(scales, groups, cfg.num_latent_per_group)
 
     @property

@@ -239,7 +239,7 @@ def test_groups_halving_and_latent_shapes() -> None:
     assert shapes[0] == (1, 4, 4, 4) and shapes[-1] == (1, 4, 16, 16)
     assert topology.groups_per_scale == [2, 4, 8]  # coarsest scale holds the fewest groups
     assert [s.channels for s in topology.scales] == [64, 32, 16]  # 8 channels, x2 per downsampling
-    assert [g.index for g in topology.groups if g.starts_scale] == [0, 2, 6]  # an up cell before 2 and 6
+    assert [g.index for g in topology.groups if g.up_before] == [2, 6]  # the up cells run before groups 2 and 6
     with torch.no_grad():  # the model runs the table: every group's latent has the listed shape
         seen = []
         model.traverse(1, hook=lambda view: seen.append(view.shape))
