@@ -28,7 +28,7 @@ from nvae.limits import check_fits
 from nvae.loading import check_state, described_model
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
-                             nelbo, regularization_coeff)
+                             layer_index, nelbo, regularization_coeff)
 from nvae.spec import ImageSpec
 from nvae.spectral import SpectralRegularizer
 from nvae.training import TrainingCallbacks
@@ -88,6 +88,7 @@ class NVAEModule(L.LightningModule):
         power_iters = self.objective.power_iters
         self.spectral = SpectralRegularizer(self.model, power_iters=power_iters, initial_iters=10 * power_iters)
         self._bn_gammas = batchnorm_gammas(self.model)  # parameters: the same after SyncBatchNorm or .to()
+        self.register_buffer("_bn_index", layer_index(self._bn_gammas), persistent=False)  # moves with .to()
         topology = self.model.topology
         self.register_buffer("alpha", kl_balance_alpha(topology.group_scales, topology.groups_per_scale),
                              persistent=False)
@@ -234,10 +235,11 @@ class NVAEModule(L.LightningModule):
         """The regularized objective of one batch: NELBO with KL warm-up/balancing + lambda (SR + BN)."""
         beta = self.kl_coeff()
         o = self.objective
-        out, terms = self._nelbo(x, beta, o.kl_balance)
+        with self.model.kernel_bank.in_use() as stacks:  # kernels made in a few batched calls
+            out, terms = self._nelbo(x, beta, o.kl_balance)
+            spectral = self.spectral(stacks)  # power iteration on the same stacks
         lam = regularization_coeff(beta, o.spectral_reg_coeff, o.spectral_reg_coeff_init)
-        spectral = self.spectral()
-        bn = batchnorm_penalty(self._bn_gammas)
+        bn = batchnorm_penalty(self._bn_gammas, self._bn_index)
         loss = terms.loss + lam * (spectral + bn)
         log = {"loss": loss, "nelbo": terms.nelbo.mean(), "recon": terms.recon.mean(), "kl": terms.kl.mean(),
                "bpd": bits_per_dim(terms.nelbo.mean(), self.spec.num_dims), "kl_coeff": beta,
@@ -272,7 +274,8 @@ class NVAEModule(L.LightningModule):
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x = self._prepare(batch)
-        _, terms = self._nelbo(x, beta=1.0, balance=False)
+        with self.model.kernel_bank.in_use():
+            _, terms = self._nelbo(x, beta=1.0, balance=False)
         n = x.shape[0]
         self.log(f"{stage}/nelbo", terms.nelbo.mean(), batch_size=n, sync_dist=True, prog_bar=(stage == "val"))
         self.log(f"{stage}/bpd", bits_per_dim(terms.nelbo.mean(), self.spec.num_dims), batch_size=n, sync_dist=True)

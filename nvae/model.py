@@ -21,6 +21,7 @@ from nvae.groups import GroupHook, GroupPosterior, GroupView, LatentGroup
 from nvae.likelihoods import Likelihood, LikelihoodFamily, likelihood_family, likelihood_name
 from nvae.limits import check_structure
 from nvae.ops import CellStack, Conv2d
+from nvae.ops.kernel_bank import KernelBank
 from nvae.spec import ImageSpec
 from nvae.topology import Topology
 
@@ -102,6 +103,9 @@ class NVAE(nn.Module):
         self.postprocess = CellStack(*post)
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, self.likelihood_family.head_channels(spec, cfg), 3, padding=1))
         self.backend = install(self, cfg.backend)  # "plain" or "cpu": nvae.accel
+        # Every convolution's kernel for a training step in a few batched calls (the spectral
+        # regularizer's groups: both use nvae.ops.kernel_bank.group_convs in module order).
+        self.kernel_bank = KernelBank([m for m in self.modules() if isinstance(m, Conv2d)])
 
     def set_checkpointing(self, mode: bool | str) -> None:
         """Activation checkpointing: recompute activations in backward instead of storing them.

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from nvae.compat import BatchNormBase, foreach_norm
+from nvae.compat import BatchNormBase
 
 
 def kl_warmup(step: int, total_steps: int, anneal_portion: float = 0.3, const_portion: float = 1e-4,
@@ -90,14 +90,24 @@ def batchnorm_gammas(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, BatchNormBase) and m.affine]
 
 
-def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
+def layer_index(gammas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(sum of sizes,) index of the layer each entry of ``torch.cat(gammas)`` belongs to."""
+    sizes = torch.tensor([g.numel() for g in gammas])
+    return torch.repeat_interleave(torch.arange(len(gammas)), sizes)
+
+
+def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor], index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over affine BatchNorm layers of max |gamma| (keeps BN scales from growing).
 
-    ``model`` may also be the gammas themselves (:func:`batchnorm_gammas`, gathered once): the
-    per-layer maxima are one ``_foreach_norm`` (inf-norm; same gradient as ``abs().max()``, ties
-    shared equally).
+    ``model`` may also be the gammas themselves (:func:`batchnorm_gammas`, gathered once), with their
+    :func:`layer_index` (made here when not given). The per-layer maxima are one ``scatter_reduce``
+    over all gammas at once, not one reduction per layer; its gradient is that of ``abs().max()``
+    per layer, ties shared equally.
     """
     gammas = batchnorm_gammas(model) if isinstance(model, nn.Module) else list(model)
     if not gammas:
         return torch.zeros(())
-    return torch.stack(foreach_norm(gammas, float("inf"))).sum()
+    flat = torch.cat([g.view(-1) for g in gammas]).abs()  # (sum of sizes,)
+    index = layer_index(gammas).to(flat.device) if index is None else index
+    maxima = flat.new_zeros(len(gammas)).scatter_reduce(0, index, flat, "amax", include_self=False)  # (layers,)
+    return maxima.sum()

@@ -2,21 +2,24 @@
 
 L_SR = sum over conv layers of the largest singular value of the (C_out, C_in*k*k) weight,
 estimated by power iteration. The vectors u, v are buffers (saved in checkpoints, so a resumed run
-continues the iteration); weights of equal shape are iterated together as one batch. Each kernel is
-made from the convolution's parameters, sigma = u^T W v, and autograd carries u v^T to the weight.
-A backend accelerator may instead hand over what its forward pass made this step, as the raw
-weight and weight norm's scale with a *token* whose gradient it turns into u v^T itself
-(:mod:`nvae.accel.cpu.tokens`); the regularizer then sets u, v on the accelerator.
-
-This module imports torch only; :mod:`nvae.ops.conv` imports it, never the other way round.
+continues the iteration); kernels of equal matrix shape are iterated together as one batch, the
+groups of :func:`nvae.ops.kernel_bank.group_convs`. In a training step the kernel bank has stacked
+each group's kernels already (:class:`nvae.ops.kernel_bank.KernelBank`): the regularizer iterates
+on those stacks, sigma = u^T W v, and autograd carries u v^T into the stack. Otherwise each kernel
+is made here from the convolution's parameters; a backend accelerator may instead hand over what
+its forward pass made, as the raw weight and weight norm's scale with a *token* whose gradient it
+turns into u v^T itself (:mod:`nvae.accel.cpu.tokens`); the regularizer then sets u, v on the
+accelerator.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nvae.ops.kernel_bank import group_convs, kernel_matrix, matrix_as_kernel
 
 LARGE_MATRIX = 2 ** 18  # elements of a kernel matrix above which CPU iterates weights one by one
 TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -46,27 +49,9 @@ class SpectralConv(Protocol):
 
 
 # ------------------------------------------------------------------------------ kernel layouts
-def kernel_matrix(kernel: torch.Tensor) -> torch.Tensor:
-    """The (C_out, C_in*k*k) matrix of a kernel, its columns in memory order (a view, no copy).
-
-    Permuting columns leaves the singular values unchanged, so a channels_last kernel is read as
-    (C_out, k*k*C_in) rather than copied into (C_out, C_in*k*k).
-    """
-    if _is_nhwc(kernel):
-        return kernel.permute(0, 2, 3, 1).flatten(1)  # (out, k*k*in)
-    return kernel.flatten(1)
-
-
 def kernel_row(row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (cols,) row of ``kernel_matrix(like)`` as a (1, C_in, k, k) kernel in ``like``'s layout (a view)."""
-    _, cin, kh, kw = like.shape
-    if _is_nhwc(like):
-        return row.view(1, kh, kw, cin).permute(0, 3, 1, 2)
-    return row.view(1, cin, kh, kw)
-
-
-def _is_nhwc(kernel: torch.Tensor) -> bool:
-    return kernel.dim() == 4 and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last)
+    return matrix_as_kernel(row.unsqueeze(0), like[:1])
 
 
 # ------------------------------------------------------------------------------ the regularizer
@@ -99,12 +84,9 @@ class SpectralRegularizer(nn.Module):
         self.power_iters, self.initial_iters = power_iters, initial_iters
         # Weight-normalized kernels (read as raw weights and per-row scales) and plain ones are
         # iterated in separate batches, even when their shapes agree.
-        groups: dict[tuple[int, int, bool], list[SpectralConv]] = {}
-        for conv in spectral_convs(model):
-            key = (conv.out_channels, conv.weight[0].numel(), conv.log_weight_norm is not None)
-            groups.setdefault(key, []).append(conv)
-        self._groups = list(groups.values())  # plain list: the convs stay owned by ``model``
-        for i, ((rows, cols, _), convs) in enumerate(groups.items()):
+        self._groups = group_convs(spectral_convs(model))  # plain list: the convs stay owned by ``model``
+        for i, convs in enumerate(self._groups):
+            rows, cols = convs[0].out_channels, convs[0].weight[0].numel()
             self.register_buffer(f"u{i}", F.normalize(torch.randn(len(convs), rows), dim=1, eps=1e-3))
             self.register_buffer(f"v{i}", F.normalize(torch.randn(len(convs), cols), dim=1, eps=1e-3))
         self.register_buffer("initialized", torch.tensor(False))
@@ -120,47 +102,64 @@ class SpectralRegularizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._warm = None  # a resumed run's buffer: read again on the next call
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, stacks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """L_SR; ``stacks``: this step's kernel stacks from the model's kernel bank (``KernelBank.in_use``),
+        one per group (None where a group's kernels are made here)."""
         if self._warm is None:  # one read of a device value per run, not per step
             self._warm = bool(self.initialized)
         iters = self.power_iters if self._warm else self.initial_iters
+        if stacks is not None and len(stacks) != len(self._groups):
+            raise ValueError(f"{len(stacks)} kernel stacks for {len(self._groups)} groups of convolutions")
         total = torch.zeros((), device=self.initialized.device)
-        on_cpu = total.device.type == "cpu"
         with torch.autocast(total.device.type, enabled=False):
             for i, convs in enumerate(self._groups):
-                taken = [(c.accel.take_kernel() if c.accel is not None else None)
-                         or SpectralKernel(c.normalized_weight(), None, None) for c in convs]
-                tokens = [k.token for k in taken if k.token is not None]
-                with_tokens = len(tokens) == len(convs)  # else W itself, with autograd through sigma
-                weights = [kernel_matrix(k.weight.float()) for k in taken]  # n x (rows, cols): w or W
-                weight_normed = with_tokens and taken[0].scale is not None  # W = diag(s) w
-                scales = torch.stack([k.scale.view(-1) for k in taken]) if weight_normed else None  # (n, rows)
                 u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
-                # One batched matmul per shape saves launches; on CPU, large matrices are iterated one
-                # by one instead, since stacking them is a memory-bound copy of the whole group.
-                sigmas = []  # u^T W v per part; no graph where tokens carry the gradient
-                with torch.set_grad_enabled(torch.is_grad_enabled() and not with_tokens):
-                    if on_cpu and weights[0].numel() >= LARGE_MATRIX:
-                        parts = [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
-                    else:
-                        parts = [(slice(None), torch.stack(weights))]
-                    for rows, w in parts:  # w: (n or 1, rows, cols)
-                        s = None if scales is None else scales[rows]
-                        u_new, v_new, wv = power_iteration(u[rows], v[rows], w, iters, s)
-                        if with_tokens:  # u^T W v from the last step's W v: no further pass over the weights
-                            sigmas.append((u_new * wv).sum())
-                        else:
-                            sigmas.append(torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
-                        with torch.no_grad():
-                            u[rows], v[rows] = u_new, v_new
-                total = total + sum(sigmas)
-                if with_tokens:  # each token's gradient c becomes c u v^T in its conv's backward
-                    for j, conv in enumerate(convs):
-                        conv.accel.uv = (u[j], v[j])
-                    total = total + torch.stack(tokens).sum()
+                stack = None if stacks is None else stacks[i]
+                if stack is not None:  # (n, rows, cols), made by the bank with its autograd graph
+                    w = stack.float()
+                    u_new, v_new, _ = power_iteration(u, v, w, iters)
+                    total = total + torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum()
+                    with torch.no_grad():
+                        u.copy_(u_new)
+                        v.copy_(v_new)
+                else:
+                    total = total + self._layer_by_layer(convs, u, v, iters)
         if not self._warm:
             self.initialized.fill_(True)
             self._warm = True
+        return total
+
+    def _layer_by_layer(self, convs: list[SpectralConv], u: torch.Tensor, v: torch.Tensor, iters: int) -> torch.Tensor:
+        """One group's sigmas from kernels made per convolution (or kept by a backend, with tokens)."""
+        taken = [(c.accel.take_kernel() if c.accel is not None else None)
+                 or SpectralKernel(c.normalized_weight(), None, None) for c in convs]
+        tokens = [k.token for k in taken if k.token is not None]
+        with_tokens = len(tokens) == len(convs)  # else W itself, with autograd through sigma
+        weights = [kernel_matrix(k.weight.float()) for k in taken]  # n x (rows, cols): w or W
+        weight_normed = with_tokens and taken[0].scale is not None  # W = diag(s) w
+        scales = torch.stack([k.scale.view(-1) for k in taken]) if weight_normed else None  # (n, rows)
+        # One batched matmul per shape saves launches; on CPU, large matrices are iterated one by
+        # one instead, since stacking them is a memory-bound copy of the whole group.
+        sigmas = []  # u^T W v per part; no graph where tokens carry the gradient
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not with_tokens):
+            if u.device.type == "cpu" and weights[0].numel() >= LARGE_MATRIX:
+                parts = [(slice(j, j + 1), w.unsqueeze(0)) for j, w in enumerate(weights)]
+            else:
+                parts = [(slice(None), torch.stack(weights))]
+            for rows, w in parts:  # w: (n or 1, rows, cols)
+                s = None if scales is None else scales[rows]
+                u_new, v_new, wv = power_iteration(u[rows], v[rows], w, iters, s)
+                if with_tokens:  # u^T W v from the last step's W v: no further pass over the weights
+                    sigmas.append((u_new * wv).sum())
+                else:
+                    sigmas.append(torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
+                with torch.no_grad():
+                    u[rows], v[rows] = u_new, v_new
+        total = sum(sigmas)
+        if with_tokens:  # each token's gradient c becomes c u v^T in its conv's backward
+            for j, conv in enumerate(convs):
+                conv.accel.uv = (u[j], v[j])
+            total = total + torch.stack(tokens).sum()
         return total
 
 

@@ -4,7 +4,7 @@ BatchNorm running statistics twice and without keeping kernels for the spectral 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -45,17 +45,34 @@ def recomputing(module: nn.Module) -> Iterator[None]:
             slot.recomputing = was
 
 
+@contextmanager
+def step_kernels(kernels: list[tuple[Conv2d, Optional[torch.Tensor]]]) -> Iterator[None]:
+    """The convolutions' ``step_kernel`` set as given (a kernel bank's, recorded when the region first
+    ran: the bank's block has ended by the time backward recomputes), restored afterwards."""
+    before = [conv.step_kernel for conv, _ in kernels]
+    for conv, kernel in kernels:
+        conv.step_kernel = kernel
+    try:
+        yield
+    finally:
+        for (conv, _), was in zip(kernels, before):
+            conv.step_kernel = was
+
+
 def once_then_frozen(fn: Callable[..., Any], owner: nn.Module) -> Callable[..., Any]:
-    """``fn``; calls after the first (checkpoint recomputation) keep the BN running stats of ``owner``
-    fixed and keep no kernels."""
+    """``fn``; calls after the first (checkpoint recomputation) run with the kernels of the first,
+    keep the BN running stats of ``owner`` fixed and keep no kernels."""
     calls = 0
+    kernels: list[tuple[Conv2d, Optional[torch.Tensor]]] = []
 
     def run(*args: Any) -> Any:
         nonlocal calls
         calls += 1
+        if calls == 1:
+            kernels[:] = [(m, m.step_kernel) for m in owner.modules() if isinstance(m, Conv2d)]
         if calls == 1 or not owner.training:
             return fn(*args)
-        with frozen_batchnorm_stats(owner), recomputing(owner):
+        with frozen_batchnorm_stats(owner), recomputing(owner), step_kernels(kernels):
             return fn(*args)
 
     return run

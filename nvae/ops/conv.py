@@ -7,12 +7,13 @@ computed stays this one.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 from torch import nn
 
-from nvae.spectral import SpectralKernel
+if TYPE_CHECKING:
+    from nvae.spectral import SpectralKernel
 
 WEIGHT_NORM_EPS = 1e-5
 
@@ -35,7 +36,7 @@ class ConvAccelerator(Protocol):
         """``conv(x)``."""
         ...
 
-    def take_kernel(self) -> Optional[SpectralKernel]:
+    def take_kernel(self) -> Optional["SpectralKernel"]:
         """The kernel this step's forward made, if it kept one for the regularizer (then forgotten)."""
         ...
 
@@ -45,7 +46,9 @@ class Conv2d(nn.Conv2d):
 
     The gain is stored as ``log_weight_norm`` (one per output channel). With ``mask`` given, the
     kernel is multiplied by it before normalization (autoregressive convolutions of the flows).
-    ``accel`` is a backend's accelerator for this layer (None: plain PyTorch).
+    ``accel`` is a backend's accelerator for this layer (None: plain PyTorch). ``step_kernel`` is
+    the kernel a :class:`nvae.ops.kernel_bank.KernelBank` made for the current training step (the
+    same values as :meth:`normalized_weight`, made together with the other layers'), else None.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -54,6 +57,7 @@ class Conv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self.register_buffer("mask", mask, persistent=False)
         self.accel: Optional[ConvAccelerator] = None
+        self.step_kernel: Optional[torch.Tensor] = None
         self.log_weight_norm: Optional[nn.Parameter] = None
         if weight_norm:
             norm = (self.weight if mask is None else self.weight * mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
@@ -68,7 +72,11 @@ class Conv2d(nn.Conv2d):
         w = self.masked_weight()
         return w if self.log_weight_norm is None else weight_norm(w, self.log_weight_norm)
 
+    def kernel(self) -> torch.Tensor:
+        """The kernel of this forward pass: the bank's for this step, else made here."""
+        return self.normalized_weight() if self.step_kernel is None else self.step_kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.accel is not None:
             return self.accel.forward(self, x)
-        return self._conv_forward(x, self.normalized_weight(), self.bias)
+        return self._conv_forward(x, self.kernel(), self.bias)

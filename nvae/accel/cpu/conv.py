@@ -111,7 +111,9 @@ class ConvAccel:
     def forward_kernel(self, conv: Conv2d) -> torch.Tensor:
         """The kernel for this forward pass; in a training step on the CPU also kept for the regularizer
         (w and s with a token; W itself under torch.compile, whose compiled backward cannot read the
-        u, v set after the forward)."""
+        u, v set after the forward). A kernel bank's kernel for this step is used as it is."""
+        if conv.step_kernel is not None:
+            return conv.step_kernel
         if not (conv.training and torch.is_grad_enabled() and self.applies(conv)):
             return self.normalized_weight(conv)
         compiling = torch.compiler.is_compiling()

@@ -1,0 +1,150 @@
+"""All weight-normalized kernels of a training step in a few batched calls (paper sec. 3.1, weight
+normalization; sec. 3.2, spectral regularization).
+
+Per layer, W = exp(log g) * w / (||w|| + eps) costs five small operations per convolution in the
+forward pass and about as many in backward: the 255 convolutions of the MNIST model make ~3,000
+calls per step, each a kernel launch on a GPU, whatever the size of the convolution. The bank
+groups the convolutions whose kernels are weight-normalized (or masked) by kernel matrix shape
+(C_out, C_in*k*k), stacks each group's weights into one (n, C_out, C_in*k*k) tensor and normalizes
+it in one pass; each convolution reads its kernel as a view of that stack. The spectral regularizer
+power-iterates on the same stacks (:mod:`nvae.spectral`), so each kernel is made once per step.
+Convolutions without weight normalization or mask (the decoder's) use their weight as it is.
+
+The values are those of :meth:`nvae.ops.conv.Conv2d.normalized_weight`. The stacking runs under
+activation checkpointing, so the stacked raw weights are not kept for backward but made again
+there: the bank stores no more than the per-layer form does.
+
+Use: ``with bank.in_use() as stacks:`` around a forward pass (``stacks[i]`` is group ``i``'s stack,
+or None for a group of plain weights). Activation-checkpointed regions recompute with the kernels
+they first ran with (:func:`nvae.ops.checkpointing.once_then_frozen`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from nvae.ops.conv import WEIGHT_NORM_EPS, Conv2d
+
+GroupKey = tuple[int, int, bool]
+"""(C_out, C_in*k*k, weight-normalized): convolutions whose kernel matrices stack together."""
+
+
+def group_key(conv: Conv2d) -> GroupKey:
+    return conv.out_channels, conv.weight[0].numel(), conv.log_weight_norm is not None
+
+
+def group_convs(convs: Sequence[Conv2d]) -> list[list[Conv2d]]:
+    """``convs`` by :func:`group_key`, groups in order of first appearance, convolutions in model order."""
+    groups: dict[GroupKey, list[Conv2d]] = {}
+    for conv in convs:
+        groups.setdefault(group_key(conv), []).append(conv)
+    return list(groups.values())
+
+
+def is_nhwc(kernel: torch.Tensor) -> bool:
+    """Whether a 4-d kernel has exactly channels_last strides, (C_in*k*k, 1, k*C_in, C_in).
+
+    Strides, not ``is_contiguous``: a 1x1 kernel is contiguous in both layouts, yet its gradient must
+    come back with its own strides (DDP's gradient buckets compare them), which the permuted view
+    of :func:`kernel_matrix` gives it.
+    """
+    if kernel.dim() != 4:
+        return False
+    _, cin, kh, kw = kernel.shape
+    return kernel.stride() == (cin * kh * kw, 1, kw * cin, cin) and kernel.stride() != (cin * kh * kw, kh * kw, kw, 1)
+
+
+def kernel_matrix(kernel: torch.Tensor, layout_of: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (C_out, C_in*k*k) matrix of a kernel, its columns in the memory order of ``layout_of``
+    (default: the kernel itself; then a view, no copy).
+
+    Permuting columns leaves the singular values unchanged, so a channels_last kernel is read as
+    (C_out, k*k*C_in) rather than copied into (C_out, C_in*k*k).
+    """
+    if is_nhwc(kernel if layout_of is None else layout_of):
+        return kernel.permute(0, 2, 3, 1).reshape(kernel.shape[0], -1)  # (out, k*k*in)
+    return kernel.reshape(kernel.shape[0], -1)
+
+
+def matrix_as_kernel(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (C_out, cols) matrix of :func:`kernel_matrix` back as a kernel shaped and laid out as ``like`` (a view)."""
+    out, cin, kh, kw = like.shape
+    if is_nhwc(like):
+        return matrix.view(out, kh, kw, cin).permute(0, 3, 1, 2)
+    return matrix.view(out, cin, kh, kw)
+
+
+def stacked_kernels(weights: Sequence[torch.Tensor], log_gains: Sequence[torch.Tensor],
+                    masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n, C_out, cols) stack of the kernel matrices W = mask * w, scaled to norm exp(log g) per row
+    when ``log_gains`` are given (eps as :func:`nvae.ops.conv.weight_norm`)."""
+    w = torch.stack([kernel_matrix(t) for t in weights])  # (n, out, cols)
+    if masks:
+        w = w * torch.stack([kernel_matrix(m, layout_of=t) for m, t in zip(masks, weights)])
+    if log_gains:
+        gain = torch.exp(torch.stack([g.view(-1) for g in log_gains])).unsqueeze(2)  # (n, out, 1)
+        w = w * (gain / (torch.linalg.vector_norm(w, dim=2, keepdim=True) + WEIGHT_NORM_EPS))
+    return w
+
+
+class KernelBank:
+    """The batched kernels of ``convs`` (see the module docstring); groups as :func:`group_convs`.
+
+    ``batched`` False keeps the per-layer form everywhere (``in_use`` then makes nothing): the
+    comparison benchmarks/step_overhead.py draws.
+    """
+
+    def __init__(self, convs: Sequence[Conv2d], batched: bool = True) -> None:
+        self.groups = group_convs(convs)
+        self.batched = batched
+
+    @staticmethod
+    def made_here(convs: Sequence[Conv2d]) -> bool:
+        """Whether a group's kernels are made by the bank (weight-normalized or masked)."""
+        return any(c.log_weight_norm is not None or c.mask is not None for c in convs)
+
+    def make(self) -> list[Optional[torch.Tensor]]:
+        """Each group's (n, C_out, cols) kernel stack, None where the weights are used as they are."""
+        stacks: list[Optional[torch.Tensor]] = []
+        for convs in self.groups:
+            if not self.made_here(convs):
+                stacks.append(None)
+                continue
+            weights = [c.weight for c in convs]
+            gains = [c.log_weight_norm for c in convs if c.log_weight_norm is not None]
+            masks = [c.mask if c.mask is not None else torch.ones_like(c.weight) for c in convs] \
+                if any(c.mask is not None for c in convs) else []
+            n = len(convs)
+
+            def run(*tensors: torch.Tensor, n: int = n, masked: bool = bool(masks)) -> torch.Tensor:
+                w, rest = tensors[:n], tensors[n:]
+                m, g = (rest[:n], rest[n:]) if masked else ((), rest)
+                return stacked_kernels(w, g, m)
+
+            if torch.is_grad_enabled():  # the stacked raw weights are made again in backward, not kept
+                stacks.append(checkpoint(run, *weights, *masks, *gains, use_reentrant=False))
+            else:
+                stacks.append(run(*weights, *masks, *gains))
+        return stacks
+
+    @contextmanager
+    def in_use(self) -> Iterator[Optional[list[Optional[torch.Tensor]]]]:
+        """Give every convolution of a made group its kernel from the stacks for the block's duration
+        (``Conv2d.step_kernel``); yields the stacks (None when not ``batched``)."""
+        if not self.batched:
+            yield None
+            return
+        stacks = self.make()
+        for convs, stack in zip(self.groups, stacks):
+            if stack is not None:
+                for conv, matrix in zip(convs, stack.unbind(0)):  # unbind: one backward node for the group
+                    conv.step_kernel = matrix_as_kernel(matrix, conv.weight)
+        try:
+            yield stacks
+        finally:
+            for convs in self.groups:
+                for conv in convs:
+                    conv.step_kernel = None
