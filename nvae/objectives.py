@@ -92,8 +92,8 @@ def batchnorm_gammas(model: nn.Module) -> list[nn.Parameter]:
 
 def layer_index(gammas: Sequence[torch.Tensor]) -> torch.Tensor:
     """(sum of sizes,) index of the layer each entry of ``torch.cat(gammas)`` belongs to."""
-    sizes = torch.tensor([g.numel() for g in gammas])
-    return torch.repeat_interleave(torch.arange(len(gammas)), sizes)
+    sizes = [g.numel() for g in gammas]
+    return torch.repeat_interleave(torch.arange(len(gammas)), torch.tensor(sizes), output_size=sum(sizes))
 
 
 def batchnorm_penalty(model: nn.Module | Sequence[torch.Tensor], index: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -10,9 +10,9 @@ it in one pass; each convolution reads its kernel as a view of that stack. The s
 power-iterates on the same stacks (:mod:`nvae.spectral`), so each kernel is made once per step.
 Convolutions without weight normalization or mask (the decoder's) use their weight as it is.
 
-The values are those of :meth:`nvae.ops.conv.Conv2d.normalized_weight`. The stacking runs under
-activation checkpointing, so the stacked raw weights are not kept for backward but made again
-there: the bank stores no more than the per-layer form does.
+The values are those of :meth:`nvae.ops.conv.Conv2d.normalized_weight`. Backward stacks the raw
+weights again rather than keeping them (:class:`StackedWeightNorm`): the bank stores no more than
+the per-layer form does.
 
 Use: ``with bank.in_use() as stacks:`` around a forward pass (``stacks[i]`` is group ``i``'s stack,
 or None for a group of plain weights). Activation-checkpointed regions recompute with the kernels
@@ -21,10 +21,9 @@ they first ran with (:func:`nvae.ops.checkpointing.once_then_frozen`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from nvae.ops.conv import WEIGHT_NORM_EPS, Conv2d
 
@@ -77,17 +76,54 @@ def matrix_as_kernel(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return matrix.view(out, cin, kh, kw)
 
 
-def stacked_kernels(weights: Sequence[torch.Tensor], log_gains: Sequence[torch.Tensor],
-                    masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(n, C_out, cols) stack of the kernel matrices W = mask * w, scaled to norm exp(log g) per row
-    when ``log_gains`` are given (eps as :func:`nvae.ops.conv.weight_norm`)."""
+def _stack(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n, C_out, cols) stack of the kernel matrices m * w (w alone without masks)."""
     w = torch.stack([kernel_matrix(t) for t in weights])  # (n, out, cols)
     if masks:
         w = w * torch.stack([kernel_matrix(m, layout_of=t) for m, t in zip(masks, weights)])
-    if log_gains:
-        gain = torch.exp(torch.stack([g.view(-1) for g in log_gains])).unsqueeze(2)  # (n, out, 1)
-        w = w * (gain / (torch.linalg.vector_norm(w, dim=2, keepdim=True) + WEIGHT_NORM_EPS))
     return w
+
+
+class StackedWeightNorm(torch.autograd.Function):
+    """A group's kernels W = s * (m * w), s = exp(log g) / (||m * w|| + eps) per row (eps as
+    :func:`nvae.ops.conv.weight_norm`; without gains W = m * w), as one (n, C_out, cols) stack.
+
+    Backward stacks the weights again instead of keeping the forward's stack: what it saves are
+    the parameters themselves and per-row norms and scales, so the bank stores no more than the
+    per-layer form. With G the gradient of W and t = <G, m * w> per row:
+    dL/dlog g = s * t and dL/dw = m * (s * G - s * t / (||m w|| * (||m w|| + eps)) * m w).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, n: int, masked: bool, *tensors: torch.Tensor) -> torch.Tensor:
+        weights, masks, gains = tensors[:n], tensors[n:2 * n] if masked else (), tensors[2 * n if masked else n:]
+        w = _stack(weights, masks)
+        norm = scale = None
+        if gains:
+            norm = torch.linalg.vector_norm(w, dim=2, keepdim=True)  # (n, out, 1)
+            scale = torch.exp(torch.stack([g.view(-1) for g in gains])).unsqueeze(2) / (norm + WEIGHT_NORM_EPS)
+            w = w * scale
+        ctx.n, ctx.masked = n, masked
+        ctx.save_for_backward(norm, scale, *tensors)  # parameters (and mask buffers): no copies
+        return w
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        norm, scale, *tensors = ctx.saved_tensors
+        n, masked = ctx.n, ctx.masked
+        weights, masks, gains = tensors[:n], tensors[n:2 * n] if masked else [], tensors[2 * n if masked else n:]
+        grad_gains: list[Optional[torch.Tensor]] = []
+        if gains:
+            w = _stack(weights, masks)  # made again: see the class docstring
+            grad_log_g = scale * (grad * w).sum(dim=2, keepdim=True)  # (n, out, 1)
+            # A kernel row of zeros (a masked conv's) has t = 0: its coefficient is 0, not 0 / 0.
+            coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS)).clamp_min(torch.finfo(norm.dtype).tiny)
+            grad = torch.addcmul(grad * scale, w, coef, value=-1)
+            grad_gains = [g_j.view_as(g) for g_j, g in zip(grad_log_g.unbind(0), gains)]
+        if masks:
+            grad = grad * torch.stack([kernel_matrix(m, layout_of=t) for m, t in zip(masks, weights)])
+        grad_weights = [matrix_as_kernel(g_j, t) for g_j, t in zip(grad.unbind(0), weights)]  # views, laid out as w
+        return (None, None, *grad_weights, *([None] * len(masks)), *grad_gains)
 
 
 class KernelBank:
@@ -115,19 +151,9 @@ class KernelBank:
                 continue
             weights = [c.weight for c in convs]
             gains = [c.log_weight_norm for c in convs if c.log_weight_norm is not None]
-            masks = [c.mask if c.mask is not None else torch.ones_like(c.weight) for c in convs] \
-                if any(c.mask is not None for c in convs) else []
-            n = len(convs)
-
-            def run(*tensors: torch.Tensor, n: int = n, masked: bool = bool(masks)) -> torch.Tensor:
-                w, rest = tensors[:n], tensors[n:]
-                m, g = (rest[:n], rest[n:]) if masked else ((), rest)
-                return stacked_kernels(w, g, m)
-
-            if torch.is_grad_enabled():  # the stacked raw weights are made again in backward, not kept
-                stacks.append(checkpoint(run, *weights, *masks, *gains, use_reentrant=False))
-            else:
-                stacks.append(run(*weights, *masks, *gains))
+            masked = any(c.mask is not None for c in convs)
+            masks = [c.mask if c.mask is not None else torch.ones_like(c.weight) for c in convs] if masked else []
+            stacks.append(StackedWeightNorm.apply(len(convs), masked, *weights, *masks, *gains))
         return stacks
 
     @contextmanager

@@ -1,0 +1,135 @@
+"""Per-layer overhead of a training step: ATen operator calls per step, and step time at small and
+large batches, with the kernel bank (batched weight normalization and power iteration, the default)
+against the per-layer form, measured in the same run.
+
+    python benchmarks/step_overhead.py [--config configs/<preset>.yaml ...] [--time configs/<preset>.yaml ...]
+        [--batch-sizes 1 32] [--steps N] [--threads T] [--backends plain default]
+
+Operator calls. One optimizer step as Lightning runs it (zero_grad, the regularized loss, backward,
+Adamax; benchmarks/throughput.py's ``Stepper``) under a ``TorchDispatchMode`` that counts every ATen
+call reaching the dispatcher below autograd, views excluded (they launch no kernel). On a GPU
+each such call is a kernel launch of several microseconds whatever its size; the count is a
+property of the code and the model, not of the machine or the batch (it is taken at batch 2).
+``plain`` is ``model.arch.backend plain`` (what GPUs run), ``default`` the backend ``auto``
+resolves to here (``cpu`` where the CPU backend imports).
+
+Step time. For each ``--time`` preset and batch size, two models (bank on, bank off) of the same
+initial weights step in turn, one step each, ``--steps`` times after two warm-up steps each; the
+medians and their ratio are printed (the ratio is the number to compare across machines). Threads
+are set by ``--threads`` (default 1: on a shared machine more threads than free cores slow a step
+3-60x).
+
+The last line of stdout is one JSON object with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import throughput  # noqa: E402
+
+DEFAULT_COUNT = ("configs/quickstart.yaml", "configs/mnist.yaml", "configs/cifar10.yaml")
+DEFAULT_TIME = ("configs/quickstart.yaml", "configs/mnist.yaml")
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts ATen calls by name (views excluded) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
+        if not func.is_view:
+            self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stepper(config: str, backend: str, batched: bool, batch_size: int, seed: int = 0) -> throughput.Stepper:
+    """A training step of ``config`` (the project's CLI builds it) with the kernel bank on or off."""
+    torch.manual_seed(seed)
+    cli = throughput.build([config], None, plain=["ops"] if backend == "plain" else [])
+    module = cli.model.train()
+    module.model.kernel_bank.batched = batched
+    x = throughput.random_batch(cli.datamodule.image_spec, batch_size, torch.device("cpu"))
+    return throughput.Stepper(module, x, "32")
+
+
+def count_step(step: throughput.Stepper) -> collections.Counter[str]:
+    """Operator calls of one full step, after two untimed ones (the first runs 10x power iterations)."""
+    for _ in range(2):
+        step.forward_backward()
+        step.optimizer_step()
+    with OperatorCount() as counter:
+        step.forward_backward()
+        step.optimizer_step()
+    return counter.calls
+
+
+def time_pair(config: str, batch_size: int, steps: int) -> dict[str, Any]:
+    """Median step seconds with the bank on and off, stepping in turn (same weights at the start)."""
+    pair = {name: stepper(config, "default", name == "batched", batch_size) for name in ("batched", "per_layer")}
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    for i in range(steps + 2):
+        for name, step in pair.items():
+            seconds = step.timed_step()
+            if i >= 2:
+                times[name].append(seconds)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"config": config, "batch_size": batch_size, **{f"{k}_s": v for k, v in medians.items()},
+            "ratio": medians["batched"] / medians["per_layer"]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action="append", default=None, help=f"presets to count (default: {', '.join(DEFAULT_COUNT)})")
+    p.add_argument("--time", action="append", default=None, help=f"presets to time (default: {', '.join(DEFAULT_TIME)}); "
+                   "--time none skips timing")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes to time")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model and batch size")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--backends", nargs="+", default=["plain", "default"], choices=["plain", "default"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, torch {torch.__version__}")
+    result: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
+                              "counts": [], "times": []}
+    print(f"{'operator calls per step':<28}{'backend':>9}{'per layer':>11}{'batched':>9}{'ratio':>7}  most frequent (batched)")
+    for config in args.config or DEFAULT_COUNT:
+        for backend in args.backends:
+            counts = {name: count_step(stepper(config, backend, name == "batched", 2))
+                      for name in ("per_layer", "batched")}
+            totals = {name: sum(c.values()) for name, c in counts.items()}
+            top = ", ".join(f"{n} {v}" for n, v in counts["batched"].most_common(4))
+            print(f"{Path(config).stem:<28}{backend:>9}{totals['per_layer']:>11,}{totals['batched']:>9,}"
+                  f"{totals['batched'] / totals['per_layer']:>7.2f}  {top}")
+            result["counts"].append({"config": config, "backend": backend, **totals,
+                                     "top_batched": dict(counts["batched"].most_common(10))})
+    timed = [] if args.time == ["none"] else (args.time or DEFAULT_TIME)
+    if timed:
+        print(f"{'step seconds (default backend)':<32}{'batch':>6}{'per layer':>11}{'batched':>9}{'ratio':>7}")
+    for config in timed:
+        for batch_size in args.batch_sizes:
+            row = time_pair(config, batch_size, args.steps)
+            print(f"{Path(config).stem:<32}{batch_size:>6}{row['per_layer_s']:>11.4f}{row['batched_s']:>9.4f}"
+                  f"{row['ratio']:>7.3f}")
+            result["times"].append(row)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
