@@ -55,7 +55,8 @@ from torch.profiler import record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's nvae, installed or not
 
-from nvae.cli.common import device_arg, resolve_device  # noqa: E402
+from nvae.cli.common import resolve_device  # noqa: E402
+from nvae.cli.parsers import device_arg  # noqa: E402
 from nvae.cli.train import NVAECLI  # noqa: E402
 from nvae.compat import conv_backward  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402

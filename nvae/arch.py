@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from nvae.distributions import DMOL_BINS
 from nvae.likelihoods import AUTO, check_name
+from nvae.names import DMOL_BINS
 
 BACKEND_NAMES = ("auto", "plain", "cpu")  # model.arch.backend: nvae.accel
 

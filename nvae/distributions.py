@@ -16,9 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nvae.names import DMOL_BINS  # see DiscMixLogistic
+
 SIGMA_FLOOR = 1e-2
 DMOL_LOG_SCALE_MIN = -7.0
-DMOL_BINS = ("exact", "official")  # see DiscMixLogistic
 # The official code's bins: edge thresholds in [-1, 1] and the mass below which a bin uses the density.
 OFFICIAL_TOP_EDGE, OFFICIAL_BOTTOM_EDGE, OFFICIAL_MIN_MASS = 0.99, -0.999, 1e-5
 

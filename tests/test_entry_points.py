@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 
 import nvae.data as data_modules
-from nvae.cli.evaluate import build_parser as eval_parser
+from nvae.cli.parsers import evaluate_parser, restore_parser, sample_parser
 from nvae.lightning import NVAEModule
 from nvae.model import NVAEConfig
-from nvae.cli.restore import build_parser as restore_parser
-from nvae.cli.sample import build_parser as sample_parser
 
 SCRIPTS = {"nvae-train": "nvae.cli:nvae_train", "nvae-sample": "nvae.cli:nvae_sample",
            "nvae-eval": "nvae.cli:nvae_eval", "nvae-convert": "nvae.cli:nvae_convert", "nvae-export": "nvae.cli:nvae_export",
@@ -59,7 +57,7 @@ def _argparse_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def test_every_sample_eval_and_restore_option_has_a_description() -> None:
-    for parser in (sample_parser(), eval_parser(), restore_parser()):
+    for parser in (sample_parser(), evaluate_parser(), restore_parser()):
         undocumented = [a.option_strings or a.dest for a in _argparse_actions(parser) if not (a.help or "").strip()]
         assert not undocumented
 

@@ -1,7 +1,8 @@
 """The command lines: entry points of train.py, sample.py, evaluate.py and nvae-train/-sample/-eval/-convert.
 
 Each entry picks the memory allocator first (:func:`nvae.allocator.select_allocator`: the process may
-re-execute itself with tcmalloc preloaded), then imports torch and its command module:
+re-execute itself with tcmalloc preloaded), then reads its arguments without importing torch (parsers:
+``--help`` and usage errors answer at once), and only then imports torch and its command module:
 
     train     (nvae-train,   python train.py)     the LightningCLI over NVAEModule and the data modules
     sample    (nvae-sample,  python sample.py)    images, and the latent API (latent)
@@ -9,7 +10,8 @@ re-execute itself with tcmalloc preloaded), then imports torch and its command m
     restore   (nvae-restore, python restore.py)   image restoration with the model as the prior (restore_io)
     convert   (nvae-convert, python -m nvae.cli.convert)  an official checkpoint as an nvae one
     export    (nvae-export,  python -m nvae.cli.export)   an nvae checkpoint as a model directory
-    common    what several commands share: device and data arguments, loading a checkpoint, Fabric
+    parsers   the arguments of sample, evaluate and restore, and the argument types they share (no torch)
+    common    what several commands share when they run: devices, loading a checkpoint, data loaders, Fabric
 
 This package imports no torch. The entry functions are named after the commands (``nvae_train``, ...):
 a function ``train`` here would be replaced by the submodule ``nvae.cli.train`` once that is imported.
@@ -37,25 +39,34 @@ def nvae_train() -> None:
 def nvae_sample() -> None:
     """``python sample.py`` / ``nvae-sample``: see :func:`nvae.cli.sample.main`."""
     select_allocator(_program())
-    from nvae.cli.sample import main
+    from nvae.cli.parsers import parse_sample
 
-    main()
+    args = parse_sample()
+    from nvae.cli.sample import run_parsed
+
+    run_parsed(args)
 
 
 def nvae_eval() -> None:
     """``python evaluate.py`` / ``nvae-eval``: see :func:`nvae.cli.evaluate.main`."""
     select_allocator(_program())
-    from nvae.cli.evaluate import main
+    from nvae.cli.parsers import evaluate_parser
 
-    main()
+    args = evaluate_parser().parse_args()
+    from nvae.cli.evaluate import run_parsed
+
+    run_parsed(args)
 
 
 def nvae_restore() -> None:
     """``python restore.py`` / ``nvae-restore``: see :func:`nvae.cli.restore.main`."""
     select_allocator(_program())
-    from nvae.cli.restore import main
+    from nvae.cli.parsers import restore_parser
 
-    main()
+    args = restore_parser().parse_args()
+    from nvae.cli.restore import run_parsed
+
+    run_parsed(args)
 
 
 def nvae_export() -> None:

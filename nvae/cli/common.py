@@ -1,25 +1,18 @@
-"""What several command lines share: devices, checkpoint and data arguments, loading a checkpoint for a
-command, data loaders, launching Lightning Fabric, the temperature and BN-readjustment arguments, and
-ending a distributed run.
+"""What several command lines share when they run: devices, loading a checkpoint for a command, data
+loaders, launching Lightning Fabric, and ending a distributed run. (Their arguments: :mod:`nvae.cli.parsers`.)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from nvae.checkpoint import LoadedCheckpoint, build_datamodule, instantiate_datamodule, load_checkpoint
 from nvae.data.registry import command_line_datamodule
-from nvae.distributions import DMOL_BINS
 from nvae.limits import check_batch
 from nvae.model import NVAE
-
-DEFAULT_BN_STEPS = 500
-DEFAULT_BN_BATCH = 16  # samples per BN-readjustment pass, as the official code's sampling uses
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -37,100 +30,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: MPS is not available here")
     return resolved
-
-
-def device_arg(text: str) -> str:
-    """argparse ``type`` of ``--device``: checked while parsing, so a missing device is a usage error."""
-    try:
-        resolve_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
-# ------------------------------------------------------------------------------------------ arguments
-def at_least(minimum: int) -> Callable[[str], int]:
-    """argparse ``type``: an integer >= ``minimum`` (anything else is a usage error naming the option)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-positive_int = at_least(1)
-SEED_LIMIT = 10 ** 12  # image_seed(seed, i) = seed * 1_000_003 + i must fit torch's 64-bit seeds
-
-
-def seed_arg(text: str) -> int:
-    """argparse ``type`` of ``--seed``: an integer whose per-image seeds fit 64 bits."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or abs(value) >= SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be an integer between -10**12 and 10**12, got {text!r}")
-    return value
-
-
-def devices_arg(text: str) -> str:
-    """argparse ``type`` of ``--devices``: a number of processes >= 1, 'auto', -1 (every GPU) or GPU
-    indices '0,1' (as Lightning reads them)."""
-    if text in ("auto", "-1") or re.fullmatch(r"[1-9]\d*|\d+(,\d+)+,?|\d+,", text):
-        return text
-    raise argparse.ArgumentTypeError(f"must be a number of processes >= 1, 'auto', -1 or GPU indices like "
-                                     f"'0,1', got {text!r}")
-
-
-def add_bn_batch_size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bn-batch-size", type=positive_int, default=DEFAULT_BN_BATCH,
-                   help=f"samples per BN readjustment pass ({DEFAULT_BN_BATCH}: the official code's)")
-
-
-def add_readjust_bn(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--readjust-bn", type=positive_int, nargs="?", const=DEFAULT_BN_STEPS, default=None,
-                   metavar="STEPS", help=help)
-
-
-def positive_temperature(text: str) -> float:
-    """argparse ``type`` of ``--temperature``: a finite number >= 0."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0, got {value}")
-    return value
-
-
-def add_common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
-    """The checkpoint, data, device and seed arguments of every ``evaluate.py`` command."""
-    p.add_argument("--checkpoint", required=checkpoint_required, help="Lightning checkpoint written by train.py")
-    p.add_argument("--data", default=None, metavar="CLASS_PATH",
-                   help="data module to use instead of the checkpoint's (e.g. nvae.data.CIFAR10DataModule)")
-    p.add_argument("--data-root", default=None, help="override the data root recorded in the checkpoint")
-    p.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split to evaluate on")
-    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=seed_arg, default=0, help="random seed (posterior samples, binarization, sampling)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_processes(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=devices_arg, default="1",
-                   help="processes per node (Lightning Fabric): e.g. 8 GPUs, or 2 CPU processes with --strategy ddp; "
-                        "each evaluates every (devices x num_nodes)-th image and the results are gathered")
-    p.add_argument("--num-nodes", type=positive_int, default=1, help="nodes (torchrun / SLURM, as for train.py)")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-
-
-def add_bins(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dmol-bins", choices=list(DMOL_BINS), default=None,
-                   help="likelihood bins of a multi-bit model: 'official' (the official code's; converted checkpoints "
-                        "default to it) or 'exact' (nvae's); default: the checkpoint's model.arch.dmol_bins")
 
 
 # ------------------------------------------------------------------------------------------ running

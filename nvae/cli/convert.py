@@ -1,7 +1,8 @@
 """``nvae-convert SRC DST``: an official NVAE checkpoint (NVlabs/NVAE) as an nvae checkpoint.
 
 The conversion is :func:`nvae.convert.convert` (what it carries over and what it does not is said
-there); this is its command line, also run by ``python -m nvae.cli.convert``.
+there); this is its command line, also run by ``python -m nvae.cli.convert``. It imports torch only
+once its arguments are read (``--help`` answers at once).
 """
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ import argparse
 import os
 import sys
 from typing import Any, Optional
-
-from nvae.convert import convert
-from nvae.official import OfficialFormatError
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -28,6 +26,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="data folder recorded for evaluation and training (default: the official args.data)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
+    from nvae.convert import convert
+    from nvae.official_checks import OfficialFormatError
+
     try:
         summary = convert(args.src, args.dst, args.data_root, args.overwrite)
     except (OfficialFormatError, OSError, ValueError) as err:  # OSError: a missing SRC, DST not writable

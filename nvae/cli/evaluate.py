@@ -9,6 +9,7 @@
 
 Each prints a one-line summary; the last line of output is one JSON object with the numbers.
 The data set comes from the checkpoint's own data settings (``--data-root`` etc. override them).
+Its options: :func:`nvae.cli.parsers.evaluate_parser`.
 """
 from __future__ import annotations
 
@@ -20,64 +21,10 @@ from typing import Any, Optional
 import torch
 
 from nvae.checkpoint import LoadedCheckpoint
-from nvae.cli.common import (add_bins, add_bn_batch_size, add_common, add_processes, add_readjust_bn, data_loader,
-                             end_distributed, eval_dataset, launch, load, positive_int, positive_temperature,
-                             resolve_device)
+from nvae.cli.common import data_loader, end_distributed, eval_dataset, launch, load, resolve_device
 from nvae.cli.outputs import check_file, check_folder, json_line, one_line_errors, save_grid, save_text
+from nvae.cli.parsers import evaluate_parser
 from nvae.metrics.likelihood import NLLResult, gather_rows, per_image_nll
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    nll = sub.add_parser("nll", help="importance-weighted NLL and ELBO on a data split", formatter_class=fmt)
-    add_common(nll)
-    nll.add_argument("--num-importance-samples", "-K", type=positive_int, default=1000,
-                     help="K (the paper uses 1000)")
-    nll.add_argument("--num-images", type=positive_int, default=None,
-                     help="evaluate the first N images (default: all)")
-    nll.add_argument("--batch-size", type=positive_int, default=500,
-                     help="images x samples per forward pass (memory bound)")
-    nll.add_argument("--per-image", default=None, metavar="CSV",
-                     help="also write each image's IW log p(x) and ELBO (nats) to this CSV file")
-    add_bins(nll)
-    add_processes(nll)
-
-    fid = sub.add_parser("fid", help="FID of generated images against a data split", formatter_class=fmt)
-    add_common(fid, checkpoint_required=False)
-    fid.add_argument("--protocol", choices=["nvae", "official"], default="nvae",
-                     help="nvae: images at --temperature after optional --readjust-bn, decoded to the rounded "
-                          "likelihood mean, against --split; official: what the official evaluate.py computes: BN "
-                          "readjusted at --temperature (500 passes of 2 samples), images drawn at t = 1, the unrounded "
-                          "mean, against the training split at 8 bits")
-    fid.add_argument("--images", default=None, help="score these images (.npz or folder) instead of sampling")
-    fid.add_argument("--reference", default=None,
-                     help="reference images (.npz or folder) or statistics (.npz with mu and sigma: nvae's, "
-                          "pytorch-fid's or torch-fidelity's) instead of the data split")
-    fid.add_argument("--num-samples", type=positive_int, default=50_000,
-                     help="generated images (the paper uses 50,000)")
-    fid.add_argument("--num-reference", type=positive_int, default=None,
-                     help="reference images to use (default: whole split)")
-    fid.add_argument("--temperature", type=positive_temperature, default=1.0, help="prior temperature of the samples")
-    add_readjust_bn(fid, "re-estimate BatchNorm statistics at the temperature before sampling")
-    add_bn_batch_size(fid)
-    fid.add_argument("--decode", choices=["mean", "sample"], default="mean", help="likelihood mean or sample")
-    fid.add_argument("--batch-size", type=positive_int, default=100, help="images per forward pass")
-    fid.add_argument("--inception-weights", default=None,
-                     help="local pt_inception-2015-12-05 weights file (nothing is downloaded unless --allow-download)")
-    fid.add_argument("--allow-download", action="store_true", help="let torch-fidelity download the Inception weights")
-    fid.add_argument("--stats-cache", default="fid_stats", help="folder caching reference statistics (.npz)")
-    add_processes(fid)
-    fid.set_defaults(split="train")
-
-    rec = sub.add_parser("recon", help="reconstructions beside their inputs, and per-image NELBO", formatter_class=fmt)
-    add_common(rec)
-    rec.add_argument("--output", default="reconstructions.png", help="PNG grid: input, reconstruction, ...")
-    rec.add_argument("--num-images", type=positive_int, default=32, help="test images to reconstruct")
-    add_bins(rec)
-    return parser
 
 
 def run_nll(args: argparse.Namespace) -> Optional[dict[str, Any]]:
@@ -159,7 +106,13 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
+    """``evaluate.py`` with the arguments ``argv`` (default: the command line's)."""
+    return run_parsed(evaluate_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """The command on arguments :func:`~nvae.cli.parsers.evaluate_parser` read (``nvae-eval`` reads them
+    before it imports this module, so ``--help`` never waits for torch); None on a rank other than 0."""
     with one_line_errors("evaluate.py"):
         check_outputs(args)
         try:

@@ -4,6 +4,7 @@ The directory (:mod:`nvae.pretrained`) holds ``config.json``, ``model.safetensor
 when the run kept them, the raw ones in ``model_raw.safetensors``) and a ``README.md`` model card.
 Every ``--checkpoint`` option, ``load_checkpoint`` and ``NVAE.from_pretrained`` accept it. Also run
 by ``python -m nvae.cli.export``; ``nvae-convert SRC DIR`` writes one from an official checkpoint.
+It imports torch only once its arguments are read (``--help`` answers at once).
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from nvae.model import NVAE
-from nvae.pretrained import WEIGHTS
+if TYPE_CHECKING:
+    from nvae.model import NVAE
 
 # the data module (class name) a model was trained on -> (data set, the paper's result: Vahdat & Kautz 2020, tables 1-2)
 PAPER: dict[str, tuple[str, str]] = {
@@ -65,6 +66,7 @@ def model_card(model: NVAE, data: Optional[dict[str, Any]], provenance: dict[str
 def export(checkpoint: str | Path, folder: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write the model directory of an nvae checkpoint; returns a summary."""
     from nvae.checkpoint import load_checkpoint
+    from nvae.pretrained import WEIGHTS
     from nvae.pretrained_save import check_destination, save_model_dir, sha256
 
     folder, source = Path(folder), Path(checkpoint)

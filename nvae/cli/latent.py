@@ -6,7 +6,7 @@
 
 Images are read as the model was trained: converted to gray or RGB, center-cropped to a square,
 resized to the image interior, put on the model's n-bit grid (1 bit: threshold at mid-gray) and
-padded like the training data.
+padded like the training data. Its options: :func:`nvae.cli.parsers.add_latent_arguments`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import Any, Sequence
 import torch
 from torchvision.transforms.functional import pil_to_tensor, resize
 
-from nvae.cli.common import at_least
 from nvae.cli.outputs import save_grid, save_torch
 from nvae.data.base import DataError, quantize
 from nvae.data.files import read_image
@@ -55,29 +54,6 @@ def load_for_model(files: Sequence[Path], model: NVAE) -> torch.Tensor:
         x = resize(pil_to_tensor(CenterSquare()(img)), [inner, inner], antialias=True)  # uint8 (C, inner, inner)
         out.append(torch.nn.functional.pad(quantize(x, spec.num_bits), [spec.pad] * 4))
     return torch.stack(out)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("latent API (instead of sampling)")
-    g.add_argument("--reconstruct", nargs="+", metavar="IMAGE_OR_DIR",
-                   help="write the images above their reconstructions (default output reconstructions.png)")
-    g.add_argument("--keep-groups", type=at_least(0), nargs="+", default=None, metavar="K",
-                   help="with --reconstruct: take the top K groups from the posterior and sample the rest from "
-                        "the prior at --temperature; one row per K (default: all groups)")
-    g.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
-                   help="decode points on the line between the latents of two images (default interpolation.png)")
-    g.add_argument("--steps", type=at_least(2), default=8, help="with --interpolate: images from A to B")
-    g.add_argument("--encode", nargs="+", metavar="IMAGE_OR_DIR",
-                   help="save every group's posterior mean, std and latent to a .pt file (default latents.pt)")
-
-
-def chosen(args: argparse.Namespace) -> list[str]:
-    """The latent tasks asked for (more than one is a usage error)."""
-    return [name for name in ("reconstruct", "interpolate", "encode") if getattr(args, name)]
-
-
-def wanted(args: argparse.Namespace) -> bool:
-    return bool(chosen(args))
 
 
 DEFAULT_OUTPUTS = {"reconstruct": "reconstructions.png", "interpolate": "interpolation.png", "encode": "latents.pt"}

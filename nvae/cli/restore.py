@@ -11,6 +11,7 @@ with ``--observed`` the images are already degraded. OUT receives grid.png (obse
 | clean), images/NNNNNN.png (image i's restoration s is number i * N + s), scores.csv (one row per
 restoration); the last line printed is one JSON object. ``--devices 2 --strategy ddp`` shares the
 images between processes (per-image seeds: the same numbers as one process). See docs/restoration.md.
+Its options: :func:`nvae.cli.parsers.restore_parser`.
 """
 from __future__ import annotations
 
@@ -24,64 +25,19 @@ from tqdm.auto import tqdm
 
 from nvae.checkpoint import load_checkpoint
 from nvae.cli import restore_io as io
-from nvae.cli.common import add_processes, device_arg, end_distributed, launch, positive_int, resolve_device, seed_arg
+from nvae.cli.common import end_distributed, launch, resolve_device
 from nvae.cli.outputs import json_line, one_line_errors, save_grid, save_png, save_text
+from nvae.cli.parsers import restore_parser
 from nvae.limits import check_batch
 from nvae.metrics.images import read_image_file
 from nvae.metrics.likelihood import gather_rows
 from nvae.restore.baselines import degraded
-from nvae.restore.operators import OPERATOR_NAMES
 from nvae.restore.pnp import PnPSettings
-from nvae.restore.run import METHODS, Method, observe, restore
-from nvae.restore.scores import LPIPS_NETS, load_lpips, psnr, ssim
+from nvae.restore.run import Method, observe, restore
+from nvae.restore.scores import load_lpips, psnr, ssim
 
 PROG = "nvae-restore"
 COLUMNS = ["row", "image", "sample", "psnr", "ssim", "lpips", "iterations", "seconds"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Restore images with a trained NVAE as the prior "
-                                "(PnP-HVAE, Prost et al., ICCV 2023) and score the restorations; docs/restoration.md.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="an nvae checkpoint or model directory")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images",
-                     help="clean images (folder or .npz) to degrade with --operator and --sigma, then restore")
-    src.add_argument("--split", choices=["test", "val", "train"],
-                     help="like --images, the clean images of this split of the checkpoint's own data set")
-    src.add_argument("--observed", help="degraded images (folder or .npz) to restore")
-    p.add_argument("--clean", help="with --observed: the clean images, to score the restorations")
-    p.add_argument("--mask", help="inpainting mask image (0 missing, anything else observed) instead of --operator")
-    p.add_argument("--operator", default=None,
-                   help=f"{', '.join(OPERATOR_NAMES)}; e.g. inpaint-random:0.5, inpaint-half:top, sr:4, blur:9,2.0 "
-                        f"(default: inpaint-box)")
-    p.add_argument("--sigma", type=io.bounded(1e-4, 10), default=0.05,
-                   help="standard deviation of the observation noise, images in [0, 1]")
-    p.add_argument("--method", choices=METHODS, default="pnp",
-                   help="pnp (PnP-HVAE), or a baseline: adam (latents by gradient descent), encode-decode, degraded")
-    p.add_argument("--sigma-dec", type=io.bounded(1e-4, 10), default=0.3, help="PnP: the decoder's constant sigma")
-    p.add_argument("--beta", type=io.bounded(1e-3, 1e3), default=1.0, help="PnP: the weight of log p(x|z)")
-    p.add_argument("--temperature", type=io.temperature_schedule, default="1.0", metavar="T|FIRST:LAST",
-                   help="prior temperature, or linear from the top group to the last")
-    p.add_argument("--iterations", type=positive_int, default=30, help="PnP iterations or Adam steps")
-    p.add_argument("--tol", type=io.bounded(0, 1), default=1e-4,
-                   help="PnP: stop when the relative change of x stays below")
-    p.add_argument("--patience", type=positive_int, default=3, help="PnP: ... for this many iterations")
-    p.add_argument("--lr", type=io.bounded(1e-6, 10), default=0.05, help="Adam's learning rate")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="PnP sampling mode: N restorations per image")
-    p.add_argument("--num-images", type=positive_int, default=None, help="the first N images (None: all)")
-    p.add_argument("--batch-size", type=positive_int, default=50, help="images per pass")
-    p.add_argument("--grid-rows", type=positive_int, default=8, help="images shown in grid.png")
-    p.add_argument("--lpips-weights", help=f"torchvision backbone weights for LPIPS ({', '.join(LPIPS_NETS.values())})")
-    p.add_argument("--lpips-net", choices=list(LPIPS_NETS), default="alex", help="LPIPS backbone of --lpips-weights")
-    p.add_argument("--output", default="restored", help="folder for grid.png, images/ and scores.csv")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --output")
-    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=seed_arg, default=0, help="observation noise, random masks, sampling mode")
-    p.add_argument("--no-ema", action="store_true", help="the raw weights even if the checkpoint has EMA weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_processes(p)
-    return p
 
 
 def _method(args: argparse.Namespace) -> Method:
@@ -214,7 +170,13 @@ def _summary(table: torch.Tensor, args: argparse.Namespace, method: Method, worl
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
+    """``nvae-restore`` with the arguments ``argv`` (default: the command line's)."""
+    return run_parsed(restore_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """The command on arguments :func:`~nvae.cli.parsers.restore_parser` read (``nvae-restore`` reads them
+    before it imports this module, so ``--help`` never waits for torch); None on a rank other than 0."""
     with one_line_errors(PROG):
         try:
             result = run(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -129,33 +129,6 @@ def observed_images(path: str, op: Operator, shape: tuple[int, ...], num: Option
     if images.shape[0] == 0:
         raise ValueError(f"--observed '{path}': no images")
     return images.float() / 255.0
-
-
-def bounded(low: float, high: float) -> Callable[[str], float]:
-    """argparse ``type``: a number in [low, high] (bounds that keep every step finite in float32)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text!r}")
-        return value
-
-    parse.__name__ = f"number in [{low:g}, {high:g}]"
-    return parse
-
-
-def temperature_schedule(text: str) -> tuple[float, float]:
-    """argparse ``type`` of ``--temperature``: T or FIRST:LAST, each in (0, 10]."""
-    parts = text.split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or not all(0 < v <= 10 for v in values):
-        raise argparse.ArgumentTypeError(f"must be T or FIRST:LAST with numbers in (0, 10], got {text!r}")
-    return (values[0], values[-1])
 
 
 def check_output(folder: Path, overwrite: bool) -> list[Path]:

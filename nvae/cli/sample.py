@@ -8,6 +8,7 @@
 
 Outputs are checked before the work and written complete or not at all (see nvae/cli/outputs.py).
 The last line printed is one JSON object describing what was written.
+Its options: :func:`nvae.cli.parsers.sample_parser`.
 """
 from __future__ import annotations
 
@@ -20,45 +21,12 @@ import torch
 
 from nvae.checkpoint import LoadedCheckpoint, load_checkpoint
 from nvae.cli import latent
-from nvae.cli.common import (add_bn_batch_size, add_readjust_bn, check_pass_sizes, device_arg, positive_int,
-                             positive_temperature, resolve_device, seed_arg)
+from nvae.cli.common import check_pass_sizes, resolve_device
 from nvae.cli.outputs import (OutputError, check_file, json_line, npz_stream, one_line_errors, save_grid, save_png,
                               stale_files)
+from nvae.cli.parsers import latent_tasks, parse_sample
 from nvae.sampling import (batchnorm_state, bn_cache_path, image_shape, iter_samples, load_batchnorm_state,
                            readjust_batchnorm)
-
-MAX_GRID = 4096  # images in one --format png grid: 64 x 64 tiles, already more than one can look at, and
-#                  the grid is built in memory as floats (4096 CIFAR images: 50 MB; 256x256 ones: 3.2 GB)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint written by train.py")
-    p.add_argument("--num-samples", type=positive_int, default=64, help="images per temperature")
-    p.add_argument("--temperature", type=positive_temperature, nargs="+", default=[1.0],
-                   help="prior temperature(s): scales the prior standard deviations; one output each")
-    p.add_argument("--seed", type=seed_arg, default=0, help="same seed, same images")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images per forward pass")
-    p.add_argument("--output", default=None,
-                   help="file (png grid / npz) or folder (pngs); default samples.png, samples.npz or samples/")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--format pngs: replace the NNNNNN.png images of an earlier run in the output folder "
-                        "(a folder holding other files is refused)")
-    add_readjust_bn(p, "re-estimate BatchNorm statistics on STEPS batches of samples at each temperature "
-                       "(paper sec. 5.2; 500 when no number is given); cached beside the checkpoint")
-    add_bn_batch_size(p)
-    p.add_argument("--format", choices=["png", "pngs", "npz"], default="png",
-                   help=f"png: one grid per temperature (at most {MAX_GRID} images); pngs: one file per image; "
-                        f"npz: uint8 array 'images' (N, C, H, W)")
-    p.add_argument("--decode", choices=["mean", "sample"], default="mean",
-                   help="output the likelihood's mean for each latent sample, or a sample from it")
-    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    latent.add_arguments(p)
-    return p
-
 
 def output_path(base: Optional[str], fmt: str, temperature: float, several: bool) -> Path:
     default = {"png": "samples.png", "pngs": "samples", "npz": "samples.npz"}[fmt]
@@ -72,7 +40,7 @@ def output_path(base: Optional[str], fmt: str, temperature: float, several: bool
 def check_outputs(args: argparse.Namespace) -> dict[Path, list[Path]]:
     """Every output path, checked before any work; for --format pngs, the files of an earlier run that
     --overwrite will remove (refused without it, or when the folder holds other files)."""
-    if latent.wanted(args):
+    if latent_tasks(args):
         check_file(latent.output_path(args))
         return {}
     paths = [output_path(args.output, args.format, t, len(args.temperature) > 1) for t in args.temperature]
@@ -151,13 +119,13 @@ def sample_all(args: argparse.Namespace, loaded: LoadedCheckpoint, stale: dict[P
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if len(latent.chosen(args)) > 1:
-        parser.error(f"choose one of --{', --'.join(latent.chosen(args))}")
-    if args.format == "png" and args.num_samples > MAX_GRID and not latent.wanted(args):
-        parser.error(f"argument --num-samples: {args.num_samples} images are too many for one --format png grid "
-                     f"(at most {MAX_GRID}); use --format pngs or npz")
+    """``sample.py`` with the arguments ``argv`` (default: the command line's)."""
+    return run_parsed(parse_sample(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> dict:
+    """The command on arguments :func:`~nvae.cli.parsers.parse_sample` read (``nvae-sample`` reads them
+    before it imports this module, so ``--help`` never waits for torch)."""
     with one_line_errors("sample.py"):
         return run(args)
 
@@ -173,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     model = loaded.model
     check_pass_sizes(model, args, "sample.py")
     print(f"checkpoint: {loaded.path} ({loaded.weights} weights), device: {device}, decode: {args.decode}")
-    if latent.wanted(args):
+    if latent_tasks(args):
         try:
             result = latent.run(args, model, device)
         except (FileNotFoundError, ValueError) as err:

@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from nvae.names import OPERATOR_NAMES
+
 Shape = tuple[int, ...]
-OPERATOR_NAMES = ("inpaint-box", "inpaint-random", "inpaint-half", "sr", "sr-avg", "blur", "denoise")
 
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from nvae.model import NVAE
+from nvae.names import RESTORE_METHODS as METHODS
 from nvae.restore.baselines import adam_restore, degraded, encode_decode
 from nvae.restore.operators import Operator
 from nvae.restore.pnp import PnPSettings, pnp_restore
 from nvae.sampling import image_seed
 
-METHODS = ("pnp", "adam", "encode-decode", "degraded")
 # separate seed streams: observation noise, sampling-mode draws, a data set's random transforms
 NOISE_STREAM, SAMPLE_STREAM, DATA_STREAM = 0, 1, 2
 

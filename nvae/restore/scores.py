@@ -19,8 +19,8 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from nvae.limits import check_archive
+from nvae.names import LPIPS_NETS
 
-LPIPS_NETS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 LPIPS_MIN_SIZE = {"alex": 31, "vgg": 16}  # smaller images vanish in the backbone's pooling (measured)
 
 
