@@ -62,6 +62,7 @@ from nvae.compat import conv_backward  # noqa: E402
 from nvae.data import ImageDataModule  # noqa: E402
 from nvae.lightning import NVAEModule  # noqa: E402
 from nvae.model import CHECKPOINT_MODES  # noqa: E402
+from nvae.optim import Adamax  # noqa: E402
 from nvae.accel.cpu.depthwise import WEIGHT_GRAD_METHODS  # noqa: E402
 from nvae.allocator import allocator_name, keep_heap_memory, select_allocator  # noqa: E402
 from nvae.spec import ImageSpec  # noqa: E402
@@ -192,8 +193,8 @@ class Stepper:
         h = module.optim
         self.module, self.device = module, x.device
         self.x = module._prepare(x)  # channels_last input when the module asks for it, as training_step does
-        self.optimizer = torch.optim.Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay,
-                                            eps=h.adamax_eps, foreach=True)  # as NVAEModule.configure_optimizers
+        self.optimizer = Adamax(module.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay,
+                                eps=h.adamax_eps)  # as NVAEModule.configure_optimizers
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" and x.device.type == "cuda" else None

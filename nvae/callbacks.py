@@ -17,7 +17,8 @@ from torchvision.utils import make_grid, save_image
 
 from nvae.checkpoint import EMA_KEY, GUARD_STATE_KEY, STATE_KEY
 from nvae.compat import grad_scaler
-from nvae.guard import StepGuard, WeightEMA, grad_norm
+from nvae.guard import REASONS, StepGuard, WeightEMA, grad_norm
+from nvae.optim import Adamax
 from nvae.hparams import GuardConfig
 
 
@@ -113,20 +114,29 @@ def _new_guard(config: GuardConfig) -> StepGuard:
 class GuardedSteps(L.Callback):
     """Skip non-finite or spiking updates (all processes agree), roll back after too many (:mod:`nvae.guard`).
 
-    After the backward pass and before the optimizer step it decides; a skipped step leaves the
-    parameters without gradients, which Adamax leaves untouched. A rollback restores the last good
-    snapshot and multiplies the learning-rate schedule's base rates by ``rollback_lr_factor``
-    (saved with the scheduler). The guard's counters are this callback's checkpoint state.
+    After the backward pass and before the optimizer step the guard decides on the device: the
+    decision reaches the optimizer as a 0-d tensor (:meth:`nvae.optim.Adamax.apply_if`), so a step
+    reads nothing back to the host. Every ``check_every`` steps (and under a gradient scaler, whose
+    scale is a host value anyway, every step) the counters are read: after ``rollback_after``
+    consecutive skips the last good snapshot is restored and the learning-rate schedule's base rates
+    are multiplied by ``rollback_lr_factor`` (saved with the scheduler); BatchNorm statistics a bad
+    forward pass made non-finite are put back; a snapshot is taken every ``snapshot_every`` good
+    steps. The guard's counters are this callback's checkpoint state.
     """
 
     def __init__(self, config: GuardConfig) -> None:
+        if config.check_every < 1:
+            raise ValueError(f"model.guard.check_every must be >= 1 (steps between reads of the guard's counters), "
+                             f"got {config.check_every}")
         self.config = config
         self.guard = _new_guard(config)
-        self.loss_finite = True
-        self.skipped = False
-        """Whether the last optimizer step was skipped."""
+        self.loss_bad: Optional[torch.Tensor] = None
+        self.keep: Optional[torch.Tensor] = None
+        """The last step's decision on the device: 1.0 if it updated, 0.0 if it was skipped."""
         self.rolled_back = False
         """Whether the last optimizer step rolled the model back."""
+        self._skipped_seen = 0  # the guard's skip count at the last read
+        self._snapshot_at = -1  # its good-step count at the last snapshot
 
     @property
     def state_key(self) -> str:
@@ -148,6 +158,7 @@ class GuardedSteps(L.Callback):
             if not ok:
                 raise ValueError(f"{entry}.{key} must be a finite, non-negative tensor of shape {tuple(own[key].shape)}")
         self.guard.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
+        self._skipped_seen = int(self.guard.skipped)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Counters of this process's own: under ddp_spawn the processes receive this object with its
@@ -155,35 +166,47 @@ class GuardedSteps(L.Callback):
         state = {k: v.clone() for k, v in self.guard.state_dict().items()}
         self.guard = _new_guard(self.config)
         self.guard.load_state_dict(state)
+        self._skipped_seen = int(self.guard.skipped)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        self.loss_finite = bool(torch.isfinite(loss))
+        self.loss_bad = (~torch.isfinite(loss.detach())).to(torch.float32)  # on the device, not read
+
+    def _reads_at(self, trainer: L.Trainer, step: int) -> bool:
+        """Whether step ``step`` (0-based) reads the guard's counters back (see the class docstring)."""
+        return grad_scaler(trainer) is not None or (step + 1) % self.config.check_every == 0
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         self.guard.to(pl_module.device)
         norm = grad_norm(pl_module.parameters()).to(pl_module.device)
-        bad = torch.tensor(0.0 if self.loss_finite else 1.0, device=pl_module.device)
+        bad = self.loss_bad if self.loss_bad is not None else torch.zeros((), device=pl_module.device)
         if trainer.world_size > 1:
-            bad = trainer.strategy.reduce(bad, reduce_op="sum")  # any process with a bad loss
+            bad = trainer.strategy.reduce(bad.to(pl_module.device), reduce_op="sum")  # any process with a bad loss
         scaler = grad_scaler(trainer)
         loss_scale = None if scaler is None else float(scaler.get_scale())  # the scale of this step's backward
-        reason = self.guard.check(bool(bad == 0), float(norm), loss_scale)
-        self.skipped, self.rolled_back = bool(reason), False
+        self.keep, reason = self.guard.decide(bad.to(pl_module.device), norm, loss_scale)
+        self.rolled_back = False
         pl_module.log("train/grad_norm", norm, batch_size=1)
         if loss_scale is not None:
             pl_module.log("train/loss_scale", loss_scale, batch_size=1)
-        if reason == "overflow":  # the scaler skips this step and lowers its scale
-            self.guard.repair_buffers(pl_module)
+        if isinstance(optimizer, Adamax):
+            optimizer.apply_if(self.keep)
+        elif not bool(self.keep):  # another optimizer: skipping needs the decision on the host
+            for p in pl_module.parameters():
+                p.grad = None  # torch's optimizers leave parameters without gradients untouched
+        if not self._reads_at(trainer, trainer.global_step):
             return
-        if not reason:
-            return
-        for p in pl_module.parameters():
-            p.grad = None  # Adamax leaves parameters without gradients (and their state) untouched
-        if reason == "nonfinite":
-            self.guard.repair_buffers(pl_module)
+        skipped = int(self.guard.skipped)
+        if skipped > self._skipped_seen or REASONS[int(reason)] == "overflow":
+            self.guard.repair_buffers(pl_module)  # BatchNorm statistics of a bad forward pass
+        self._skipped_seen = skipped
         if self.guard.should_roll_back:
             self.guard.roll_back(pl_module, optimizer)
+            if isinstance(optimizer, Adamax):
+                optimizer.apply_if(torch.zeros((), device=pl_module.device))  # not this step's gradients
+            else:
+                for p in pl_module.parameters():
+                    p.grad = None
             for config in trainer.lr_scheduler_configs:
                 sched = config.scheduler
                 sched.base_lrs = [lr * self.config.rollback_lr_factor for lr in sched.base_lrs]
@@ -194,11 +217,23 @@ class GuardedSteps(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self.skipped:
-            self.guard.maybe_snapshot(pl_module, pl_module.optimizers().optimizer)
+        if self._reads_at(trainer, trainer.global_step - 1) or self._snapshot_at < 0:  # the step just taken
+            self._maybe_snapshot(pl_module)
         g = self.guard
         pl_module.log_dict({"train/skipped_steps": g.skipped.float(), "train/rollbacks": g.rollbacks.float(),
                             "train/lr_scale": g.lr_scale.float()}, batch_size=1)
+
+    def _maybe_snapshot(self, pl_module: L.LightningModule) -> None:
+        """After a good step: a snapshot when none was taken yet or ``snapshot_every`` good steps have passed
+        since the last one's multiple (reads the device)."""
+        if self.config.rollback_after == 0 or self.rolled_back or (self.keep is not None and not bool(self.keep)):
+            return
+        good = int(self.guard.good_steps)
+        every = self.config.snapshot_every
+        if self._snapshot_at >= 0 and good // every <= self._snapshot_at // every:
+            return
+        if self.guard.take_snapshot(pl_module, pl_module.optimizers().optimizer):
+            self._snapshot_at = good
 
 
 class EMAWeights(L.Callback):
@@ -227,8 +262,8 @@ class EMAWeights(L.Callback):
             return
         if self.guard is not None and self.guard.rolled_back:
             self.ema = WeightEMA(pl_module.model, self.decay)
-        elif self.guard is None or not self.guard.skipped:
-            self.ema.update(pl_module.model)
+        else:  # after a skipped step the weights are unchanged, and so is their average
+            self.ema.update(pl_module.model, None if self.guard is None else self.guard.keep)
 
     def swap(self, pl_module: L.LightningModule, on: bool) -> None:
         """Put the averages into the model (on) or the live weights back (off)."""

@@ -15,7 +15,11 @@ backward pass and before the optimizer step, whether an update is safe:
   snapshot (taken every ``snapshot_every`` good steps) and the learning rate is multiplied by
   ``rollback_lr_factor``; after ``max_rollbacks`` rollbacks the run stops with a message.
 
-All counters are buffers, so they are saved in checkpoints and a resumed run carries on exactly.
+The decision is made on the device (:meth:`StepGuard.decide`): the optimizer applies or cancels the
+update by a 0-d tensor (:mod:`nvae.optim`) and the counters are read back only every
+``model.guard.check_every`` steps (rollbacks, snapshots, repairs: :class:`nvae.callbacks.GuardedSteps`),
+so a training step waits for no device value. All counters are buffers, so they are saved in
+checkpoints and a resumed run carries on exactly.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from nvae.compat import foreach_lerp_, foreach_norm
 
 
 MIN_LOSS_SCALE = 1.0  # below it a float16 overflow is the gradient's own, not the loss scale's
+REASONS = ("", "spike", "nonfinite", "overflow")  # StepGuard.decide's reason codes
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,47 +69,60 @@ class StepGuard(nn.Module):
 
     # ------------------------------------------------------------------------------- decision
     def threshold(self) -> float:
-        """Current gradient-norm limit (inf until ``min_history`` norms were seen or when turned off)."""
-        n = int(self.num_norms)
-        if self.skip_factor is None or n < self.min_history:
-            return float("inf")
-        recent = self.norms[: min(n, self.norms.numel())]
-        return max(self.skip_floor, self.skip_factor * float(recent.median()))
+        """Current gradient-norm limit (inf until ``min_history`` norms were seen or when turned off); reads the device."""
+        return float(self._limit())
+
+    def _limit(self) -> torch.Tensor:
+        """The limit as a 0-d tensor on the guard's device: max(floor, factor x median of the recent norms)."""
+        if self.skip_factor is None:
+            return torch.full((), float("inf"), dtype=self.norms.dtype, device=self.norms.device)
+        seen = torch.arange(self.norms.numel(), device=self.norms.device) < self.num_norms  # the ring fills from 0
+        median = torch.where(seen, self.norms, float("nan")).nanmedian()  # of the first min(n, window) norms
+        limit = torch.clamp_min(self.skip_factor * median, self.skip_floor)
+        return torch.where(self.num_norms >= self.min_history, limit, float("inf"))
+
+    def decide(self, bad_loss: torch.Tensor, grad_norm: torch.Tensor,
+               loss_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record one step on the guard's device without reading anything back: returns ``keep`` (0-d float,
+        1.0 to update, 0.0 to skip) and the reason code (0-d long, an index into :data:`REASONS`).
+
+        ``bad_loss``: nonzero when the loss (of any process) was not finite. ``loss_scale``: the gradient
+        scaler's current scale when one is in use (16-mixed; a host value the caller has). A non-finite
+        gradient of a finite loss is then the scaler's overflow ('overflow'), not counted as a skipped
+        step, as long as the scale is at least ``MIN_LOSS_SCALE``.
+        """
+        norm = grad_norm.detach().to(self.norms.dtype)
+        loss_finite = bad_loss == 0
+        finite = loss_finite & torch.isfinite(norm)
+        if loss_scale is not None and loss_scale >= MIN_LOSS_SCALE:
+            overflow = loss_finite & ~finite
+        else:
+            overflow = torch.zeros_like(finite)
+        spike = finite & (norm > self._limit())
+        counted = (~finite | spike) & ~overflow  # a skipped step
+        slot = (self.num_norms % self.norms.numel()).view(1)
+        self.norms.scatter_(0, slot, torch.where(finite, norm, self.norms.gather(0, slot)))
+        self.num_norms += finite.long()
+        self.skipped += counted.long()
+        self.consecutive.copy_(torch.where(counted, self.consecutive + 1, torch.where(overflow, self.consecutive, 0)))
+        self.good_steps += (~counted & ~overflow).long()
+        reason = torch.where(overflow, 3, torch.where(~finite, 2, spike.long()))
+        return (~counted & ~overflow).to(torch.float32), reason
 
     def check(self, loss_finite: bool, grad_norm: float, loss_scale: Optional[float] = None) -> str:
-        """Record one step; returns '' to step, else why it is skipped ('nonfinite', 'spike' or 'overflow').
-
-        ``loss_scale``: the gradient scaler's current scale when one is in use (16-mixed). A
-        non-finite gradient of a finite loss is then the scaler's overflow ('overflow'), not counted
-        as a skipped step, as long as the scale is at least ``MIN_LOSS_SCALE``.
-        """
-        finite = loss_finite and grad_norm == grad_norm and grad_norm != float("inf")
-        if not finite and loss_finite and loss_scale is not None and loss_scale >= MIN_LOSS_SCALE:
-            return "overflow"
-        reason = "nonfinite" if not finite else ("spike" if grad_norm > self.threshold() else "")
-        if finite:
-            self.norms[int(self.num_norms) % self.norms.numel()] = grad_norm
-            self.num_norms += 1
-        if reason:
-            self.skipped += 1
-            self.consecutive += 1
-        else:
-            self.consecutive.zero_()
-            self.good_steps += 1
-        return reason
+        """:meth:`decide` from host values, read back: '' to step, else why it is skipped ('nonfinite',
+        'spike' or 'overflow')."""
+        bad = torch.tensor(0.0 if loss_finite else 1.0, device=self.norms.device)
+        norm = torch.tensor(grad_norm, dtype=self.norms.dtype, device=self.norms.device)
+        return REASONS[int(self.decide(bad, norm, loss_scale)[1])]
 
     @property
     def should_roll_back(self) -> bool:
         return self.rollback_after > 0 and int(self.consecutive) >= self.rollback_after
 
     # ------------------------------------------------------------------------------- snapshots
-    def maybe_snapshot(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-        """After a good step: keep a CPU copy of ``module`` and ``optimizer`` every ``snapshot_every`` steps."""
-        if self.rollback_after == 0:
-            return False
-        due = self._snapshot is None or int(self.good_steps) % self.snapshot_every == 0
-        if not due:
-            return False
+    def take_snapshot(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Keep a CPU copy of ``module`` and ``optimizer`` for rollbacks, unless a value is not finite."""
         state = module.state_dict()
         if nonfinite_entries(state):
             return False  # never keep a poisoned snapshot
@@ -178,14 +196,21 @@ class WeightEMA:
         self.params = {n: p.detach().clone() for n, p in module.named_parameters()}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, keep: Optional[torch.Tensor] = None) -> None:
+        """One averaging step; with ``keep`` (0-d, 1.0 or 0.0 on the device: the guard's decision) only
+        if it is 1, without reading it back."""
         names = [n for n, p in module.named_parameters()]
         live = [p.detach() for p in module.parameters()]
         avg = [self.params[n] for n in names]
         if avg[0].device != live[0].device:
             self.to(live[0].device)
             avg = [self.params[n] for n in names]
-        foreach_lerp_(avg, live, 1.0 - self.decay)
+        if keep is None:
+            foreach_lerp_(avg, live, 1.0 - self.decay)
+            return
+        delta = torch._foreach_sub(live, avg)  # avg + w (live - avg), as lerp computes it for w < 0.5
+        torch._foreach_mul_(delta, keep.to(live[0].device) * (1.0 - self.decay))
+        torch._foreach_add_(avg, delta)
 
     def to(self, device: torch.device) -> None:
         self.params = {n: p.to(device) for n, p in self.params.items()}

@@ -76,6 +76,10 @@ class GuardConfig:
     snapshot_every: int = 100
     """Good steps between in-memory snapshots for rollbacks (each costs one copy of the weights and
     the optimizer state in CPU memory)."""
+    check_every: int = 10
+    """Read the guard's counters back from the device every this many steps (rollbacks and snapshots
+    happen then; a rollback may come up to this many steps after its ``rollback_after``-th bad step).
+    Every step decides on the device; 1 reads every step, a host synchronization each."""
 
 
 GROUPS: dict[str, type] = {"optim": OptimConfig, "objective": ObjectiveConfig, "guard": GuardConfig}

@@ -29,6 +29,7 @@ from nvae.loading import check_state, described_model
 from nvae.model import NVAE, NVAEConfig, NVAEOutput
 from nvae.objectives import (NELBO, batchnorm_gammas, batchnorm_penalty, bits_per_dim, kl_balance_alpha, kl_warmup,
                              layer_index, nelbo, regularization_coeff)
+from nvae.optim import Adamax
 from nvae.spec import ImageSpec
 from nvae.spectral import SpectralRegularizer
 from nvae.training import TrainingCallbacks
@@ -140,8 +141,9 @@ class NVAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o = self.optim
-        opt = torch.optim.Adamax(self.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay, eps=o.adamax_eps,
-                                 foreach=True)  # one kernel per operation over all tensors
+        # torch's Adamax, one kernel per operation over all tensors, whose update the step guard can
+        # cancel on the device (nvae.optim)
+        opt = Adamax(self.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay, eps=o.adamax_eps)
         warmup = max(min(int(o.warmup_epochs * self._steps_per_epoch()), self.total_steps), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

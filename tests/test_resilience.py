@@ -132,7 +132,7 @@ def test_nan_loss_step_is_skipped_and_training_continues(tmp_path: Path) -> None
 
 def test_consecutive_bad_steps_roll_back_and_lower_the_lr(tmp_path: Path) -> None:
     inject = Inject(nan_steps=(4, 5))
-    trainer, module = fit(tmp_path, 8, [inject], rollback_after=2, snapshot_every=2)
+    trainer, module = fit(tmp_path, 8, [inject], rollback_after=2, snapshot_every=2, check_every=1)
     assert int(module.run_callbacks.guard.guard.rollbacks) == 1 and float(module.run_callbacks.guard.guard.lr_scale) == 0.5
     # snapshots are taken after good steps 1, 2, 4 (global steps 0, 1, 3): the rollback restores step 3's weights
     torch.testing.assert_close(inject.weights_after[5], inject.weights_after[3], rtol=0, atol=0)
@@ -144,7 +144,7 @@ def test_consecutive_bad_steps_roll_back_and_lower_the_lr(tmp_path: Path) -> Non
 
 def test_rollbacks_give_up_with_a_clear_message(tmp_path: Path) -> None:
     with pytest.raises(TrainingDiverged, match="training diverged: 2 consecutive steps.*1 rollback"):
-        fit(tmp_path, 12, [Inject(nan_steps=tuple(range(2, 12)))], rollback_after=2, max_rollbacks=1)
+        fit(tmp_path, 12, [Inject(nan_steps=tuple(range(2, 12)))], rollback_after=2, max_rollbacks=1, check_every=1)
 
 
 # ---------------------------------------------------------------------------------------------- resume
