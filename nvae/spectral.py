@@ -54,6 +54,36 @@ def kernel_row(row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return matrix_as_kernel(row.unsqueeze(0), like[:1])
 
 
+# ------------------------------------------------------------------------------ batches across groups
+ALONE = 2 ** 20  # elements of a group's stack from which it is iterated alone (no padded copy)
+PAD_WASTE = 2.0  # a padded batch holds at most this many times the elements of its matrices ...
+PAD_FREE = 2 ** 16  # ... or at most this many elements in all (a copy too small to matter)
+
+
+def padded_buckets(shapes: Sequence[tuple[int, int, int]]) -> list[list[int]]:
+    """Groups of (n, rows, cols) matrices to power-iterate together, zero-padded to a common shape:
+    each costs its ~30 small operations per step once, however many groups share it.
+
+    Large groups go alone; the others, from the smallest matrices up, join a batch while the padded
+    batch stays within :data:`PAD_WASTE` times its real elements (or :data:`PAD_FREE` in all).
+    """
+    alone = [[i] for i, (n, r, c) in enumerate(shapes) if n * r * c >= ALONE]
+    small = sorted((i for i, (n, r, c) in enumerate(shapes) if n * r * c < ALONE),
+                   key=lambda i: (shapes[i][1] * shapes[i][2], i))
+    buckets: list[list[int]] = []
+    for i in small:
+        if buckets:
+            members = buckets[-1] + [i]
+            n = sum(shapes[j][0] for j in members)
+            padded = n * max(shapes[j][1] for j in members) * max(shapes[j][2] for j in members)
+            real = sum(shapes[j][0] * shapes[j][1] * shapes[j][2] for j in members)
+            if padded <= PAD_WASTE * real or padded <= PAD_FREE:
+                buckets[-1].append(i)
+                continue
+        buckets.append([i])
+    return sorted(alone + buckets)
+
+
 # ------------------------------------------------------------------------------ the regularizer
 def spectral_convs(model: nn.Module) -> list[SpectralConv]:
     """Every convolution of ``model`` with a weight the regularizer can read (``normalized_weight``); a torch
@@ -85,10 +115,13 @@ class SpectralRegularizer(nn.Module):
         # Weight-normalized kernels (read as raw weights and per-row scales) and plain ones are
         # iterated in separate batches, even when their shapes agree.
         self._groups = group_convs(spectral_convs(model))  # plain list: the convs stay owned by ``model``
+        shapes = []
         for i, convs in enumerate(self._groups):
             rows, cols = convs[0].out_channels, convs[0].weight[0].numel()
             self.register_buffer(f"u{i}", F.normalize(torch.randn(len(convs), rows), dim=1, eps=1e-3))
             self.register_buffer(f"v{i}", F.normalize(torch.randn(len(convs), cols), dim=1, eps=1e-3))
+            shapes.append((len(convs), rows, cols))
+        self._buckets = padded_buckets(shapes)
         self.register_buffer("initialized", torch.tensor(False))
         self._warm: Optional[bool] = None
         """The ``initialized`` buffer's value as Python knows it: read from the device once per run and
@@ -102,9 +135,9 @@ class SpectralRegularizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._warm = None  # a resumed run's buffer: read again on the next call
 
-    def forward(self, stacks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    def forward(self, stacks: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """L_SR; ``stacks``: this step's kernel stacks from the model's kernel bank (``KernelBank.in_use``),
-        one per group (None where a group's kernels are made here)."""
+        one per group (else each kernel is made here)."""
         if self._warm is None:  # one read of a device value per run, not per step
             self._warm = bool(self.initialized)
         iters = self.power_iters if self._warm else self.initial_iters
@@ -112,22 +145,44 @@ class SpectralRegularizer(nn.Module):
             raise ValueError(f"{len(stacks)} kernel stacks for {len(self._groups)} groups of convolutions")
         total = torch.zeros((), device=self.initialized.device)
         with torch.autocast(total.device.type, enabled=False):
-            for i, convs in enumerate(self._groups):
-                u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
-                stack = None if stacks is None else stacks[i]
-                if stack is not None:  # (n, rows, cols), made by the bank with its autograd graph
-                    w = stack.float()
-                    u_new, v_new, _ = power_iteration(u, v, w, iters)
-                    total = total + torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum()
-                    with torch.no_grad():
-                        u.copy_(u_new)
-                        v.copy_(v_new)
-                else:
-                    total = total + self._layer_by_layer(convs, u, v, iters)
+            if stacks is None:
+                for i, convs in enumerate(self._groups):
+                    total = total + self._layer_by_layer(convs, *self._uv(i), iters)
+            else:
+                matrices = [stack.float() for stack in stacks]  # each (n, rows, cols), with autograd
+                for bucket in self._buckets:
+                    total = total + self._bucket(bucket, [matrices[i] for i in bucket], iters)
         if not self._warm:
             self.initialized.fill_(True)
             self._warm = True
         return total
+
+    def _uv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"u{i}"), getattr(self, f"v{i}")
+
+    def _bucket(self, groups: list[int], matrices: list[torch.Tensor], iters: int) -> torch.Tensor:
+        """The sigmas of several groups, their matrices zero-padded to one (N, R, C) batch: zero rows and
+        columns change neither the singular values nor the vectors (whose padding stays 0), so the
+        power iteration takes the same operations for all of them."""
+        rows = max(m.shape[1] for m in matrices)
+        cols = max(m.shape[2] for m in matrices)
+        uv = [self._uv(i) for i in groups]
+        if len(groups) == 1:
+            w, (u, v) = matrices[0], uv[0]
+        else:
+            w = torch.cat([F.pad(m, (0, cols - m.shape[2], 0, rows - m.shape[1])) for m in matrices])  # (N, R, C)
+            u = torch.cat([F.pad(u_g, (0, rows - u_g.shape[1])) for u_g, _ in uv])  # (N, R)
+            v = torch.cat([F.pad(v_g, (0, cols - v_g.shape[1])) for _, v_g in uv])  # (N, C)
+        u_new, v_new, _ = power_iteration(u, v, w.detach(), iters)
+        sigma = torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum()  # autograd: u v^T into w
+        with torch.no_grad():
+            start = 0
+            for u_g, v_g in uv:
+                n = u_g.shape[0]
+                u_g.copy_(u_new[start:start + n, :u_g.shape[1]])
+                v_g.copy_(v_new[start:start + n, :v_g.shape[1]])
+                start += n
+        return sigma
 
     def _layer_by_layer(self, convs: list[SpectralConv], u: torch.Tensor, v: torch.Tensor, iters: int) -> torch.Tensor:
         """One group's sigmas from kernels made per convolution (or kept by a backend, with tokens)."""

@@ -32,14 +32,16 @@ def test_updates_equal_torchs_adamax(resume_from_torch: bool) -> None:
     optimizer (step counters on the host) halfway."""
     ours_p, ref_p = _params(), _params()
     ref = torch.optim.Adamax(ref_p, foreach=True, **HPARAMS)
-    ours = (torch.optim.Adamax if resume_from_torch else Adamax)(ours_p, **HPARAMS)
+    ours = torch.optim.Adamax(ours_p, **HPARAMS) if resume_from_torch else Adamax(ours_p, masked=True, **HPARAMS)
     for step in range(6):
         if step == 3 and resume_from_torch:
             state = copy.deepcopy(ours.state_dict())
-            ours = Adamax(ours_p, **HPARAMS)
+            ours = Adamax(ours_p, masked=True, **HPARAMS)
             ours.load_state_dict(state)
         for p, q, g in zip(ours_p, ref_p, _grads(ours_p, step)):
             p.grad, q.grad = g.clone(), g.clone()
+        if isinstance(ours, Adamax):
+            ours.apply_if(torch.ones(()))  # the guard's flag: update
         ours.step()
         ref.step()
     # The same operations in another grouping (m + w (g - m) instead of lerp, a denominator scaled
@@ -54,26 +56,30 @@ def test_updates_equal_torchs_adamax(resume_from_torch: bool) -> None:
         assert float(ours.state[p]["step"]) == float(ref.state[q]["step"]) == 6
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e3])
-def test_a_cancelled_step_changes_nothing(bad: float) -> None:
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("bad, before", [(float("nan"), 2), (float("inf"), 2), (1e3, 2), (float("nan"), 0)])
+def test_a_cancelled_step_changes_nothing(bad: float, before: int, masked: bool) -> None:
     """apply_if(0): parameters, moments and step counters stay bit-identical, even for NaN or inf
-    gradients (0 * NaN is NaN: they are zeroed first); the next step updates again."""
+    gradients (0 * NaN is NaN: they are zeroed first) and for a first step (moments 0, no 0 / 0);
+    the next step updates again. Masked (as on a GPU) and read (as on the CPU)."""
     params = _params()
-    opt = Adamax(params, **HPARAMS)
-    for step in range(2):
+    opt = Adamax(params, masked=masked, **HPARAMS)
+    for step in range(before):
         for p, g in zip(params, _grads(params, step)):
             p.grad = g
         opt.step()
-    before = [p.detach().clone() for p in params]
+    kept = [p.detach().clone() for p in params]
     state = copy.deepcopy(opt.state_dict()["state"])
     for p in params:
         p.grad = torch.full_like(p, bad)
     opt.apply_if(torch.zeros(()))
     opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(p, b) for p, b in zip(params, kept))
     after = opt.state_dict()["state"]
     assert all(torch.equal(after[i][k], state[i][k]) for i in state for k in ("step", "exp_avg", "exp_inf"))
+    if not before:  # the skipped first step made the state (zeros)
+        assert all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_inf"].any() for s in after.values())
     for p, g in zip(params, _grads(params, 2)):
         p.grad = g
     opt.step()  # the flag holds for one step only
-    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+    assert not any(torch.equal(p, b) for p, b in zip(params, kept))

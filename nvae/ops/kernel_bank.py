@@ -1,22 +1,23 @@
-"""All weight-normalized kernels of a training step in a few batched calls (paper sec. 3.1, weight
-normalization; sec. 3.2, spectral regularization).
+"""All kernels of a training step in a few batched calls (paper sec. 3.1, weight normalization;
+sec. 3.2, spectral regularization).
 
 Per layer, W = exp(log g) * w / (||w|| + eps) costs five small operations per convolution in the
 forward pass and about as many in backward: the 255 convolutions of the MNIST model make ~3,000
 calls per step, each a kernel launch on a GPU, whatever the size of the convolution. The bank
-groups the convolutions whose kernels are weight-normalized (or masked) by kernel matrix shape
-(C_out, C_in*k*k), stacks each group's weights into one (n, C_out, C_in*k*k) tensor and normalizes
-it in one pass; each convolution reads its kernel as a view of that stack. The spectral regularizer
-power-iterates on the same stacks (:mod:`nvae.spectral`), so each kernel is made once per step.
-Convolutions without weight normalization or mask (the decoder's) use their weight as it is.
+groups the convolutions by kernel matrix shape (C_out, C_in*k*k) and weight normalization, stacks
+each group's weights into one (n, C_out, C_in*k*k) tensor and normalizes (and masks) it in one pass;
+each convolution reads its kernel as a view of that stack. The spectral regularizer power-iterates
+on the same stacks (:mod:`nvae.spectral`): each kernel is made once per step, and its two
+gradients (the convolution's and sigma's) meet in the stack, so that each weight receives one
+gradient, laid out as the weight (DDP's buckets compare strides).
 
 The values are those of :meth:`nvae.ops.conv.Conv2d.normalized_weight`. Backward stacks the raw
-weights again rather than keeping them (:class:`StackedWeightNorm`): the bank stores no more than
-the per-layer form does.
+weights of weight-normalized groups again rather than keeping them (:class:`StackedWeightNorm`);
+the groups of plain weights (the decoder's) cost one copy of those weights.
 
-Use: ``with bank.in_use() as stacks:`` around a forward pass (``stacks[i]`` is group ``i``'s stack,
-or None for a group of plain weights). Activation-checkpointed regions recompute with the kernels
-they first ran with (:func:`nvae.ops.checkpointing.once_then_frozen`).
+Use: ``with bank.in_use() as stacks:`` around a forward pass (``stacks[i]`` is group ``i``'s stack).
+Activation-checkpointed regions recompute with the kernels they first ran with
+(:func:`nvae.ops.checkpointing.once_then_frozen`).
 """
 from __future__ import annotations
 
@@ -137,37 +138,31 @@ class KernelBank:
         self.groups = group_convs(convs)
         self.batched = batched
 
-    @staticmethod
-    def made_here(convs: Sequence[Conv2d]) -> bool:
-        """Whether a group's kernels are made by the bank (weight-normalized or masked)."""
-        return any(c.log_weight_norm is not None or c.mask is not None for c in convs)
-
-    def make(self) -> list[Optional[torch.Tensor]]:
-        """Each group's (n, C_out, cols) kernel stack, None where the weights are used as they are."""
-        stacks: list[Optional[torch.Tensor]] = []
+    def make(self) -> list[torch.Tensor]:
+        """Each group's (n, C_out, cols) kernel stack."""
+        stacks = []
         for convs in self.groups:
-            if not self.made_here(convs):
-                stacks.append(None)
-                continue
             weights = [c.weight for c in convs]
             gains = [c.log_weight_norm for c in convs if c.log_weight_norm is not None]
             masked = any(c.mask is not None for c in convs)
+            if not gains and not masked:
+                stacks.append(torch.stack([kernel_matrix(w) for w in weights]))  # plain weights: a copy
+                continue
             masks = [c.mask if c.mask is not None else torch.ones_like(c.weight) for c in convs] if masked else []
             stacks.append(StackedWeightNorm.apply(len(convs), masked, *weights, *masks, *gains))
         return stacks
 
     @contextmanager
-    def in_use(self) -> Iterator[Optional[list[Optional[torch.Tensor]]]]:
-        """Give every convolution of a made group its kernel from the stacks for the block's duration
-        (``Conv2d.step_kernel``); yields the stacks (None when not ``batched``)."""
+    def in_use(self) -> Iterator[Optional[list[torch.Tensor]]]:
+        """Give every convolution its kernel for the block's duration (``Conv2d.step_kernel``, a view of its
+        group's stack); yields the stacks (None when not ``batched``)."""
         if not self.batched:
             yield None
             return
         stacks = self.make()
         for convs, stack in zip(self.groups, stacks):
-            if stack is not None:
-                for conv, matrix in zip(convs, stack.unbind(0)):  # unbind: one backward node for the group
-                    conv.step_kernel = matrix_as_kernel(matrix, conv.weight)
+            for conv, matrix in zip(convs, stack.unbind(0)):  # unbind: one backward node for the group
+                conv.step_kernel = matrix_as_kernel(matrix, conv.weight)
         try:
             yield stacks
         finally:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvae.accel.cpu.tokens import strided_like
 from nvae.compat import batch_norm_backward, silu_backward
 from nvae.ops.chains import BNConvStep
 
@@ -52,6 +53,12 @@ def _count_batch(bn: nn.BatchNorm2d) -> float:
 def _autocast_off(device: str) -> AbstractContextManager[Any]:
     """A region without autocast; nothing to enter when it is off already (the usual case: entering one costs more than the call it wraps)."""
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+
+
+def _laid_out_as(grad: torch.Tensor | None, kernel: torch.Tensor) -> torch.Tensor | None:
+    """A kernel's gradient with the kernel's strides (:func:`nvae.accel.cpu.tokens.strided_like`):
+    the convolutions' weight gradients come back contiguous for channels_last 1x1 and depthwise kernels."""
+    return grad if grad is None else strided_like(grad, kernel)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -137,6 +144,6 @@ class _BNSwishConvs(torch.autograd.Function):
                     grad_y, h, bn_w, None, None, *stats[2 * i:2 * i + 2], True, bn.eps,
                     [i > 0 or need[0], need[5 + 4 * i], need[6 + 4 * i]])
                 del grad_y, h
-                grads[4 * i:4 * i + 4] = [grad_bn_w, grad_bn_b, _cast(grad_w, w.dtype),
+                grads[4 * i:4 * i + 4] = [grad_bn_w, grad_bn_b, _laid_out_as(_cast(grad_w, w.dtype), w),
                                           None if b is None else _cast(grad_b, b.dtype)]
         return (grad, None, None, None, None, *grads)
