@@ -279,7 +279,7 @@ def test_gpu_rows_report_oom_errors_and_the_deadline(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(gpu, "RESERVE_S", 0.0)
     monkeypatch.setattr(gpu, "MIN_ROW_S", {"eager": 0.0, "compile": 0.0})
-    clock = gpu.Clock(0.2)
+    clock = gpu.Clock(1.0)  # the row starts at once and is stopped a second later
 
     def forever() -> dict[str, Any]:
         while True:  # ended by the deadline's signal
