@@ -118,7 +118,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", type=device_arg, help="auto (cuda if available), cuda, cuda:1, cpu")
-    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=preset_names(), metavar="NAME",
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=[n for n in preset_names() if n != TINY[1]],
+                   metavar="NAME",
                    help=f"presets to measure (default: {' '.join(PRESETS)})")
     p.add_argument("--deadline", type=float, default=7.5, help="minutes for everything (default 7.5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row (the compilation's included)")
