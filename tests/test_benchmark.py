@@ -1,12 +1,15 @@
-"""benchmarks/throughput.py runs on the quickstart preset and ends with one parseable JSON line."""
+"""benchmarks/throughput.py runs on the quickstart preset and ends with one parseable JSON line; so do the
+other benchmarks, benchmarks/gpu.py included (on the CPU, --tiny)."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +221,80 @@ def test_wall_time_splits_a_real_train_run(tmp_path: Path) -> None:
     assert abs(sum(outside.values()) + result["step_time_s"] - result["wall_s"]) < 0.1
     assert abs(result["outside_steps_share"] - (1 - result["step_time_s"] / result["wall_s"])) < 1e-3
     assert (tmp_path / "run").is_dir()  # --output-dir got the logs and checkpoints
+
+
+def test_gpu_tiny_on_cpu_prints_every_row_and_column(tmp_path: Path) -> None:
+    """benchmarks/gpu.py --device cpu --tiny: the table of the quickstart model, the CUDA tests' counts
+    (skipped here) and the JSON line; no timing is checked."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gpu = _benchmark_module("gpu")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("benchmarks/gpu.py: ") and f"torch {torch.__version__}" in lines[0]
+    assert f"CPU capability {torch.backends.cpu.get_cpu_capability()}" in lines[0] and "threads " in lines[0]
+    assert "| " + " | ".join(gpu.COLUMNS) + " |" in lines
+    rows = [line for line in lines if line.startswith("| quickstart | 2 | ")]
+    table = rows[len(rows) - len(gpu.MODES):]  # the progress lines come first, then the table
+    assert [r.split(" | ")[2] for r in table] == list(gpu.MODES)
+    assert all(r.count(" | ") == len(gpu.COLUMNS) - 1 for r in table)
+    assert "compile off on CPU" in table[gpu.MODES.index(gpu.COMPILED)]
+    assert re.search(r"^pytest -m cuda: 0 passed, 0 failed, \d+ skipped, 0 errors in ", proc.stdout, re.MULTILINE)
+    result = json.loads(lines[-1])
+    assert {"device", "device_name", "torch", "cuda", "cpu_capability", "threads", "tiny", "deadline_s", "elapsed_s",
+            "warmup", "steps", "sample_steps", "tests", "rows"} <= result.keys()
+    assert result["device"] == "cpu" and result["tiny"] and result["steps"] == 1
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert result["tests"]["status"] == "ran" and result["tests"]["failed"] == 0 and result["tests"]["skipped"] >= 2
+    by_mode = {r["mode"]: r for r in result["rows"]}
+    assert list(by_mode) == list(gpu.MODES) and all(r["batch_size"] == 2 for r in result["rows"])
+    for mode in ("float32", "bf16-mixed"):
+        row = by_mode[mode]
+        assert row["status"] == "ok" and len(row["step_s_all"]) == 1, row
+        assert row["images_per_s"] == pytest.approx(2 * row["steps_per_s"]) and row["peak_mem_mb"] > 0
+        assert row["warmup_s"] > 0 and row["params"] == quickstart_params()
+    assert by_mode[gpu.SAMPLING]["status"] == "ok" and by_mode[gpu.SAMPLING]["images_per_s"] > 0
+    assert by_mode[gpu.COMPILED]["status"] == "skipped"
+    assert not any(tmp_path.iterdir())
+
+
+def test_gpu_rows_report_oom_errors_and_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row's CUDA out-of-memory error, a compiler's error wrapping one, another error and the deadline
+    each become the row's status, and the rows after them still get theirs."""
+    gpu = _benchmark_module("gpu")
+    cpu = torch.device("cpu")
+    clock = gpu.Clock(3600)
+
+    def raising(err: BaseException) -> Any:
+        def measure() -> dict[str, Any]:
+            raise err
+        return measure
+
+    assert gpu.guarded(clock, "eager", cpu, raising(torch.OutOfMemoryError("CUDA out of memory.")))["status"] == "OOM"
+    wrapped = RuntimeError("backend compiler failed: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert gpu.guarded(clock, "compile", cpu, raising(wrapped))["status"] == "OOM"
+    row = gpu.guarded(clock, "eager", cpu, raising(ValueError("bad shape")))
+    assert row == {"status": "error", "note": "ValueError: bad shape"}
+    assert gpu.guarded(clock, "eager", cpu, lambda: {"status": "ok"}) == {"status": "ok"}
+
+    monkeypatch.setattr(gpu, "RESERVE_S", 0.0)
+    monkeypatch.setattr(gpu, "MIN_ROW_S", {"eager": 0.0, "compile": 0.0})
+    clock = gpu.Clock(1.0)  # the row starts at once and is stopped a second later
+
+    def forever() -> dict[str, Any]:
+        while True:  # ended by the deadline's signal
+            time.sleep(0.01)
+
+    assert gpu.guarded(clock, "compile", cpu, forever) == {"status": "skipped", "note": "deadline reached in this row"}
+    assert clock.expired
+    row = gpu.guarded(clock, "eager", cpu, raising(AssertionError("must not run")))
+    assert row["status"] == "skipped" and row["note"].startswith("deadline")
+
+
+def test_gpu_measures_every_paper_preset() -> None:
+    from nvae.presets import preset_names
+
+    gpu = _benchmark_module("gpu")
+    assert sorted(gpu.PRESETS) == sorted(set(preset_names()) - set(gpu.TINY))
+    assert gpu.parse_args([]).presets == list(gpu.PRESETS)
+    assert gpu.parse_args(["--tiny"]).presets == ["quickstart"]
