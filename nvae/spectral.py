@@ -123,9 +123,9 @@ class SpectralRegularizer(nn.Module):
             shapes.append((len(convs), rows, cols))
         self._buckets = padded_buckets(shapes)
         self.register_buffer("initialized", torch.tensor(False))
-        self._warm: Optional[bool] = None
-        """The ``initialized`` buffer's value as Python knows it: read from the device once per run and
-        after each state-dict load (:meth:`_load_from_state_dict`), never once per step."""
+        self._warm = False
+        """The ``initialized`` buffer's value as Python knows it: read from the device at each state-dict
+        load (:meth:`_load_from_state_dict`), never in a step (a compiled step has no graph break)."""
 
     @property
     def num_layers(self) -> int:
@@ -133,13 +133,11 @@ class SpectralRegularizer(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._warm = None  # a resumed run's buffer: read again on the next call
+        self._warm = bool(self.initialized)  # a resumed run's buffer, read once here
 
     def forward(self, stacks: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """L_SR; ``stacks``: this step's kernel stacks from the model's kernel bank (``KernelBank.in_use``),
         one per group (else each kernel is made here)."""
-        if self._warm is None:  # one read of a device value per run, not per step
-            self._warm = bool(self.initialized)
         iters = self.power_iters if self._warm else self.initial_iters
         if stacks is not None and len(stacks) != len(self._groups):
             raise ValueError(f"{len(stacks)} kernel stacks for {len(self._groups)} groups of convolutions")
