@@ -10,8 +10,9 @@ Adamax; benchmarks/throughput.py's ``Stepper``) under a ``TorchDispatchMode`` th
 call reaching the dispatcher below autograd, views excluded (they launch no kernel). On a GPU
 each such call is a kernel launch of several microseconds whatever its size; the count is a
 property of the code and the model, not of the machine or the batch (it is taken at batch 2).
-``plain`` is ``model.arch.backend plain`` (what GPUs run), ``default`` the backend ``auto``
-resolves to here (``cpu`` where the CPU backend imports).
+``plain`` is ``model.arch.backend plain`` with the optimizer's masked update (what GPUs run),
+``default`` the backend ``auto`` resolves to here (``cpu`` where the CPU backend imports) with the
+CPU's update (torch's Adamax, whose per-parameter step counters are read on the host).
 
 Step time. For each ``--time`` preset and batch size, two models (bank on, bank off) of the same
 initial weights step in turn, one step each, ``--steps`` times after two warm-up steps each; the
@@ -65,7 +66,9 @@ def stepper(config: str, backend: str, batched: bool, batch_size: int, seed: int
     module = cli.model.train()
     module.model.kernel_bank.batched = batched
     x = throughput.random_batch(cli.datamodule.image_spec, batch_size, torch.device("cpu"))
-    return throughput.Stepper(module, x, "32")
+    step = throughput.Stepper(module, x, "32")
+    step.optimizer.masked = backend == "plain"  # GPUs cancel skipped updates by arithmetic, the CPU reads the flag
+    return step
 
 
 def count_step(step: throughput.Stepper) -> collections.Counter[str]:

@@ -29,15 +29,14 @@ def run_chain(x: torch.Tensor, steps: tuple[BNConvStep, ...]) -> Optional[torch.
     if not (on_cpu and bns[0].training and torch.is_grad_enabled()) or any(isinstance(bn, nn.SyncBatchNorm) for bn in bns):
         return None
     momenta = tuple(_count_batch(bn) for bn in bns)
-    params, scales, banked = [], [], []
+    params, scales = [], []
     for bn, _, conv in steps:
         accel = conv.accel
         params += [bn.weight, bn.bias, accel.forward_kernel(conv), conv.bias]
         kept = accel.kernel  # (w, s, token) if forward_kernel() made W = s * w just now
         fresh = kept is not None and kept.token is not None and not accel.recomputing
         scales.append(kept.scale if fresh else None)
-        banked.append(conv.step_kernel is not None)  # a kernel bank's: kept, not made again in backward
-    return _BNSwishConvs.apply(x, steps, momenta, tuple(scales), tuple(banked), *params)
+    return _BNSwishConvs.apply(x, steps, momenta, tuple(scales), *params)
 
 
 def _count_batch(bn: nn.BatchNorm2d) -> float:
@@ -89,7 +88,7 @@ class _BNSwishConvs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, steps: tuple[BNConvStep, ...],
-                momenta: tuple[float, ...], scales: tuple[Optional[torch.Tensor], ...], banked: tuple[bool, ...],
+                momenta: tuple[float, ...], scales: tuple[Optional[torch.Tensor], ...],
                 *params: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
@@ -104,8 +103,9 @@ class _BNSwishConvs(torch.autograd.Function):
                 h = conv.accel.convolve(conv, _cast(a, dtype), _cast(w, dtype), _cast(b, dtype))
                 # float32 statistics whatever the compiled graph returns (BN backward on bf16 maps expects them)
                 stats += [mean.to(bn.running_var.dtype), invstd.to(bn.running_var.dtype)]
-        # Kernels made per layer are made again in backward; a kernel bank's stack lives on anyway.
-        kernels_dropped = [None if i % 4 == 2 and not banked[i // 4] else t for i, t in enumerate(params)]
+        # Kernels are made again in backward from the parameters (a kernel bank's too, layer by layer:
+        # kept, they would hold their whole stack for the step)
+        kernels_dropped = [None if i % 4 == 2 else t for i, t in enumerate(params)]
         ctx.save_for_backward(x, *stats, *kernels_dropped)
         ctx.steps, ctx.dtype, ctx.scales = steps, dtype, scales  # scales: (out, 1, 1, 1) each, no gradient
         return h
@@ -116,10 +116,8 @@ class _BNSwishConvs(torch.autograd.Function):
         steps, dtype, n = ctx.steps, ctx.dtype, len(ctx.steps)
         stats, params = saved[:2 * n], list(saved[2 * n:])
         for i, ((_, _, conv), scale) in enumerate(zip(steps, ctx.scales)):  # the weights are those of forward
-            accel, kept = conv.accel, params[4 * i + 2]
-            if kept is None:
-                kept = accel.normalized_weight(conv) if scale is None else accel.masked_weight(conv) * scale
-            params[4 * i + 2] = kept.detach()
+            accel = conv.accel
+            params[4 * i + 2] = (accel.normalized_weight(conv) if scale is None else accel.masked_weight(conv) * scale).detach()
         need = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * (4 * n)
         with _autocast_off(x.device.type):
@@ -135,15 +133,15 @@ class _BNSwishConvs(torch.autograd.Function):
             for i in reversed(range(n)):
                 (bn, swish, conv), (h, y, a) = steps[i], acts.pop()
                 bn_w, bn_b, w, b = params[4 * i:4 * i + 4]
-                mask = (True, need[7 + 4 * i], need[8 + 4 * i] and b is not None)
+                mask = (True, need[6 + 4 * i], need[7 + 4 * i] and b is not None)
                 grad_a, grad_w, grad_b = conv.accel.convolve_backward(conv, grad, _cast(a, dtype), _cast(w, dtype), mask)
                 del a
                 grad_y = silu_backward(grad_a.to(y.dtype), y) if swish else grad_a
                 del y, grad_a
                 grad, grad_bn_w, grad_bn_b = batch_norm_backward(
                     grad_y, h, bn_w, None, None, *stats[2 * i:2 * i + 2], True, bn.eps,
-                    [i > 0 or need[0], need[5 + 4 * i], need[6 + 4 * i]])
+                    [i > 0 or need[0], need[4 + 4 * i], need[5 + 4 * i]])
                 del grad_y, h
                 grads[4 * i:4 * i + 4] = [grad_bn_w, grad_bn_b, _laid_out_as(_cast(grad_w, w.dtype), w),
                                           None if b is None else _cast(grad_b, b.dtype)]
-        return (grad, None, None, None, None, *grads)
+        return (grad, None, None, None, *grads)
