@@ -130,13 +130,23 @@ class StackedWeightNorm(torch.autograd.Function):
 class KernelBank:
     """The batched kernels of ``convs`` (see the module docstring); groups as :func:`group_convs`.
 
-    ``batched`` False keeps the per-layer form everywhere (``in_use`` then makes nothing): the
-    comparison benchmarks/step_overhead.py draws.
+    ``batched``: True makes the kernels here, False leaves them to the layers (``in_use`` then makes
+    nothing), None (the default) batches off the CPU only. A GPU runs each small call as a kernel
+    launch of several microseconds, which the bank saves; a CPU's calls cost little, while the
+    stacks take more passes over the weights than the layers' own weight norms (the MNIST model's
+    step at batch 1 took 1.66x as long batched: docs/performance.md). benchmarks/step_overhead.py
+    compares the two forms.
     """
 
-    def __init__(self, convs: Sequence[Conv2d], batched: bool = True) -> None:
+    def __init__(self, convs: Sequence[Conv2d], batched: Optional[bool] = None) -> None:
         self.groups = group_convs(convs)
         self.batched = batched
+
+    def active(self) -> bool:
+        """Whether :meth:`in_use` makes the kernels (see ``batched``)."""
+        if self.batched is not None:
+            return self.batched
+        return bool(self.groups) and self.groups[0][0].weight.device.type != "cpu"
 
     def make(self) -> list[torch.Tensor]:
         """Each group's (n, C_out, cols) kernel stack."""
@@ -155,8 +165,8 @@ class KernelBank:
     @contextmanager
     def in_use(self) -> Iterator[Optional[list[torch.Tensor]]]:
         """Give every convolution its kernel for the block's duration (``Conv2d.step_kernel``, a view of its
-        group's stack); yields the stacks (None when not ``batched``)."""
-        if not self.batched:
+        group's stack); yields the stacks (None when the bank is not :meth:`active`)."""
+        if not self.active():
             yield None
             return
         stacks = self.make()
