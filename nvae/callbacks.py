@@ -205,8 +205,9 @@ class GuardedSteps(L.Callback):
 
 
 class EMAWeights(L.Callback):
-    """An exponential moving average of the model's weights (``model.ema_decay``), updated after every
-    step the guard let through and restarted at a rollback. Validation and test run on it with
+    """An exponential moving average of the model's weights (``model.ema_decay``, reached after a
+    warm-up: :meth:`nvae.ema.WeightEMA.decay_at`), updated after every step the guard let through and
+    restarted at a rollback. Validation and test run on it with
     BatchNorm statistics of its own, re-estimated on ``bn_batches`` training batches whenever the
     average moved since the last estimate (:mod:`nvae.ema`; under DDP every process takes rank 0's),
     and checkpoints carry both (``nvae_ema``), so sampling and evaluation use them. The live model's
@@ -238,7 +239,7 @@ class EMAWeights(L.Callback):
         if self.guard is not None and self.guard.rolled_back:
             self.ema = WeightEMA(pl_module.model, self.decay)
         elif self.guard is None or not self.guard.skipped:
-            self.ema.update(pl_module.model)
+            self.ema.update(pl_module.model, trainer.global_step)
 
     def swap(self, pl_module: L.LightningModule, on: bool, share: bool = False) -> None:
         """Put the averages with their BatchNorm statistics into the model (on; estimated first when

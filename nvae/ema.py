@@ -37,8 +37,8 @@ MAX_BN_BATCHES = 10_000  # model.ema_bn_batches: 20x the official code's 500 rea
 
 # ------------------------------------------------------------------------------------------ the averages
 class WeightEMA:
-    """Exponential moving average of a module's floating-point parameters, and the BatchNorm
-    statistics of those averages.
+    """Exponential moving average of a module's floating-point parameters (its decay warmed up:
+    :meth:`decay_at`), and the BatchNorm statistics of those averages.
 
     Kept out of the module's buffers on purpose: DDP would broadcast it every step. ``stats`` are the
     statistics of the current averages (:func:`estimate_batchnorm`), None until estimated and again
@@ -59,16 +59,25 @@ class WeightEMA:
         """Whether the module holds the averages now."""
         return self.live_stats is not None
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step ``step`` (1 for the first): ``min(decay, (1 + step)
+        / (10 + step))``, the warm-up of TensorFlow's ExponentialMovingAverage. A fixed decay d keeps
+        d^step of the random initialization in the average (0.99 over the quickstart's 470 steps:
+        0.9%; 0.9999 over 20,000 steps: 13.5%); warmed up, the average spans about the last tenth of
+        the steps until the decay reaches d."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """One step of the average towards the live weights; the statistics no longer fit it."""
+    def update(self, module: nn.Module, step: int) -> None:
+        """The average after optimizer step ``step``, one :meth:`decay_at` towards the live weights; the
+        statistics no longer fit it."""
         names = [n for n, p in module.named_parameters()]
         live = [p.detach() for p in module.parameters()]
         avg = [self.params[n] for n in names]
         if avg[0].device != live[0].device:
             self.to(live[0].device)
             avg = [self.params[n] for n in names]
-        foreach_lerp_(avg, live, 1.0 - self.decay)
+        foreach_lerp_(avg, live, 1.0 - self.decay_at(step))
         self.stats = None
 
     def to(self, device: torch.device) -> None:

@@ -60,7 +60,9 @@ class NVAEModule(L.LightningModule):
             objective: KL warm-up and balancing, spectral and BatchNorm regularization.
             guard: Skipping bad steps and rolling back.
             ema_decay: Keep an exponential moving average of the weights with this decay (e.g.
-                0.9999), used for validation, sampling and evaluation and saved in checkpoints; null: none.
+                0.9999; after step n the decay is min(ema_decay, (1 + n) / (10 + n)), so the random
+                initialization fades), used for validation, sampling and evaluation and saved in
+                checkpoints; null: none.
             ema_bn_batches: Training batches the EMA weights' BatchNorm statistics are re-estimated on
                 (train mode, no gradients, cumulative average) before they are validated, tested or
                 saved, whenever they changed since the last estimate (nvae.ema; sec. 5.2 readjusts

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import random_images, tiny_config
 from nvae.checkpoint import EMA_KEY, STATE_KEY, load_checkpoint
-from nvae.ema import estimate_batchnorm, estimate_seed, estimation_batches, seeded
+from nvae.ema import WeightEMA, estimate_batchnorm, estimate_seed, estimation_batches, seeded
 from nvae.lightning import NVAEModule
 from nvae.model import NVAE
 from nvae.sampling import batchnorm_state
@@ -129,6 +129,22 @@ def test_checkpoints_carry_the_averages_with_their_statistics(tmp_path: Path) ->
     at6 = torch.load(folder / "step=6.ckpt", weights_only=True)[EMA_KEY]  # written after the validation at step 6
     assert_statistics_equal({k: at6[k] for k in expected}, {k: seen.seen[6][k] for k in expected}, exact=True)
     assert module.run_callbacks.ema.ema.stats is not None  # kept: the average did not move since
+
+
+def test_the_average_warms_up_its_decay_so_the_initialization_fades() -> None:
+    """After step n the average moves by 1 - min(decay, (1 + n) / (10 + n)) towards the live weights:
+    the closed form over five steps; with a fixed 0.99 the initialization would keep 0.99^5 = 95%."""
+    layer = nn.Linear(3, 2, bias=False)
+    ema = WeightEMA(layer, decay=0.99)
+    expected = layer.weight.detach().double().clone()
+    for step in range(1, 6):
+        with torch.no_grad():
+            layer.weight.copy_(torch.full((2, 3), float(step)))
+        ema.update(layer, step)
+        d = min(0.99, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * step
+    torch.testing.assert_close(ema.params["weight"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert ema.decay_at(10**6) == 0.99 and ema.decay_at(1) == pytest.approx(2 / 11)
 
 
 def test_estimating_leaves_the_model_as_it_found_it(tiny_binary: NVAE) -> None:
