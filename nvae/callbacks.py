@@ -29,7 +29,8 @@ class SampleGrid(L.Callback):
     prior samples at each of ``temperatures`` and ``num_reconstructions`` validation images above
     their reconstructions, saved as ``<log_dir>/samples/*.png`` and logged to TensorBoard
     (``samples/t<T>``, ``reconstructions``) when the logger is one. Rank 0 only; validation uses
-    the EMA weights when the model keeps them, and so do these images."""
+    the EMA weights (with their BatchNorm statistics) when the model keeps them, and so do these
+    images, the final ones included."""
 
     def __init__(self, num_samples: int = 64, temperatures: Sequence[float] = (1.0, 0.8, 0.6),
                  every_n_epochs: int = 1, num_reconstructions: int = 8) -> None:
@@ -104,7 +105,16 @@ class SampleGrid(L.Callback):
         self._save(trainer, module, f"epoch{trainer.current_epoch:04d}")
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._save(trainer, module, "final")
+        """The final grids, of the EMA weights with their statistics when the model keeps them (as the
+        grids drawn after each validation are): swapped in on every process, no collective."""
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMAWeights) and not c.swapped), None)
+        if ema is not None:
+            ema.swap(module, True)
+        try:
+            self._save(trainer, module, "final")
+        finally:
+            if ema is not None:
+                ema.swap(module, False)
 
 
 def _new_guard(config: GuardConfig) -> StepGuard:

@@ -131,6 +131,37 @@ def test_checkpoints_carry_the_averages_with_their_statistics(tmp_path: Path) ->
     assert module.run_callbacks.ema.ema.stats is not None  # kept: the average did not move since
 
 
+class WeightsWhenSampling(L.Callback):
+    """The model's state dict at every ``model.sample`` call."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, module: NVAEModule) -> None:
+        sample = module.model.sample
+
+        def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+            self.seen.append({k: v.detach().clone() for k, v in module.model.state_dict().items()})
+            return sample(*args, **kwargs)
+
+        module.model.sample = recorded  # type: ignore[method-assign]
+
+
+def test_the_final_sample_grids_show_the_averages_with_their_statistics(tmp_path: Path) -> None:
+    from nvae.callbacks import SampleGrid
+
+    grid, seen = SampleGrid(num_samples=1, temperatures=[1.0], num_reconstructions=0), WeightsWhenSampling()
+    _, module = fit(tmp_path, 4, [grid, seen], ema_decay=0.5, ema_bn_batches=BN_BATCHES)
+    assert grid.last_path is not None and grid.last_path.name == "final_t1.png"
+    final, ema = seen.seen[-1], module.run_callbacks.ema.ema
+    expected = {**ema.params, **ema.stats}
+    assert_statistics_equal({k: final[k] for k in ema.stats}, ema.stats, exact=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=0, msg=key)
+    assert not torch.equal(final["preprocess.0.branch.0.running_var"],
+                           module.model.state_dict()["preprocess.0.branch.0.running_var"])  # swapped back
+
+
 def test_the_average_warms_up_its_decay_so_the_initialization_fades() -> None:
     """After step n the average moves by 1 - min(decay, (1 + n) / (10 + n)) towards the live weights:
     the closed form over five steps; with a fixed 0.99 the initialization would keep 0.99^5 = 95%."""
