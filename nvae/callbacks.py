@@ -217,11 +217,11 @@ class GuardedSteps(L.Callback):
 class EMAWeights(L.Callback):
     """An exponential moving average of the model's weights (``model.ema_decay``, reached after a
     warm-up: :meth:`nvae.ema.WeightEMA.decay_at`), updated after every step the guard let through and
-    restarted at a rollback. Validation and test run on it with
-    BatchNorm statistics of its own, re-estimated on ``bn_batches`` training batches whenever the
-    average moved since the last estimate (:mod:`nvae.ema`; under DDP every process takes rank 0's),
-    and checkpoints carry both (``nvae_ema``), so sampling and evaluation use them. The live model's
-    weights and statistics are put back unchanged after each use."""
+    restarted at a rollback. Validation and test run on it with BatchNorm statistics of its own,
+    re-estimated on ``bn_batches`` training batches whenever the average moved since the last
+    estimate (:mod:`nvae.ema`; under DDP every process takes rank 0's), and checkpoints carry both
+    (``nvae_ema``), so sampling and evaluation use them. The live model's weights and statistics are
+    put back unchanged after each use; the sanity check before training runs the live model."""
 
     def __init__(self, decay: float, guard: Optional[GuardedSteps] = None, bn_batches: int = 20) -> None:
         self.decay, self.guard, self.bn_batches = decay, guard, bn_batches
@@ -284,12 +284,12 @@ class EMAWeights(L.Callback):
             batches = estimation_batches(loader.dataset, batch_size, self.bn_batches, loader.collate_fn,
                                          torch.Generator().manual_seed(seed))
             stats, counted = estimate_batchnorm(model, batches, forward)
+        if share and trainer.world_size > 1:  # every process validates with the same statistics: rank 0's
+            counted, stats = trainer.strategy.broadcast((counted, {k: v.cpu() for k, v in stats.items()}), src=0)
         if not counted:
             rank_zero_warn(f"nvae: all {self.bn_batches} batches gave non-finite BatchNorm statistics for the EMA "
                            "weights; they are used with the live weights' statistics")
             return
-        if share and trainer.world_size > 1:  # every process validates with the same statistics: rank 0's
-            stats = trainer.strategy.broadcast({k: v.cpu() for k, v in stats.items()}, src=0)
         self.ema.set_stats(model, stats)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
