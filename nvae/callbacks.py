@@ -12,12 +12,15 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from nvae.checkpoint import EMA_KEY, GUARD_STATE_KEY, STATE_KEY
-from nvae.compat import grad_scaler
-from nvae.guard import REASONS, StepGuard, WeightEMA, grad_norm
+from nvae.compat import attached_trainer, grad_scaler
+from nvae.data.base import shuffle_seed
+from nvae.ema import WeightEMA, estimate_batchnorm, estimate_seed, estimation_batches, seeded
+from nvae.guard import REASONS, StepGuard, grad_norm
 from nvae.optim import Adamax
 from nvae.hparams import GuardConfig
 
@@ -27,7 +30,8 @@ class SampleGrid(L.Callback):
     prior samples at each of ``temperatures`` and ``num_reconstructions`` validation images above
     their reconstructions, saved as ``<log_dir>/samples/*.png`` and logged to TensorBoard
     (``samples/t<T>``, ``reconstructions``) when the logger is one. Rank 0 only; validation uses
-    the EMA weights when the model keeps them, and so do these images."""
+    the EMA weights (with their BatchNorm statistics) when the model keeps them, and so do these
+    images, the final ones included."""
 
     def __init__(self, num_samples: int = 64, temperatures: Sequence[float] = (1.0, 0.8, 0.6),
                  every_n_epochs: int = 1, num_reconstructions: int = 8) -> None:
@@ -102,7 +106,16 @@ class SampleGrid(L.Callback):
         self._save(trainer, module, f"epoch{trainer.current_epoch:04d}")
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._save(trainer, module, "final")
+        """The final grids, of the EMA weights with their statistics when the model keeps them (as the
+        grids drawn after each validation are): swapped in on every process, no collective."""
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMAWeights) and not c.swapped), None)
+        if ema is not None:
+            ema.swap(module, True)
+        try:
+            self._save(trainer, module, "final")
+        finally:
+            if ema is not None:
+                ema.swap(module, False)
 
 
 def _new_guard(config: GuardConfig) -> StepGuard:
@@ -237,15 +250,23 @@ class GuardedSteps(L.Callback):
 
 
 class EMAWeights(L.Callback):
-    """An exponential moving average of the model's weights (``model.ema_decay``), updated after every
-    step the guard let through and restarted at a rollback; validation and test run on it, and
-    checkpoints carry it (``nvae_ema``), so sampling and evaluation use it."""
+    """An exponential moving average of the model's weights (``model.ema_decay``, reached after a
+    warm-up: :meth:`nvae.ema.WeightEMA.decay_at`), updated after every step the guard let through and
+    restarted at a rollback. Validation and test run on it with BatchNorm statistics of its own,
+    re-estimated on ``bn_batches`` training batches whenever the average moved since the last
+    estimate (:mod:`nvae.ema`; under DDP every process takes rank 0's), and checkpoints carry both
+    (``nvae_ema``), so sampling and evaluation use them. The live model's weights and statistics are
+    put back unchanged after each use; the sanity check before training runs the live model."""
 
-    def __init__(self, decay: float, guard: Optional[GuardedSteps] = None) -> None:
-        self.decay, self.guard = decay, guard
+    def __init__(self, decay: float, guard: Optional[GuardedSteps] = None, bn_batches: int = 20) -> None:
+        self.decay, self.guard, self.bn_batches = decay, guard, bn_batches
         self.ema: Optional[WeightEMA] = None
-        self.swapped = False
         self._to_load: Optional[dict[str, torch.Tensor]] = None
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the model holds the averages now."""
+        return self.ema is not None and self.ema.swapped
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._to_load = checkpoint.get(EMA_KEY)
@@ -262,32 +283,72 @@ class EMAWeights(L.Callback):
             return
         if self.guard is not None and self.guard.rolled_back:
             self.ema = WeightEMA(pl_module.model, self.decay)
-        else:  # after a skipped step the weights are unchanged, and so is their average
-            self.ema.update(pl_module.model, None if self.guard is None else self.guard.keep)
+        else:  # after a skipped step the weights are unchanged, and so is their average (the guard's flag)
+            self.ema.update(pl_module.model, trainer.global_step, None if self.guard is None else self.guard.keep)
 
-    def swap(self, pl_module: L.LightningModule, on: bool) -> None:
-        """Put the averages into the model (on) or the live weights back (off)."""
-        if self.ema is not None and self.swapped != on:
-            self.ema.swap(pl_module.model)
-            self.swapped = on
+    def swap(self, pl_module: L.LightningModule, on: bool, share: bool = False) -> None:
+        """Put the averages with their BatchNorm statistics into the model (on; estimated first when
+        the average moved since, rank 0's taken by every process when ``share``) or the live weights
+        and statistics back (off)."""
+        if self.ema is None or self.swapped == on:
+            return
+        self.ema.swap(pl_module.model)
+        if on and self.ema.stats is None:
+            self._estimate(pl_module, share)
+
+    def _estimate(self, pl_module: L.LightningModule, share: bool) -> None:
+        """Statistics for the averages the model holds now, from training batches (:mod:`nvae.ema`)."""
+        trainer = attached_trainer(pl_module)
+        loader = trainer.train_dataloader if trainer is not None else None
+        if not isinstance(loader, DataLoader):
+            rank_zero_warn("nvae: no training data to estimate the EMA weights' BatchNorm statistics from (the "
+                           "trainer has not loaded any); they are used with the live weights' statistics")
+            return
+        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+        if not batch_size:
+            raise ValueError("model.ema_bn_batches: the training DataLoader has no batch_size to draw batches "
+                             "of for the EMA weights' BatchNorm statistics")
+        model, seed = pl_module.model, estimate_seed(shuffle_seed(), trainer.global_step)
+
+        def forward(batch: Any) -> None:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            with model.kernel_bank.in_use():
+                model(pl_module._prepare(x.to(pl_module.device)))
+
+        with seeded(seed, pl_module.device), trainer.precision_plugin.forward_context():
+            batches = estimation_batches(loader.dataset, batch_size, self.bn_batches, loader.collate_fn,
+                                         torch.Generator().manual_seed(seed))
+            stats, counted = estimate_batchnorm(model, batches, forward)
+        if share and trainer.world_size > 1:  # every process validates with the same statistics: rank 0's
+            counted, stats = trainer.strategy.broadcast((counted, {k: v.cpu() for k, v in stats.items()}), src=0)
+        if not counted:
+            rank_zero_warn(f"nvae: all {self.bn_batches} batches gave non-finite BatchNorm statistics for the EMA "
+                           "weights; they are used with the live weights' statistics")
+            return
+        self.ema.set_stats(model, stats)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.swap(pl_module, True)
+        if not trainer.sanity_checking:  # the sanity check runs the live model: no training batch is loaded yet
+            self.swap(pl_module, True, share=True)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.swap(pl_module, False)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.swap(pl_module, True)
+        self.swap(pl_module, True, share=True)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.swap(pl_module, False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """``nvae_ema``: the averages with their statistics, estimated here (without any collective: an
+        emergency save runs on rank 0 alone) when the average moved since the last estimate."""
         if self.ema is None:
             return
         if self.swapped:  # saved during validation (e.g. preempted): the model holds the averages now
-            checkpoint[STATE_KEY].update({f"model.{n}": p.detach().clone() for n, p in self.ema.params.items()})
-            checkpoint[EMA_KEY] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
-        else:
-            checkpoint[EMA_KEY] = self.ema.state_dict(pl_module.model)
+            live = {**self.ema.params, **(self.ema.live_stats or {})}
+            checkpoint[STATE_KEY].update({f"model.{n}": v.detach().clone() for n, v in live.items()})
+        elif self.ema.stats is None:
+            self.swap(pl_module, True)
+            self.swap(pl_module, False)
+        checkpoint[EMA_KEY] = self.ema.state_dict(pl_module.model)

@@ -1,4 +1,4 @@
-"""Keeping a run alive: skipped bad steps, rollbacks and the weight EMA.
+"""Keeping a run alive: skipped bad steps and rollbacks (the weight EMA is :mod:`nvae.ema`).
 
 NVAE's deep hierarchy occasionally produces a non-finite loss or a gradient spike (the official
 code's README admits NaNs, and that resuming rarely helps). :class:`StepGuard` decides, after the
@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from nvae.compat import foreach_lerp_, foreach_norm
+from nvae.compat import foreach_norm
 
 
 MIN_LOSS_SCALE = 1.0  # below it a float16 overflow is the gradient's own, not the loss scale's
@@ -181,56 +181,3 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(foreach_norm([g.float() for g in grads])))
-
-
-class WeightEMA:
-    """Exponential moving average of a module's floating-point parameters (buffers copied at read).
-
-    Kept out of the module's buffers on purpose: DDP would broadcast it every step.
-    """
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        self.params = {n: p.detach().clone() for n, p in module.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, keep: Optional[torch.Tensor] = None) -> None:
-        """One averaging step; with ``keep`` (0-d, 1.0 or 0.0 on the device: the guard's decision) only
-        if it is 1, without reading it back."""
-        names = [n for n, p in module.named_parameters()]
-        live = [p.detach() for p in module.parameters()]
-        avg = [self.params[n] for n in names]
-        if avg[0].device != live[0].device:
-            self.to(live[0].device)
-            avg = [self.params[n] for n in names]
-        if keep is None:
-            foreach_lerp_(avg, live, 1.0 - self.decay)
-            return
-        delta = torch._foreach_sub(live, avg)  # avg + w (live - avg), as lerp computes it for w < 0.5
-        torch._foreach_mul_(delta, keep.to(live[0].device) * (1.0 - self.decay))
-        torch._foreach_add_(avg, delta)
-
-    def to(self, device: torch.device) -> None:
-        self.params = {n: p.to(device) for n, p in self.params.items()}
-
-    def state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """A full state dict of ``module``: averaged parameters, current buffers."""
-        return {k: self.params.get(k, v).detach().clone() for k, v in module.state_dict().items()}
-
-    def load(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
-        """Averages from a checkpoint's EMA entry; ValueError naming the first missing or misshapen weight."""
-        for n, p in module.named_parameters():
-            if not isinstance(state.get(n), torch.Tensor) or state[n].shape != p.shape:
-                raise ValueError(f"checkpoint EMA entry: weight {n!r} is missing or not of shape {tuple(p.shape)}")
-        device = next(module.parameters()).device
-        self.params = {n: state[n].to(device).clone() for n, _ in module.named_parameters()}
-
-    def swap(self, module: nn.Module) -> None:
-        """Exchange the module's parameters with the averages (call again to swap back)."""
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                tmp = p.detach().clone()
-                p.copy_(self.params[n])
-                self.params[n] = tmp

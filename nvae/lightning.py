@@ -23,6 +23,7 @@ from nvae.checkpoint import (DATA_KEY, FORMAT_KEY, FORMAT_VERSION, check_compati
                              read_checkpoint, upgrade)
 from nvae.checkpoint_state import check_training_state, sanitize_paths
 from nvae.compat import attached_trainer, writes_logs_this_step
+from nvae.ema import MAX_BN_BATCHES
 from nvae.hparams import GuardConfig, ObjectiveConfig, OptimConfig, as_group
 from nvae.limits import check_fits
 from nvae.loading import check_state, described_model
@@ -46,6 +47,7 @@ class NVAEModule(L.LightningModule):
         objective: ObjectiveConfig = ObjectiveConfig(),
         guard: GuardConfig = GuardConfig(),
         ema_decay: Optional[float] = None,
+        ema_bn_batches: int = 20,
         channels_last: bool = False,
         gradient_checkpointing: Union[bool, Literal["none", "cell", "group"]] = False,
         compile: bool = False,
@@ -59,7 +61,13 @@ class NVAEModule(L.LightningModule):
             objective: KL warm-up and balancing, spectral and BatchNorm regularization.
             guard: Skipping bad steps and rolling back.
             ema_decay: Keep an exponential moving average of the weights with this decay (e.g.
-                0.9999), used for validation, sampling and evaluation and saved in checkpoints; null: none.
+                0.9999; after step n the decay is min(ema_decay, (1 + n) / (10 + n)), so the random
+                initialization fades), used for validation, sampling and evaluation and saved in
+                checkpoints; null: none.
+            ema_bn_batches: Training batches the EMA weights' BatchNorm statistics are re-estimated on
+                (train mode, no gradients, cumulative average) before they are validated, tested or
+                saved, whenever they changed since the last estimate (nvae.ema; sec. 5.2 readjusts
+                BatchNorm the same way before sampling).
             channels_last: Run convolutions in channels_last memory format (faster on CPU; see
                 docs/performance.md).
             gradient_checkpointing: Recompute activations during backward instead of storing them:
@@ -78,10 +86,14 @@ class NVAEModule(L.LightningModule):
         guard_config = as_group(guard, GuardConfig, "guard")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        if isinstance(ema_bn_batches, bool) or not isinstance(ema_bn_batches, int) or \
+                not 1 <= ema_bn_batches <= MAX_BN_BATCHES:
+            raise ValueError(f"model.ema_bn_batches must be an integer in 1..{MAX_BN_BATCHES}, got {ema_bn_batches!r}")
         self.save_hyperparameters({  # plain dicts: loadable with torch.load(weights_only=True)
             "arch": asdict(arch), "image_spec": asdict(image_spec), "optim": asdict(self.optim),
             "objective": asdict(self.objective), "guard": asdict(guard_config), "ema_decay": ema_decay,
-            "channels_last": channels_last, "gradient_checkpointing": gradient_checkpointing, "compile": compile,
+            "ema_bn_batches": ema_bn_batches, "channels_last": channels_last,
+            "gradient_checkpointing": gradient_checkpointing, "compile": compile,
             "active_kl_threshold": active_kl_threshold})
         self.spec, self.channels_last, self.active_kl_threshold = image_spec, channels_last, active_kl_threshold
         check_fits(image_spec, arch, NVAE, "model.arch and image_spec")  # sized on the meta device before allocating
@@ -93,7 +105,7 @@ class NVAEModule(L.LightningModule):
         topology = self.model.topology
         self.register_buffer("alpha", kl_balance_alpha(topology.group_scales, topology.groups_per_scale),
                              persistent=False)
-        self.run_callbacks = TrainingCallbacks.build(guard_config, ema_decay)  # nvae.training: the guard, EMA, ...
+        self.run_callbacks = TrainingCallbacks.build(guard_config, ema_decay, ema_bn_batches)  # nvae.training: the guard, EMA, ...
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model.set_checkpointing(gradient_checkpointing)
@@ -181,6 +193,8 @@ class NVAEModule(L.LightningModule):
             module = cls(**hparams)
         except TypeError as err:
             raise ValueError(f"{source}: hyper_parameters do not describe an {cls.__name__} ({err})") from None
+        except ValueError as err:  # a setting out of its range, named by the check that refused it
+            raise ValueError(f"{source}: {err}") from None
         module.on_load_checkpoint(checkpoint)
         strict = module.strict_loading if strict is None else strict
         if strict:  # every tensor there, of its shape and kind, finite: one line naming the first that is not

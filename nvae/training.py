@@ -56,10 +56,11 @@ class TrainingCallbacks:
     rng: RNGState
 
     @classmethod
-    def build(cls, guard: GuardConfig, ema_decay: Optional[float]) -> "TrainingCallbacks":
-        """From the run's ``model.guard`` and ``model.ema_decay`` (None: no weight average)."""
+    def build(cls, guard: GuardConfig, ema_decay: Optional[float], ema_bn_batches: int = 20) -> "TrainingCallbacks":
+        """From the run's ``model.guard``, ``model.ema_decay`` (None: no weight average) and
+        ``model.ema_bn_batches`` (the batches the average's BatchNorm statistics are estimated on)."""
         guarded = GuardedSteps(guard)
-        return cls(guarded, EMAWeights(ema_decay, guarded) if ema_decay else None, RNGState())
+        return cls(guarded, EMAWeights(ema_decay, guarded, ema_bn_batches) if ema_decay else None, RNGState())
 
     def all(self) -> list[L.Callback]:
         """The trainer checks, the guard, the EMA, RNG states, atomic finite-only checkpoint writes and a

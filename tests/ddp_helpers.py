@@ -101,3 +101,32 @@ class SigtermAllRanks(L.Callback):
 
         if trainer.global_step - 1 == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RankDependent(torch.utils.data.Dataset):
+    """Images that differ by process: rank 1 reads rank 0's inverted (1 - x), so statistics each process
+    estimated alone from its training set would differ."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return self.images[index] if rank == 0 else 1.0 - self.images[index]
+
+
+class BatchNormDuringValidation(L.Callback):
+    """Writes the model's BatchNorm statistics at each validation's first batch to ``path/rank<r>.pt``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        from nvae.sampling import batchnorm_state
+
+        if batch_idx == 0 and not trainer.sanity_checking:
+            torch.save(batchnorm_state(module.model), Path(self.path) / f"rank{trainer.global_rank}.pt")

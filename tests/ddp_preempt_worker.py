@@ -21,7 +21,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     spec = ImageSpec(channels=1, size=16, num_bits=1, pad=2)
     L.seed_everything(0, verbose=False)
-    module = NVAEModule(arch=tiny_config(), image_spec=spec, optim={"warmup_epochs": 0.0})
+    module = NVAEModule(arch=tiny_config(), image_spec=spec, optim={"warmup_epochs": 0.0}, ema_decay=0.9,
+                        ema_bn_batches=2)  # an emergency save estimates the EMA's statistics on rank 0 alone
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=str(out / "ck"), save_last=True)]
     if sigterm_after >= 0:
         callbacks.append(ddp_helpers.SigtermAllRanks(step=sigterm_after))

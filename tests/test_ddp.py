@@ -69,6 +69,30 @@ def test_processes_agree_to_skip_a_step_with_a_bad_loss_on_one_of_them(tmp_path:
     torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
 
 
+def test_every_process_validates_the_ema_with_rank_0_s_statistics(tmp_path: Path) -> None:
+    """Rank 1's training images are rank 0's inverted, so each process alone would estimate other
+    BatchNorm statistics for the EMA weights; both validate with rank 0's, which the checkpoint holds."""
+    from nvae.checkpoint import EMA_KEY
+
+    L.seed_everything(0, verbose=False)
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, optim={"warmup_epochs": 0.0}, ema_decay=0.5,
+                        ema_bn_batches=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        num_sanity_val_steps=0, use_distributed_sampler=False, limit_val_batches=1,
+                        callbacks=[ddp_helpers.BatchNormDuringValidation(str(tmp_path)),
+                                   L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)])
+    data = ddp_helpers.RankDependent(random_images(SPEC, n=8, seed=2))
+    trainer.fit(module, DataLoader(data, batch_size=2, sampler=ddp_helpers.RankInterleaved(len(data))),
+                DataLoader(random_images(SPEC, n=4, seed=4), batch_size=2))
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2 and r0.keys() == r1.keys() and len(r0) > 30
+    for key in r0:
+        torch.testing.assert_close(r1[key], r0[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(saved[EMA_KEY][key], r0[key], rtol=0, atol=0, msg=key)
+
+
 def _free_port() -> int:
     import socket
 
@@ -103,12 +127,13 @@ def launch_pair(tmp: Path, *args: str) -> list[int]:
 def test_sigterm_to_every_process_checkpoints_and_resumes(tmp_path: Path) -> None:
     """A preempted torchrun job: every process gets SIGTERM after step 1, they stop after the step, rank 0
     writes last.ckpt (step 2) without any collective, and rerunning with the checkpoint reaches step 4."""
-    from nvae.checkpoint import RNG_KEY
+    from nvae.checkpoint import EMA_KEY, RNG_KEY
 
     launch_pair(tmp_path, "4", "1")
     last = tmp_path / "ck" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 2 and len(state[RNG_KEY]) == 1  # rank 0's; rank 1 derives its stream
+    assert EMA_KEY in state  # its BatchNorm statistics estimated by rank 0 alone, without a collective
     assert launch_pair(tmp_path, "4", "-1", str(last)) == [0, 0]
     assert torch.load(last, weights_only=True)["global_step"] == 4
 

@@ -250,6 +250,17 @@ def test_likelihood_and_backend_names_from_a_file_are_registry_names(clean: dict
     assert not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.parametrize("value", [0, -3, 10**12, True, "20", None, 2.5])
+def test_ema_bn_batches_from_a_file_is_bounded(clean: dict, tmp_path: Path, value: object) -> None:
+    """model.ema_bn_batches decides how many batches every validation runs first: a file gives an
+    integer in 1..10000, else one line naming the file and the field (no run that never validates)."""
+    ck = copy.deepcopy(clean)
+    ck["hyper_parameters"]["ema_bn_batches"] = value
+    crafted = save(ck, tmp_path / "ema.ckpt")
+    message = one_line(lambda: NVAEModule.load_from_checkpoint(crafted))
+    assert f"'{crafted}': model.ema_bn_batches must be an integer in 1..10000, got {value!r}" in message, message
+
+
 def test_check_fits_counts_the_real_model_on_meta(tiny_rgb: torch.nn.Module) -> None:
     from nvae.limits import check_fits
 

@@ -35,7 +35,7 @@ NAMES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "os.system": lambda marker: {"command": f"touch {marker}"},
     "os.makedirs": lambda marker: {"name": str(marker)},  # a module-level function
     "nvae_no_such_module.DataModule": lambda marker: {},  # a module that does not exist
-    "nvae.guard.WeightEMA": lambda marker: {},  # a class of nvae that is not a data module (nor NVAEModule)
+    "nvae.ema.WeightEMA": lambda marker: {},  # a class of nvae that is not a data module (nor NVAEModule)
 }
 
 
