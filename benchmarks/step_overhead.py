@@ -3,7 +3,7 @@ large batches, with the kernel bank (batched weight normalization and power iter
 against the per-layer form, measured in the same run.
 
     python benchmarks/step_overhead.py [--config configs/<preset>.yaml ...] [--time configs/<preset>.yaml ...]
-        [--batch-sizes 1 32] [--steps N] [--threads T] [--backends plain default]
+        [--batch-sizes 1 32] [--steps N] [--threads T] [--backends plain default] [--memory configs/<preset>.yaml]
 
 Operator calls. One optimizer step as Lightning runs it (zero_grad, the regularized loss, backward,
 Adamax; benchmarks/throughput.py's ``Stepper``) under a ``TorchDispatchMode`` that counts every ATen
@@ -20,6 +20,10 @@ medians and their ratio are printed (the ratio is the number to compare across m
 are set by ``--threads`` (default 1: on a shared machine more threads than free cores slow a step
 3-60x).
 
+Memory. For each ``--memory`` preset, backend and form, a fresh process builds the step, runs 3 steps
+at the first of ``--batch-sizes`` and reports its peak resident set size (``ru_maxrss``: the
+interpreter and libraries included, so compare the two forms, not the absolute figures).
+
 The last line of stdout is one JSON object with every number.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import collections
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,6 +101,18 @@ def time_pair(config: str, batch_size: int, steps: int) -> dict[str, Any]:
             "ratio": medians["batched"] / medians["per_layer"]}
 
 
+def peak_rss_mb(config: str, backend: str, batched: bool, batch_size: int, steps: int, threads: int) -> int:
+    """Peak resident memory (MB) of a fresh process that builds the step and runs ``steps`` of it."""
+    code = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import step_overhead as s; "
+            "torch.set_num_threads(int(sys.argv[7])); "
+            "step = s.stepper(sys.argv[2], sys.argv[3], sys.argv[4] == '1', int(sys.argv[5])); "
+            "[step.timed_step() for _ in range(int(sys.argv[6]))]; "
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks"), config, backend, str(int(batched)),
+                          str(batch_size), str(steps), str(threads)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split("RSS")[-1])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action="append", default=None, help=f"presets to count (default: {', '.join(DEFAULT_COUNT)})")
@@ -105,6 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=5, help="timed steps per model and batch size")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--backends", nargs="+", default=["plain", "default"], choices=["plain", "default"])
+    p.add_argument("--memory", action="append", default=[], help="presets whose peak resident memory to measure "
+                   "(3 steps at the first --batch-sizes, one fresh process per backend and form)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, torch {torch.__version__}")
@@ -130,6 +149,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             print(f"{Path(config).stem:<32}{batch_size:>6}{row['per_layer_s']:>11.4f}{row['batched_s']:>9.4f}"
                   f"{row['ratio']:>7.3f}")
             result["times"].append(row)
+    if args.memory:
+        print(f"{'peak resident memory, MB':<28}{'backend':>9}{'batch':>6}{'per layer':>11}{'batched':>9}")
+    for config in args.memory:
+        for backend in args.backends:
+            mb = {name: peak_rss_mb(config, backend, name == "batched", args.batch_sizes[0], 3, args.threads)
+                  for name in ("per_layer", "batched")}
+            print(f"{Path(config).stem:<28}{backend:>9}{args.batch_sizes[0]:>6}{mb['per_layer']:>11,}{mb['batched']:>9,}")
+            result.setdefault("memory", []).append({"config": config, "backend": backend,
+                                                    "batch_size": args.batch_sizes[0], **{f"{k}_mb": v for k, v in mb.items()}})
     print(json.dumps(result))
     return result
 

@@ -298,3 +298,21 @@ def test_gpu_measures_every_paper_preset() -> None:
     assert sorted(gpu.PRESETS) == sorted(set(preset_names()) - set(gpu.TINY))
     assert gpu.parse_args([]).presets == list(gpu.PRESETS)
     assert gpu.parse_args(["--tiny"]).presets == ["quickstart"]
+
+
+def test_step_overhead_counts_fewer_calls_batched_and_measures_memory(tmp_path: Path) -> None:
+    """benchmarks/step_overhead.py on the quickstart's plain path: the bank's step makes fewer ATen
+    calls than the per-layer one (the property it measures; a bank that stopped batching would not),
+    and the timing and memory rows come out for each form."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--config", str(QUICKSTART),
+                           "--backends", "plain", "--time", str(QUICKSTART), "--batch-sizes", "2", "--steps", "1",
+                           "--memory", str(QUICKSTART)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (count,) = result["counts"]
+    assert 0 < count["batched"] < 0.7 * count["per_layer"]  # 2,595 against 4,951 on 2026-12-07
+    (timing,) = result["times"]
+    assert timing["batch_size"] == 2 and timing["batched_s"] > 0 and timing["per_layer_s"] > 0
+    (memory,) = result["memory"]
+    assert memory["batched_mb"] > 0 and memory["per_layer_mb"] > 0
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
