@@ -138,9 +138,10 @@ class GuardedSteps(L.Callback):
     """
 
     def __init__(self, config: GuardConfig) -> None:
-        if config.check_every < 1:
-            raise ValueError(f"model.guard.check_every must be >= 1 (steps between reads of the guard's counters), "
-                             f"got {config.check_every}")
+        every = config.check_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"model.guard.check_every must be an integer >= 1 (steps between reads of the guard's "
+                             f"counters), got {every!r}")
         self.config = config
         self.guard = _new_guard(config)
         self.loss_bad: Optional[torch.Tensor] = None

@@ -229,6 +229,17 @@ def test_model_sizes_from_a_file_are_checked_before_allocating(clean: dict, tmp_
     assert not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.parametrize("value", [0, -3, "10", 2.5, True])
+def test_guard_check_every_from_a_file_is_refused_in_one_line(clean: dict, tmp_path: Path, value: object) -> None:
+    """model.guard.check_every says how often the guard's counters are read: anything but an integer
+    >= 1 is refused in one line naming the field and the file."""
+    ck = copy.deepcopy(clean)
+    ck["hyper_parameters"]["guard"]["check_every"] = value
+    crafted = save(ck, tmp_path / "every.ckpt")
+    message = one_line(lambda: NVAEModule.load_from_checkpoint(crafted))
+    assert "model.guard.check_every must be an integer >= 1" in message and str(crafted) in message, message
+
+
 @pytest.mark.parametrize("field, value, expected", [
     ("likelihood", "os.system", "model.arch.likelihood must be auto or one of bernoulli, dmol, got 'os.system'"),
     ("likelihood", ["dmol"], "model.arch.likelihood must be auto or one of bernoulli, dmol, got ['dmol']"),
