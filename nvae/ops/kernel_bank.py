@@ -77,12 +77,20 @@ def matrix_as_kernel(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return matrix.view(out, cin, kh, kw)
 
 
+def _parts(tensors: Sequence[torch.Tensor], n: int, masked: bool) -> tuple[Sequence[torch.Tensor], ...]:
+    """:class:`StackedWeightNorm`'s inputs ``(*weights, *masks, *gains)`` as (weights, masks, gains)."""
+    return tensors[:n], tensors[n:2 * n] if masked else (), tensors[2 * n if masked else n:]
+
+
+def _mask_stack(masks: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n, C_out, cols) stack of the masks, each read in its weight's column order."""
+    return torch.stack([kernel_matrix(m, layout_of=t) for m, t in zip(masks, weights)])
+
+
 def _stack(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """(n, C_out, cols) stack of the kernel matrices m * w (w alone without masks)."""
     w = torch.stack([kernel_matrix(t) for t in weights])  # (n, out, cols)
-    if masks:
-        w = w * torch.stack([kernel_matrix(m, layout_of=t) for m, t in zip(masks, weights)])
-    return w
+    return w * _mask_stack(masks, weights) if masks else w
 
 
 class StackedWeightNorm(torch.autograd.Function):
@@ -97,7 +105,7 @@ class StackedWeightNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, n: int, masked: bool, *tensors: torch.Tensor) -> torch.Tensor:
-        weights, masks, gains = tensors[:n], tensors[n:2 * n] if masked else (), tensors[2 * n if masked else n:]
+        weights, masks, gains = _parts(tensors, n, masked)
         w = _stack(weights, masks)
         norm = scale = None
         if gains:
@@ -111,8 +119,7 @@ class StackedWeightNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         norm, scale, *tensors = ctx.saved_tensors
-        n, masked = ctx.n, ctx.masked
-        weights, masks, gains = tensors[:n], tensors[n:2 * n] if masked else [], tensors[2 * n if masked else n:]
+        weights, masks, gains = _parts(tensors, ctx.n, ctx.masked)
         grad_gains: list[Optional[torch.Tensor]] = []
         if gains:
             w = _stack(weights, masks)  # made again: see the class docstring
@@ -122,7 +129,7 @@ class StackedWeightNorm(torch.autograd.Function):
             grad = torch.addcmul(grad * scale, w, coef, value=-1)
             grad_gains = [g_j.view_as(g) for g_j, g in zip(grad_log_g.unbind(0), gains)]
         if masks:
-            grad = grad * torch.stack([kernel_matrix(m, layout_of=t) for m, t in zip(masks, weights)])
+            grad = grad * _mask_stack(masks, weights)
         grad_weights = [matrix_as_kernel(g_j, t) for g_j, t in zip(grad.unbind(0), weights)]  # views, laid out as w
         return (None, None, *grad_weights, *([None] * len(masks)), *grad_gains)
 
