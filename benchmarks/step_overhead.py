@@ -34,7 +34,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 

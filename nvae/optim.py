@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from nvae.ops.kernel_bank import kernel_matrix, matrix_as_kernel
+from nvae.ops.kernel_bank import matrix_as_kernel
 
 
 def _like(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
