@@ -20,6 +20,10 @@ medians and their ratio are printed (the ratio is the number to compare across m
 are set by ``--threads`` (default 1: on a shared machine more threads than free cores slow a step
 3-60x).
 
+The process runs with the allocator train.py would take (``NVAE_MALLOC``, default ``auto``: tcmalloc
+where installed, else glibc keeping its heap; :mod:`nvae.allocator`): under glibc's defaults every
+step faults in fresh pages for its large temporaries, which weighs on the stacked kernels most.
+
 Memory. For each ``--memory`` preset, backend and form, a fresh process builds the step, runs 3 steps
 at the first of ``--batch-sizes`` and reports its peak resident set size (``ru_maxrss``: the
 interpreter and libraries included, so compare the two forms, not the absolute figures).
@@ -37,12 +41,17 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
+
+from nvae.allocator import allocator_name, keep_heap_memory, select_allocator  # noqa: E402 (no torch)
+
+if __name__ == "__main__":
+    select_allocator("step_overhead.py")  # as train.py: a re-execution with tcmalloc happens before torch loads
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import throughput  # noqa: E402
 
@@ -102,7 +111,7 @@ def time_pair(config: str, batch_size: int, steps: int) -> dict[str, Any]:
 
 def peak_rss_mb(config: str, backend: str, batched: bool, batch_size: int, steps: int, threads: int) -> int:
     """Peak resident memory (MB) of a fresh process that builds the step and runs ``steps`` of it."""
-    code = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import step_overhead as s; "
+    code = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import step_overhead as s; s.keep_heap_memory(); "
             "torch.set_num_threads(int(sys.argv[7])); "
             "step = s.stepper(sys.argv[2], sys.argv[3], sys.argv[4] == '1', int(sys.argv[5])); "
             "[step.timed_step() for _ in range(int(sys.argv[6]))]; "
@@ -124,10 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--memory", action="append", default=[], help="presets whose peak resident memory to measure "
                    "(3 steps at the first --batch-sizes, one fresh process per backend and form)")
     args = p.parse_args(argv)
+    keep_heap_memory()  # as train.py does; a no-op where select_allocator preloaded tcmalloc
     torch.set_num_threads(args.threads)
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, torch {torch.__version__}")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}, torch {torch.__version__}, "
+          f"allocator {allocator_name()}")
     result: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-                              "counts": [], "times": []}
+                              "allocator": allocator_name(), "counts": [], "times": []}
     print(f"{'operator calls per step':<28}{'backend':>9}{'per layer':>11}{'batched':>9}{'ratio':>7}  most frequent (batched)")
     for config in args.config or DEFAULT_COUNT:
         for backend in args.backends:

@@ -171,8 +171,8 @@ class SpectralRegularizer(nn.Module):
             w = torch.cat([F.pad(m, (0, cols - m.shape[2], 0, rows - m.shape[1])) for m in matrices])  # (N, R, C)
             u = torch.cat([F.pad(u_g, (0, rows - u_g.shape[1])) for u_g, _ in uv])  # (N, R)
             v = torch.cat([F.pad(v_g, (0, cols - v_g.shape[1])) for _, v_g in uv])  # (N, C)
-        u_new, v_new, _ = power_iteration(u, v, w.detach(), iters)
-        sigma = torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum()  # autograd: u v^T into w
+        u_new, v_new, wv = power_iteration(u, v, w.detach(), iters)
+        sigma = SumOfBilinearForms.apply(w, u_new, v_new, (u_new * wv).sum())  # u^T W v from the last W v
         with torch.no_grad():
             start = 0
             for u_g, v_g in uv:
@@ -205,7 +205,7 @@ class SpectralRegularizer(nn.Module):
                 if with_tokens:  # u^T W v from the last step's W v: no further pass over the weights
                     sigmas.append((u_new * wv).sum())
                 else:
-                    sigmas.append(torch.bmm(torch.bmm(u_new.unsqueeze(1), w), v_new.unsqueeze(2)).sum())
+                    sigmas.append(SumOfBilinearForms.apply(w, u_new, v_new, (u_new * wv).sum()))
                 with torch.no_grad():
                     u[rows], v[rows] = u_new, v_new
         total = sum(sigmas)
@@ -214,6 +214,22 @@ class SpectralRegularizer(nn.Module):
                 conv.accel.uv = (u[j], v[j])
             total = total + torch.stack(tokens).sum()
         return total
+
+
+class SumOfBilinearForms(torch.autograd.Function):
+    """sum_j u_j^T W_j v_j for a batch W (n, rows, cols) and constant u (n, rows), v (n, cols), its value given
+    (the power iteration's last W v already holds it); the gradient to W is c u_j v_j^T, one broadcast
+    product: a CPU's bmm of (rows, 1) x (1, cols) outer products takes a path several times slower."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u, v)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        u, v = ctx.saved_tensors
+        return (grad * u).unsqueeze(2) * v.unsqueeze(1), None, None, None  # (n, rows, 1) * (n, 1, cols)
 
 
 @torch.no_grad()

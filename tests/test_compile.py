@@ -34,7 +34,6 @@ def _objective() -> tuple[Objective, torch.Tensor]:
     regularizer's state once, which compiled steps never do."""
     torch.manual_seed(0)
     module = NVAEModule(arch=tiny_config(num_flows=1, backend="plain"), image_spec=SPEC)
-    module.model.kernel_bank.batched = True  # as on a GPU
     x = module._prepare(random_images(SPEC))
     module.training_loss(x)
     return Objective(module), x

@@ -43,17 +43,19 @@ def test_bank_kernels_are_the_layers_own(channels_last: bool) -> None:
     assert all(c.step_kernel is None for c in convs)
 
 
-def test_the_bank_batches_off_the_cpu_by_default() -> None:
-    """None: layer by layer on the CPU (the stacks cost more passes over the weights than the calls
-    they save there), batched elsewhere (a meta-device model stands in for a GPU's)."""
-    bank = _module(True).model.kernel_bank
-    bank.batched = None
+def test_the_bank_batches_by_default_and_per_layer_makes_nothing() -> None:
+    """Batched unless asked for the per-layer form, on every device (a meta-device model stands in for a GPU's)."""
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC)
+    bank = module.model.kernel_bank
+    assert bank.batched is True and bank.active()
+    bank.batched = False
     assert not bank.active()
     with bank.in_use() as stacks:
         assert stacks is None
+        assert all(c.step_kernel is None for g in bank.groups for c in g)
     with torch.device("meta"):
         meta = NVAEModule(arch=tiny_config(), image_spec=SPEC).model.kernel_bank
-    assert meta.batched is None and meta.active()
+    assert meta.active()
 
 
 def test_bank_clears_its_kernels_when_the_block_fails() -> None:

@@ -104,8 +104,9 @@ def test_spectral_gradient_through_tokens_matches_autograd(layout: torch.memory_
         assert pa.grad.stride() == pa.stride(), name  # one gradient, laid out as the weight (DDP's buckets)
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("mode", ["none", "group"])
-def test_training_step_gradients_are_laid_out_as_their_parameters(mode: str) -> None:
+def test_training_step_gradients_are_laid_out_as_their_parameters(mode: str, batched: bool) -> None:
     """DDP copies each gradient into a bucket laid out as the parameter and warns ("Grad strides do
     not match bucket view strides") on any stride difference, size-1 dimensions included: before
     the decoder's plain convolutions carried spectral tokens, their two summed gradients came back
@@ -115,6 +116,7 @@ def test_training_step_gradients_are_laid_out_as_their_parameters(mode: str) -> 
     torch.manual_seed(0)
     module = NVAEModule(arch=tiny_config(num_flows=1), image_spec=ImageSpec(channels=3, size=16, num_bits=8),
                         channels_last=True, gradient_checkpointing=mode)
+    module.model.kernel_bank.batched = batched  # the kernel bank's stacks, or each layer's own kernel
     x = module._prepare(random_images(module.spec))
     module.training_loss(x)[0].backward()
     plain = [m.weight for m in module.modules() if isinstance(m, Conv2d) and m.log_weight_norm is None]

@@ -123,10 +123,10 @@ class StackedWeightNorm(torch.autograd.Function):
         grad_gains: list[Optional[torch.Tensor]] = []
         if gains:
             w = _stack(weights, masks)  # made again: see the class docstring
-            grad_log_g = scale * (grad * w).sum(dim=2, keepdim=True)  # (n, out, 1)
+            grad_log_g = scale * torch.linalg.vecdot(grad, w, dim=2).unsqueeze(2)  # (n, out, 1), no (n, out, cols) temporary
             # A kernel row of zeros (a masked conv's) has t = 0: its coefficient is 0, not 0 / 0.
             coef = grad_log_g / (norm * (norm + WEIGHT_NORM_EPS)).clamp_min(torch.finfo(norm.dtype).tiny)
-            grad = torch.addcmul(grad * scale, w, coef, value=-1)
+            grad = (grad * scale).addcmul_(w, coef, value=-1)
             grad_gains = [g_j.view_as(g) for g_j, g in zip(grad_log_g.unbind(0), gains)]
         if masks:
             grad = grad * _mask_stack(masks, weights)
@@ -137,23 +137,19 @@ class StackedWeightNorm(torch.autograd.Function):
 class KernelBank:
     """The batched kernels of ``convs`` (see the module docstring); groups as :func:`group_convs`.
 
-    ``batched``: True makes the kernels here, False leaves them to the layers (``in_use`` then makes
-    nothing), None (the default) batches off the CPU only. A GPU runs each small call as a kernel
-    launch of several microseconds, which the bank saves; a CPU's calls cost little, while the
-    stacks take more passes over the weights than the layers' own weight norms (the MNIST model's
-    step at batch 1 took 1.66x as long batched: docs/performance.md). benchmarks/step_overhead.py
-    compares the two forms.
+    ``batched``: True (the default) makes the kernels here; False leaves them to the layers
+    (``in_use`` then makes nothing), the per-layer form that benchmarks/step_overhead.py compares
+    against. On a GPU the bank saves thousands of kernel launches per step; on a CPU it costs about
+    what the layers' own weight norms cost (docs/performance.md).
     """
 
-    def __init__(self, convs: Sequence[Conv2d], batched: Optional[bool] = None) -> None:
+    def __init__(self, convs: Sequence[Conv2d], batched: bool = True) -> None:
         self.groups = group_convs(convs)
         self.batched = batched
 
     def active(self) -> bool:
-        """Whether :meth:`in_use` makes the kernels (see ``batched``)."""
-        if self.batched is not None:
-            return self.batched
-        return bool(self.groups) and self.groups[0][0].weight.device.type != "cpu"
+        """Whether :meth:`in_use` makes the kernels: batched, and convolutions to make them for."""
+        return self.batched and bool(self.groups)
 
     def make(self) -> list[torch.Tensor]:
         """Each group's (n, C_out, cols) kernel stack."""
