@@ -263,6 +263,9 @@ class EMAWeights(L.Callback):
         self.decay, self.guard, self.bn_batches = decay, guard, bn_batches
         self.ema: Optional[WeightEMA] = None
         self._to_load: Optional[dict[str, torch.Tensor]] = None
+        self._step_seen = 0
+        """``trainer.global_step`` at the last update: a batch that ends at the same step took no optimizer
+        step (a micro-batch of gradient accumulation), and the average stays."""
 
     @property
     def swapped(self) -> bool:
@@ -273,15 +276,26 @@ class EMAWeights(L.Callback):
         self._to_load = checkpoint.get(EMA_KEY)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.ema = WeightEMA(pl_module.model, self.decay)
+        self.ema = None
+        self._restore(pl_module, statistics=False)  # a resumed run estimates them again from its training data
+        if self.ema is None:  # a fresh run: the average starts at the live weights
+            self.ema = WeightEMA(pl_module.model, self.decay)
+        self._step_seen = trainer.global_step
+
+    def _restore(self, pl_module: L.LightningModule, statistics: bool = True) -> None:
+        """The averages of the checkpoint this run just loaded (``ckpt_path`` of fit, validate or test): a
+        validation or test on a checkpoint runs that checkpoint's averages with its statistics, not those
+        left in memory."""
         if self._to_load is not None:
-            self.ema.load(self._to_load, pl_module.model)
+            self.ema = WeightEMA(pl_module.model, self.decay)
+            self.ema.load(self._to_load, pl_module.model, statistics)
         self._to_load = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.ema is None:
+        if self.ema is None or trainer.global_step == self._step_seen:
             return
+        self._step_seen = trainer.global_step
         if self.guard is not None and self.guard.rolled_back:
             self.ema = WeightEMA(pl_module.model, self.decay)
         else:  # after a skipped step the weights are unchanged, and so is their average (the guard's flag)
@@ -329,6 +343,7 @@ class EMAWeights(L.Callback):
         self.ema.set_stats(model, stats)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(pl_module)  # trainer.validate(ckpt_path=...): no fit started
         if not trainer.sanity_checking:  # the sanity check runs the live model: no training batch is loaded yet
             self.swap(pl_module, True, share=True)
 
@@ -336,6 +351,7 @@ class EMAWeights(L.Callback):
         self.swap(pl_module, False)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(pl_module)  # trainer.test(ckpt_path=...): no fit started
         self.swap(pl_module, True, share=True)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

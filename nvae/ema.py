@@ -98,15 +98,20 @@ class WeightEMA:
         average = {**self.params, **(self.stats or {})}
         return {k: average.get(k, v).detach().clone() for k, v in module.state_dict().items()}
 
-    def load(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
-        """Averages from a checkpoint's EMA entry; ValueError naming the first missing or misshapen weight.
-        Its statistics are not read: they are estimated again when needed (the same ones)."""
-        for n, p in module.named_parameters():
-            if not isinstance(state.get(n), torch.Tensor) or state[n].shape != p.shape:
-                raise ValueError(f"checkpoint EMA entry: weight {n!r} is missing or not of shape {tuple(p.shape)}")
+    def load(self, state: dict[str, torch.Tensor], module: nn.Module, statistics: bool = False) -> None:
+        """Averages from a checkpoint's EMA entry; ValueError naming the first missing or misshapen tensor.
+        Its BatchNorm statistics are read with ``statistics`` (a validation or test of the file); else they
+        are estimated again when needed (a resumed run, which has its training data: the same ones)."""
+        wanted = dict(module.named_parameters())
+        buffers = batchnorm_buffers(module) if statistics else {}
+        for n, t in {**wanted, **buffers}.items():
+            if not isinstance(state.get(n), torch.Tensor) or state[n].shape != t.shape:
+                raise ValueError(f"checkpoint EMA entry: {n!r} is missing or not of shape {tuple(t.shape)}")
         device = next(module.parameters()).device
-        self.params = {n: state[n].to(device).clone() for n, _ in module.named_parameters()}
+        self.params = {n: state[n].to(device).clone() for n in wanted}
         self.stats = None
+        if buffers:
+            self.set_stats(module, {k: state[k].to(b.dtype) for k, b in buffers.items()})
 
     @torch.no_grad()
     def swap(self, module: nn.Module) -> None:

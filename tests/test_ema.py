@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import pytest
@@ -234,3 +234,53 @@ def test_synchronized_batchnorm_is_estimated_without_a_collective(tiny_binary: N
 def test_a_bad_ema_bn_batches_is_one_line_naming_it(value: object) -> None:
     with pytest.raises(ValueError, match=r"^model.ema_bn_batches must be an integer in 1..10000, got "):
         NVAEModule(arch=tiny_config(), image_spec=SPEC, ema_decay=0.9, ema_bn_batches=value)  # type: ignore[arg-type]
+
+
+class WeightsWhenTesting(L.Callback):
+    """The model's state dict at the first test batch."""
+
+    def __init__(self) -> None:
+        self.seen: Optional[dict[str, torch.Tensor]] = None
+
+    def on_test_batch_start(self, trainer: L.Trainer, module: NVAEModule, *_: Any) -> None:
+        if self.seen is None:
+            self.seen = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def test_testing_a_checkpoint_runs_that_checkpoints_averages(tmp_path: Path) -> None:
+    """``trainer.test(ckpt_path=...)`` in a fresh process (no fit) and after a fit that went on past the
+    checkpoint: the test runs the file's averages with their statistics, not the live weights and not
+    the averages left in memory."""
+    saving = L.pytorch.callbacks.ModelCheckpoint(every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    trainer, module = fit(tmp_path, 6, [saving], ema_decay=0.5, ema_bn_batches=BN_BATCHES)
+    path = Path(trainer.checkpoint_callback.dirpath) / "step=3.ckpt"
+    expected = torch.load(path, weights_only=True)[EMA_KEY]
+    for fitted in (None, (trainer, module)):
+        seen = WeightsWhenTesting()
+        if fitted is None:
+            module = NVAEModule(arch=tiny_config(), image_spec=SPEC, ema_decay=0.5, ema_bn_batches=BN_BATCHES)
+            trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=str(tmp_path / "test"), limit_test_batches=1, callbacks=[seen])
+        else:
+            trainer.callbacks.append(seen)
+        trainer.test(module, datamodule=RandomBinary(), ckpt_path=str(path), verbose=False)
+        assert seen.seen is not None and seen.seen.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(seen.seen[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_under_gradient_accumulation_the_average_moves_once_per_optimizer_step(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two micro-batches per step: the average moves after each optimizer step (steps 1, 2, 3), not after
+    each batch (which would decay it twice as fast, at repeated warm-up counts)."""
+    steps: list[int] = []
+    update = WeightEMA.update
+    monkeypatch.setattr(WeightEMA, "update", lambda self, module, step, keep=None: steps.append(step) or
+                        update(self, module, step, keep))
+    L.seed_everything(0, verbose=False)
+    module = NVAEModule(arch=tiny_config(), image_spec=SPEC, ema_decay=0.5, ema_bn_batches=BN_BATCHES)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path), limit_val_batches=0)
+    trainer.fit(module, datamodule=RandomBinary())
+    assert steps == [1, 2, 3]
