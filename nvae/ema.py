@@ -99,11 +99,14 @@ class WeightEMA:
         return {k: average.get(k, v).detach().clone() for k, v in module.state_dict().items()}
 
     def load(self, state: dict[str, torch.Tensor], module: nn.Module, statistics: bool = False) -> None:
-        """Averages from a checkpoint's EMA entry; ValueError naming the first missing or misshapen tensor.
-        Its BatchNorm statistics are read with ``statistics`` (a validation or test of the file); else they
-        are estimated again when needed (a resumed run, which has its training data: the same ones)."""
+        """Averages from a checkpoint's EMA entry; ValueError naming the first missing or misshapen weight
+        (or misshapen statistic). Its BatchNorm statistics are read with ``statistics`` (a validation or
+        test of the file) where it has them all; else they are estimated again when needed (a resumed run,
+        which has its training data: the same ones)."""
         wanted = dict(module.named_parameters())
         buffers = batchnorm_buffers(module) if statistics else {}
+        if not all(isinstance(state.get(k), torch.Tensor) for k in buffers):
+            buffers = {}  # an entry of weights alone
         for n, t in {**wanted, **buffers}.items():
             if not isinstance(state.get(n), torch.Tensor) or state[n].shape != t.shape:
                 raise ValueError(f"checkpoint EMA entry: {n!r} is missing or not of shape {tuple(t.shape)}")

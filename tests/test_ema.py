@@ -267,6 +267,11 @@ def test_testing_a_checkpoint_runs_that_checkpoints_averages(tmp_path: Path) -> 
         assert seen.seen is not None and seen.seen.keys() == expected.keys()
         for key, value in expected.items():
             torch.testing.assert_close(seen.seen[key], value, rtol=0, atol=0, msg=key)
+    broken = torch.load(path, weights_only=True)
+    broken[EMA_KEY]["preprocess.0.branch.0.running_mean"] = torch.zeros(3)  # a file's statistic of the wrong shape
+    torch.save(broken, tmp_path / "broken.ckpt")
+    with pytest.raises(ValueError, match="EMA entry: 'preprocess.0.branch.0.running_mean' is missing or not of shape"):
+        trainer.test(module, datamodule=RandomBinary(), ckpt_path=str(tmp_path / "broken.ckpt"), verbose=False)
 
 
 def test_under_gradient_accumulation_the_average_moves_once_per_optimizer_step(tmp_path: Path,
