@@ -166,12 +166,11 @@ class SpectralRegularizer(nn.Module):
         cols = max(m.shape[2] for m in matrices)
         uv = [self._uv(i) for i in groups]
         if len(groups) == 1:
-            w, (u, v) = matrices[0], uv[0]
-        else:
+            w, u = matrices[0], uv[0][0]
+        else:  # v is not padded: the iteration starts from u
             w = torch.cat([F.pad(m, (0, cols - m.shape[2], 0, rows - m.shape[1])) for m in matrices])  # (N, R, C)
             u = torch.cat([F.pad(u_g, (0, rows - u_g.shape[1])) for u_g, _ in uv])  # (N, R)
-            v = torch.cat([F.pad(v_g, (0, cols - v_g.shape[1])) for _, v_g in uv])  # (N, C)
-        u_new, v_new, wv = power_iteration(u, v, w.detach(), iters)
+        u_new, v_new, wv = power_iteration(u, w.detach(), iters)
         sigma = SumOfBilinearForms.apply(w, u_new, v_new, (u_new * wv).sum())  # u^T W v from the last W v
         with torch.no_grad():
             start = 0
@@ -201,7 +200,7 @@ class SpectralRegularizer(nn.Module):
                 parts = [(slice(None), torch.stack(weights))]
             for rows, w in parts:  # w: (n or 1, rows, cols)
                 s = None if scales is None else scales[rows]
-                u_new, v_new, wv = power_iteration(u[rows], v[rows], w, iters, s)
+                u_new, v_new, wv = power_iteration(u[rows], w, iters, s)
                 if with_tokens:  # u^T W v from the last step's W v: no further pass over the weights
                     sigmas.append((u_new * wv).sum())
                 else:
@@ -233,9 +232,10 @@ class SumOfBilinearForms(torch.autograd.Function):
 
 
 @torch.no_grad()
-def power_iteration(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, iters: int,
+def power_iteration(u: torch.Tensor, w: torch.Tensor, iters: int,
                     scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``iters`` (>= 1) steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices W (n, rows, cols).
+    """``iters`` (>= 1) steps of v <- W^T u / |.|, u <- W v / |.| for a batch of matrices W (n, rows, cols),
+    from the last u (n, rows): the last v is not needed, each step makes v afresh.
 
     Returns u, v and the last W v (so u^T W v needs no further pass over W). With ``scale``
     (n, rows), W = diag(scale) w for the given w (a weight-normalized kernel read as its raw

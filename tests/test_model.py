@@ -441,7 +441,7 @@ def test_spectral_regularizer_reads_no_device_value_per_step(monkeypatch: pytest
     reg = SpectralRegularizer(model, power_iters=2, initial_iters=20)
     iters, reads = [], []
     iterate = spectral.power_iteration
-    monkeypatch.setattr(spectral, "power_iteration", lambda u, v, w, n, s=None: iters.append(n) or iterate(u, v, w, n, s))
+    monkeypatch.setattr(spectral, "power_iteration", lambda u, w, n, s=None: iters.append(n) or iterate(u, w, n, s))
     bool_of = torch.Tensor.__bool__
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t.shape) or bool_of(t))
     for _ in range(3):
